@@ -1,0 +1,46 @@
+"""fastcls: fastai-based rapid experimentation for image-classification competitions.
+
+The same functions serve the `fastcls` CLI and notebooks::
+
+    from fastcls import get_recipe, RunConfig, fit_run, RunStore
+    run = fit_run(RunConfig(get_recipe("digits"), "resnet18"), RunStore("runs"))
+    RunStore("runs").leaderboard()
+
+Names are imported on first use, so `fastcls --help` does not pay for importing torch and fastai.
+"""
+
+import importlib
+import warnings
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# torch 2.14 warns on every import of modules that still call torch.jit.script (timm, torchvision): not actionable here
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated", category=FutureWarning)
+
+_EXPORTS = {
+    "errors": ["FastclsError"],
+    "recipe": ["Recipe", "find_recipes", "get_recipe"],
+    "archs": ["ARCHS", "ArchSpec", "build_model", "get_arch", "register_arch"],
+    "data": ["Items", "dls", "read_items"],
+    "runs": ["RunData", "RunStore", "StoredRun"],
+    "train": ["RunConfig", "RunResult", "fit_run", "learner", "train"],
+    "predict": ["predict_views", "tta_blend"],
+}
+__all__ = [name for names in _EXPORTS.values() for name in names]
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+
+if TYPE_CHECKING:  # explicit imports for editors and type checkers ("go to definition")
+    from .archs import ARCHS, ArchSpec, build_model, get_arch, register_arch
+    from .data import Items, dls, read_items
+    from .errors import FastclsError
+    from .predict import predict_views, tta_blend
+    from .recipe import Recipe, find_recipes, get_recipe
+    from .runs import RunData, RunStore, StoredRun
+    from .train import RunConfig, RunResult, fit_run, learner, train
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module 'fastcls' has no attribute {name!r}")

@@ -1,0 +1,202 @@
+"""Architecture registry: name -> body factory (timm, or a small custom CNN), splitter, default size.
+
+A model is `nn.Sequential(body, head)`: the body returns a feature map, the head is fastai's `create_head`
+(concat pooling, batch norm, dropout `ps`, linear). The splitter cuts the body into stages with timm's own
+`group_matcher`, so `slice(lo, hi)` spreads learning rates over at least 3 parameter groups.
+"""
+
+__all__ = ["ArchSpec", "ARCHS", "register_arch", "get_arch", "build_model", "splitter", "SimpleCNN", "resolve_weights",
+           "weights_dir"]
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .errors import FastclsError, suggest
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One architecture: how to build its body and how to split it into parameter groups."""
+
+    name: str
+    family: str
+    timm_name: Optional[str] = None  # built with timm.create_model when set
+    factory: Optional[Callable[..., nn.Module]] = None  # custom body: factory() -> module with `num_features`
+    size: int = 224  # default image size
+    min_size: int = 32  # smallest input the body accepts
+    body_groups: int = 2  # body stages for discriminative LRs (plus one for the head)
+    description: str = ""
+
+
+ARCHS: dict[str, ArchSpec] = {}
+
+
+def register_arch(spec: ArchSpec) -> ArchSpec:
+    """Add `spec` to the registry (one entry per arch; tests walk the registry)."""
+    ARCHS[spec.name] = spec
+    return spec
+
+
+def get_arch(name: str) -> ArchSpec:
+    """The registered arch `name`, or a clear error with close names."""
+    if name not in ARCHS:
+        raise FastclsError(f"Unknown architecture {name!r}.{suggest(name, ARCHS)} List them with `fastcls archs`.")
+    return ARCHS[name]
+
+
+class SimpleCNN(nn.Module):
+    """A small from-scratch CNN for tiny images: conv-BN-ReLU blocks, each halving the resolution."""
+
+    def __init__(self, channels=(32, 64, 128), in_ch=3):
+        super().__init__()
+        layers, c = [], in_ch
+        for i, out in enumerate(channels):
+            layers.append(nn.Sequential(nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True),
+                                        nn.Conv2d(out, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True),
+                                        nn.MaxPool2d(2) if i < len(channels) - 1 else nn.Identity()))
+            c = out
+        self.stages = nn.Sequential(*layers)
+        self.num_features = c
+
+    def forward(self, x):
+        return self.stages(x)
+
+    def group_matcher(self, coarse=False):
+        return {"blocks": r"^stages\.(\d+)"}
+
+
+for _name, _fam, _size, _min in [
+    ("resnet18", "ResNet", 224, 32), ("resnet34", "ResNet", 224, 32), ("resnet50", "ResNet", 224, 32),
+    ("densenet121", "DenseNet", 224, 32), ("densenet161", "DenseNet", 224, 32), ("densenet201", "DenseNet", 224, 32),
+    ("wide_resnet50_2", "WideResNet", 224, 32), ("resnext50_32x4d", "ResNeXt", 224, 32),
+    ("efficientnet_b0", "EfficientNet", 224, 32), ("efficientnet_b1", "EfficientNet", 240, 32),
+    ("efficientnet_b2", "EfficientNet", 260, 32), ("efficientnet_b3", "EfficientNet", 300, 32),
+    ("inception_v4", "Inception", 299, 75), ("inception_resnet_v2", "Inception", 299, 75),
+    ("mobilenetv2_100", "MobileNet", 224, 32),
+]:
+    register_arch(ArchSpec(_name, _fam, timm_name=_name, size=_size, min_size=_min, description=f"timm {_name}"))
+
+register_arch(ArchSpec("simple_cnn", "SmallCNN", factory=SimpleCNN, size=32, min_size=8,
+                       description="3 conv blocks (32-64-128) for tiny images, from scratch"))
+
+
+# -- pretrained weights ----------------------------------------------------------------------------------------------
+def weights_dir() -> Path:
+    """The local weights folder: $FASTCLS_WEIGHTS, else ~/.cache/fastcls/weights."""
+    return Path(os.environ.get("FASTCLS_WEIGHTS") or Path.home() / ".cache" / "fastcls" / "weights").expanduser()
+
+
+def resolve_weights(spec: ArchSpec, pretrained: bool, weights=None):
+    """Where pretrained weights come from: a local file (Path), 'hub' (timm online), or None (from scratch)."""
+    if weights:
+        p = Path(weights).expanduser()
+        if not p.is_file():
+            raise FastclsError(f"Weights file {p} does not exist (--weights). Give the path of a .safetensors or .pth "
+                               f"file for {spec.name}.")
+        return p
+    if not pretrained:
+        return None
+    d = weights_dir()
+    for stem in dict.fromkeys([spec.name, spec.timm_name or spec.name]):
+        for ext in (".safetensors", ".pth", ".bin"):
+            if (d / f"{stem}{ext}").is_file():
+                return d / f"{stem}{ext}"
+    if spec.timm_name is None:
+        raise FastclsError(_missing_weights_msg(spec, d, "it has no published weights"))
+    return "hub"
+
+
+def _missing_weights_msg(spec: ArchSpec, d: Path, why: str) -> str:
+    return (f"No pretrained weights for {spec.name}: {why}, and no local file {d / (spec.name + '.safetensors')} "
+            f"(or .pth) was found. Put the file there (folder set by FASTCLS_WEIGHTS), pass --weights FILE, "
+            f"or train from scratch with --no-pretrained.")
+
+
+def _body(spec: ArchSpec, source) -> nn.Module:
+    if spec.factory is not None:
+        body = spec.factory()
+        if isinstance(source, Path):
+            body.load_state_dict(_read_state_dict(source))
+        return body
+    import timm
+    kw = dict(num_classes=0, global_pool="")
+    if source is None:
+        return timm.create_model(spec.timm_name, pretrained=False, **kw)
+    if isinstance(source, Path):
+        return timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(source)), **kw)
+    offline = not _hub_reachable()
+    try:
+        with _hub_offline(offline):  # offline: only timm's local cache is tried, instead of ~50 s of retries
+            return timm.create_model(spec.timm_name, pretrained=True, **kw)
+    except Exception as e:  # timm raises many kinds (hub offline, connection, missing file): all mean "not here"
+        why = "the model hub is unreachable and timm's cache has no copy" if offline else \
+            f"downloading them through timm failed ({type(e).__name__})"
+        raise FastclsError(_missing_weights_msg(spec, weights_dir(), why)) from None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (timm's weight source) answers a TCP connection; False when offline is set."""
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _hub_offline(offline: bool):
+    """Temporarily put huggingface_hub in offline mode (cache only)."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
+
+
+def _read_state_dict(path: Path) -> dict:
+    """A state dict from safetensors or a weights-only torch file (never an arbitrary pickle)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+
+
+def build_model(arch: str, n_out: int, ps: float = 0.5, pretrained: bool = False, weights=None) -> nn.Sequential:
+    """`nn.Sequential(body, head)` for `arch` with fastai's head (dropout `ps`) giving `n_out` logits."""
+    from fastai.vision.learner import create_head
+    spec = get_arch(arch)
+    body = _body(spec, resolve_weights(spec, pretrained, weights))
+    head = create_head(body.num_features, n_out, ps=ps)
+    return nn.Sequential(body, head)
+
+
+def splitter(model: nn.Sequential) -> list:
+    """Parameter groups: the body's stages (by timm's group_matcher) cut into `body_groups` chunks, then the head."""
+    from timm.models import group_parameters
+    body, head = model[0], model[1]
+    n_chunks = getattr(model, "body_groups", 2)
+    groups = group_parameters(body, body.group_matcher(coarse=True))
+    params = dict(body.named_parameters())
+    ordered = [[params[n] for n in names] for _, names in sorted(groups.items())]
+    ordered = [g for g in ordered if g]
+    n = min(n_chunks, len(ordered))
+    bounds = [round(i * len(ordered) / n) for i in range(n + 1)]
+    chunks = [sum(ordered[bounds[i]:bounds[i + 1]], []) for i in range(n)]
+    return chunks + [list(head.parameters())]

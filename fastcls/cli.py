@@ -1,0 +1,172 @@
+"""The `fastcls` command line: parses options, calls the library's functions, prints tables. Nothing else."""
+
+__all__ = ["app", "main"]
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import FastclsError
+
+app = typer.Typer(help="fastcls: rapid image-classification experiments - recipes, runs, sweeps, ensembles.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+# rich wraps at 80 columns when not on a terminal; logs and CliRunner get the full table instead
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+# -- shared options (one place) --------------------------------------------------------------------------------------
+RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Run store folder (holds index.sqlite and one folder per run).",
+                                       envvar="FASTCLS_RUNS")]
+RecipeDirs = Annotated[Optional[list[Path]], typer.Option("--recipes", help="Extra folder of recipe files (repeatable); "
+                                                          "wins over built-in and ./recipes on a name clash.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing while training; only the final table.")]
+Data = Annotated[Optional[Path], typer.Option("--data", help="Data folder (default: the recipe's own).")]
+Size = Annotated[Optional[int], typer.Option("--size", help="Image size in pixels (default: the recipe's).")]
+Ps = Annotated[Optional[float], typer.Option("--ps", help="Head dropout probability (default: the recipe's).")]
+Epochs = Annotated[Optional[int], typer.Option("--epochs", help="Epochs of the unfrozen stage.")]
+FreezeEpochs = Annotated[Optional[int], typer.Option("--freeze-epochs", help="Epochs of the frozen stage (head only; "
+                                                     "used with pretrained weights).")]
+Lr = Annotated[Optional[float], typer.Option("--lr", help="Maximum learning rate (the body gets lr/100..lr).")]
+Bs = Annotated[Optional[int], typer.Option("--bs", help="Batch size.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed for the split, the init and the batches.")]
+Tta = Annotated[Optional[int], typer.Option("--tta", help="Augmented TTA views stored beside the plain prediction.")]
+Pretrained = Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from pretrained "
+                                                    "weights (timm online, or the local weights folder).")]
+Weights = Annotated[Optional[Path], typer.Option("--weights", help="Local pretrained weights file (.safetensors/.pth).")]
+Name = Annotated[Optional[str], typer.Option("--name", help="Run name (default: recipe-arch-<id suffix>).")]
+Sample = Annotated[Optional[int], typer.Option("--sample", help="Train on a stratified subset of N items (quick checks).")]
+
+
+def _cli(fn):
+    """Turn a FastclsError into one clear paragraph on stderr and exit status 2, with no traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FastclsError as e:
+            err.print(f"[bold red]Error:[/] {e}", highlight=False)
+            raise typer.Exit(2)
+    return wrapper
+
+
+def _table(df, title: str = "", best_col: Optional[str] = None) -> Table:
+    t = Table(title=title, title_justify="left")
+    for c in df.columns:
+        t.add_column(str(c), justify="right" if df[c].dtype.kind in "fiu" else "left")
+    best = df[best_col].idxmax() if best_col and best_col in df and df[best_col].notna().any() else None
+    for i, row in df.iterrows():
+        cells = [("" if v is None or (isinstance(v, float) and v != v) else (f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}") if isinstance(v, float) else str(v))
+                 for v in row]
+        t.add_row(*cells, style="bold green" if i == best else None)
+    return t
+
+
+@app.command("recipes")
+@_cli
+def recipes_cmd(recipes: RecipeDirs = None):
+    """List the available recipes (built-in, ./recipes, --recipes DIR)."""
+    from .recipe import find_recipes
+    t = Table(title="Recipes")
+    for c in ("name", "layout", "metric", "archs", "size", "source"):
+        t.add_column(c)
+    for name, e in sorted(find_recipes(recipes or ()).items()):
+        r = e.recipe
+        src = e.origin + (f" (replaces built-in {e.shadows.name})" if e.shadows else "")
+        t.add_row(name, r.layout, r.metric, ", ".join(r.archs), str(r.size), f"{src}: {e.path}")
+    out.print(t)
+
+
+@app.command("archs")
+@_cli
+def archs_cmd():
+    """List the registered architectures."""
+    from .archs import ARCHS
+    t = Table(title="Architectures")
+    for c in ("name", "family", "source", "default size", "min size"):
+        t.add_column(c)
+    for a in ARCHS.values():
+        t.add_row(a.name, a.family, f"timm:{a.timm_name}" if a.timm_name else "fastcls", str(a.size), str(a.min_size))
+    out.print(t)
+
+
+def make_config(recipe: str, arch: str, *, recipes=(), data=None, seed=42, weights=None, sample=None, name=None,
+                **overrides):
+    """A validated RunConfig from CLI-style arguments (None means 'the recipe's default')."""
+    from .archs import get_arch
+    from .recipe import get_recipe
+    from .train import RunConfig
+    r = get_recipe(recipe, recipes or ())
+    get_arch(arch)
+    r = r.override(**{k: v for k, v in overrides.items() if v is not None})
+    if sample is not None and sample < 2:
+        raise FastclsError(f"--sample must be at least 2, got {sample}.")
+    return RunConfig(r, arch, str(data) if data else None, seed, str(weights) if weights else None, sample, name)
+
+
+@app.command("train")
+@_cli
+def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fastcls recipes`).")],
+              arch: Annotated[str, typer.Argument(help="Architecture (see `fastcls archs`).")],
+              data: Data = None, size: Size = None, ps: Ps = None, epochs: Epochs = None,
+              freeze_epochs: FreezeEpochs = None, lr: Lr = None, bs: Bs = None, seed: Seed = 42, tta: Tta = None,
+              pretrained: Pretrained = None, weights: Weights = None, name: Name = None,
+              runs_dir: RunsDir = Path("runs"), sample: Sample = None, quiet: Quiet = False,
+              recipes: RecipeDirs = None):
+    """Train one run and store it (config, metrics, weights, TTA probabilities) in the run store."""
+    from .runs import RunStore
+    from .train import fit_run
+    cfg = make_config(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample, name=name,
+                      size=size, ps=ps, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, bs=bs, tta=tta,
+                      pretrained=pretrained)
+    res = fit_run(cfg, RunStore(runs_dir), progress="none" if quiet else "auto")
+    import pandas as pd
+    m = res.metrics
+    df = pd.DataFrame([{"id": res.run_id, "recipe": cfg.recipe.name, "arch": arch, "size": cfg.recipe.size,
+                        "ps": cfg.recipe.ps, **{k: v for k, v in m.items() if k != "metric_name"},
+                        "seconds": round(res.seconds, 1)}])
+    out.print(_table(df.T.reset_index().set_axis(["field", "value"], axis=1), title=f"Run {res.run_id} stored in {runs_dir}"))
+
+
+@app.command("runs")
+@_cli
+def runs_cmd(recipe: Annotated[Optional[str], typer.Option("--recipe", help="Only runs of this recipe.")] = None,
+             sort: Annotated[str, typer.Option("--sort", help="'metric' (best first) or 'newest'.")] = "metric",
+             runs_dir: RunsDir = Path("runs")):
+    """The leaderboard: one line per stored run, best (or newest) first."""
+    from .runs import RunStore
+    if sort not in ("metric", "newest"):
+        raise FastclsError(f"--sort must be 'metric' or 'newest', got {sort!r}.")
+    df = RunStore(runs_dir).leaderboard(recipe=recipe, sort=sort)
+    if not len(df):
+        out.print(f"No runs in {runs_dir}" + (f" for recipe {recipe!r}" if recipe else "") + ".")
+        return
+    df = df.assign(time=df["seconds"].round(1))[["id", "name", "kind", "recipe", "arch", "size", "ps", "metric_name",
+                                                  "metric", "valid_loss", "time"]]
+    out.print(_table(df, title=f"Runs in {runs_dir}"))
+
+
+@app.command("show")
+@_cli
+def show_cmd(run: Annotated[str, typer.Argument(help="Run id, unique id prefix, or run name.")],
+             runs_dir: RunsDir = Path("runs")):
+    """One run's config, final metrics and per-epoch history."""
+    from .runs import RunStore
+    r = RunStore(runs_dir).load(run)
+    out.print(f"[bold]Run {r.id}[/] ({r.name}, {r.kind}) in {r.path}")
+    out.print_json(json.dumps({"metrics": r.metrics, "config": r.config}, default=str))
+    if r.history is not None and len(r.history):
+        out.print(_table(r.history, title="History"))
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

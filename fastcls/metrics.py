@@ -1,0 +1,63 @@
+"""Competition metrics: one registry serves training (fastai metric objects) and stored-probability scoring."""
+
+__all__ = ["Metric", "METRICS", "get_metric", "score"]
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score
+
+from .errors import FastclsError, suggest
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric by name: `fn(y_true, y_pred)` on label indices, its fastai counterpart, and its direction."""
+
+    name: str
+    fn: Callable[[np.ndarray, np.ndarray], float]
+    fastai: Callable[[], object]
+    higher_is_better: bool = True
+
+    def __call__(self, y_true, probs) -> float:
+        """Score class probabilities (N x C) or predicted labels (N) against integer targets."""
+        y_pred = np.asarray(probs)
+        if y_pred.ndim == 2:
+            y_pred = y_pred.argmax(1)
+        return float(self.fn(np.asarray(y_true), y_pred))
+
+
+def _fastai_accuracy():
+    from fastai.metrics import accuracy
+    return accuracy
+
+
+def _fastai_macro_f1():
+    from fastai.metrics import F1Score
+    m = F1Score(average="macro")
+    m.name = "macro_f1"  # the recorder column is named like the recipe's metric
+    return m
+
+
+def _macro_f1(y, p):
+    return f1_score(y, p, average="macro", zero_division=0)
+
+
+METRICS: dict[str, Metric] = {
+    "accuracy": Metric("accuracy", accuracy_score, _fastai_accuracy),
+    "macro_f1": Metric("macro_f1", _macro_f1, _fastai_macro_f1),
+}
+
+
+def get_metric(name: str) -> Metric:
+    """The registered metric `name`, or a clear error listing the known ones."""
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise FastclsError(f"Unknown metric {name!r}.{suggest(name, METRICS)} Known metrics: {', '.join(METRICS)}.")
+
+
+def score(name: str, y_true, probs) -> float:
+    """Score probabilities (N x C) or labels with the registered metric `name`."""
+    return get_metric(name)(y_true, probs)

@@ -1,0 +1,224 @@
+"""Recipes: what a data set is and how to score it, as one frozen dataclass per competition.
+
+A recipe file (`recipes/<name>.py`) defines a module-level `recipe = Recipe(...)`. Recipes are looked up in the
+built-in folder shipped with fastcls, then `./recipes` of the current project, then any `--recipes DIR`; a later
+folder wins on a name clash, so a user's own `recipes/tshirts.py` replaces the built-in one.
+"""
+
+__all__ = ["Recipe", "RecipeEntry", "builtin_recipe_dir", "find_recipes", "get_recipe", "load_recipe_file"]
+
+import dataclasses
+import importlib.util
+import os
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+from .errors import FastclsError, suggest
+
+Layout = Literal["folder", "csv", "npz", "digits", "custom"]
+Crop = Literal["none", "center", "trim"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One competition: data layout, split, image pipeline, metric, defaults for training, submission format.
+
+    Override any field for one run with `recipe.override(size=128, ps=0.2)`; unknown keys and wrong types are
+    refused with a message that names the field and the expected type.
+    """
+
+    name: str
+    description: str = ""
+    # -- where the data is and how it is laid out (see fastcls.data.LAYOUTS)
+    layout: Layout = "folder"
+    data: Optional[str] = None  # default data path; None: --data is required; "builtin": ships with the library
+    train_dir: str = "train"  # folder: holds one sub-folder per class ("" = the data root itself)
+    test_dir: Optional[str] = "test"  # folder / csv: unlabeled test images (None: no test set)
+    csv: str = "train.csv"  # csv: table of (file, label)
+    test_csv: Optional[str] = None  # csv: table of test files (None: every image in test_dir)
+    image_dir: str = "images"  # csv: folder the file column is relative to
+    file_col: str = "file"
+    label_col: str = "label"
+    test_file_col: Optional[str] = None  # csv: file column of test_csv (default: file_col)
+    file_suffix: str = ""  # csv: appended to file names that carry no extension
+    npz_train: str = "train.npz"
+    npz_test: Optional[str] = "test.npz"
+    items: Optional[Callable] = None  # custom: fn(path: Path, recipe) -> fastcls.data.Items
+    test_solution: Optional[str] = None  # file with true test labels, for scoring only (never used to train)
+    # -- validation split
+    split: Literal["stratified", "random", "group", "given"] = "stratified"
+    valid_pct: float = 0.2
+    group_col: Optional[str] = None
+    # -- images
+    size: int = 224
+    crop: Crop = "none"
+    trim: tuple = (0, 0, 0, 0)  # top, bottom, left, right: pixels (int) or fractions of the original (float < 1)
+    aug: bool = True
+    flip: bool = True
+    max_rotate: float = 10.0
+    max_zoom: float = 1.1
+    max_lighting: float = 0.2
+    normalize: Literal["imagenet", "dataset", "none"] = "imagenet"
+    # -- model and schedule
+    metric: str = "accuracy"
+    archs: tuple = ("resnet18",)
+    pretrained: bool = True
+    epochs: int = 3
+    freeze_epochs: int = 1
+    lr: float = 2e-3
+    ps: float = 0.5
+    ps_grid: tuple = (0.1, 0.2, 0.4, 0.6)
+    bs: int = 64
+    wd: Optional[float] = None
+    label_smoothing: float = 0.0
+    imbalance: str = "none"
+    patience: Optional[int] = None  # early stopping on the metric (None: off)
+    tta: int = 4  # augmented views stored next to the plain prediction
+    # -- submission
+    sub_id_col: str = "id"
+    sub_label_col: str = "label"
+    sub_id: Literal["stem", "name", "id"] = "stem"  # how a test item's id is written: file stem, file name, item id
+    sub_template: Optional[str] = None  # a CSV whose row order and columns the submission must follow
+
+    def __post_init__(self):
+        checks = [("size", self.size > 0, "a positive number of pixels"), ("ps", 0 <= self.ps < 1, "in [0, 1)"),
+                  ("valid_pct", 0 < self.valid_pct < 1, "in (0, 1)"), ("epochs", self.epochs >= 0, ">= 0"),
+                  ("freeze_epochs", self.freeze_epochs >= 0, ">= 0"), ("lr", self.lr > 0, "> 0"),
+                  ("bs", self.bs > 0, "> 0"), ("tta", self.tta >= 0, ">= 0"),
+                  ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+                  ("ps_grid", all(0 <= p < 1 for p in self.ps_grid), "values in [0, 1)"),
+                  ("patience", self.patience is None or self.patience > 0, "> 0 (or None)"),
+                  ("trim", len(self.trim) == 4 and all(v >= 0 for v in self.trim), "4 margins >= 0 (top, bottom, left, right)")]
+        for key, ok, want in checks:
+            if not ok:
+                raise FastclsError(f"Recipe {self.name!r}: setting {key!r} must be {want}, got {getattr(self, key)!r}.")
+
+    def override(self, **changes) -> "Recipe":
+        """A copy with `changes` applied, each checked against the field's declared type."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        hints = typing.get_type_hints(type(self))
+        clean = {}
+        for key, value in changes.items():
+            if key not in fields:
+                raise FastclsError(f"Recipe {self.name!r} has no setting {key!r}.{suggest(key, fields)} "
+                                   f"Settings: {', '.join(sorted(fields))}.")
+            clean[key] = _coerce(self.name, key, value, hints[key])
+        return dataclasses.replace(self, **clean)
+
+    def to_dict(self) -> dict:
+        """The recipe's settings as plain JSON-able values (functions by their qualified name)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = f"{v.__module__}.{v.__qualname__}" if callable(v) else (list(v) if isinstance(v, tuple) else v)
+        return out
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(recipe: str, key: str, value: Any, tp) -> Any:
+    """`value` checked (and widened where harmless: int -> float, list -> tuple) against the annotation `tp`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(recipe, key, value, a)
+            except FastclsError:
+                pass
+    elif origin is Literal:
+        if value in args:
+            return value
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif tp is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    elif tp is Callable or origin is typing.Callable or str(tp).startswith("typing.Callable"):
+        if callable(value):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise FastclsError(f"Recipe {recipe!r}: setting {key!r} must be {_type_name(tp)}, got {value!r} "
+                       f"({type(value).__name__}).")
+
+
+@dataclass(frozen=True)
+class RecipeEntry:
+    """A recipe with the file it came from and whether it is built in or the user's own."""
+
+    recipe: Recipe
+    path: Path
+    origin: str  # "built-in" or "user"
+    shadows: Optional[Path] = None  # the built-in file this user recipe replaces
+
+
+def builtin_recipe_dir() -> Path:
+    """The recipes shipped with fastcls: `fastcls._recipes` when installed, the repo's `recipes/` otherwise."""
+    spec = importlib.util.find_spec("fastcls._recipes")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def load_recipe_file(path) -> Recipe:
+    """Execute one recipe file and return its module-level `recipe`."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"fastcls_recipe_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except FastclsError:
+        raise
+    except Exception as e:
+        raise FastclsError(f"Recipe file {path} failed to load: {type(e).__name__}: {e}") from None
+    recipe = getattr(mod, "recipe", None)
+    if not isinstance(recipe, Recipe):
+        raise FastclsError(f"Recipe file {path} defines no `recipe = Recipe(...)`.")
+    return recipe
+
+
+def _recipe_dirs(extra_dirs=()) -> list[tuple[Path, str]]:
+    dirs = [(builtin_recipe_dir(), "built-in"), (Path.cwd() / "recipes", "user")]
+    dirs += [(Path(d), "user") for d in extra_dirs]
+    env = os.environ.get("FASTCLS_RECIPES")
+    if env:
+        dirs += [(Path(d), "user") for d in env.split(os.pathsep) if d]
+    return dirs
+
+
+def find_recipes(extra_dirs=()) -> dict[str, RecipeEntry]:
+    """All recipes by name; a user folder later in the search order replaces a built-in recipe of the same name."""
+    found: dict[str, RecipeEntry] = {}
+    seen = set()
+    for folder, origin in _recipe_dirs(extra_dirs):
+        if not folder.is_dir() or folder.resolve() in seen:
+            continue
+        seen.add(folder.resolve())
+        for f in sorted(folder.glob("*.py")):
+            if f.name.startswith("_"):
+                continue
+            recipe = load_recipe_file(f)
+            old = found.get(recipe.name)
+            found[recipe.name] = RecipeEntry(recipe, f, origin, old.path if old else None)
+    return found
+
+
+def get_recipe(name: str, extra_dirs=()) -> Recipe:
+    """The recipe called `name`, or a clear error with close names."""
+    recipes = find_recipes(extra_dirs)
+    if name not in recipes:
+        raise FastclsError(f"Unknown recipe {name!r}.{suggest(name, recipes)} Available: {', '.join(sorted(recipes))}. "
+                           "List them with `fastcls recipes`.")
+    return recipes[name].recipe

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny settings so the suite trains on CPU in seconds, and paths to the shared real data."""
+
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may wait on the model hub
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# the smallest useful digits run: from-scratch tiny CNN, 16 px, one epoch on a 200-image sample, one TTA view
+TINY = ["--size", "16", "--epochs", "1", "--freeze-epochs", "0", "--bs", "32", "--sample", "200", "--tta", "1",
+        "--no-pretrained", "--quiet"]
+
+
+def shared_data(name: str) -> Path:
+    """A folder of ../shared/data, or a clean skip when it is absent (e.g. on a user's machine)."""
+    p = SHARED_DATA / name
+    if not p.exists():
+        pytest.skip(f"shared data {p} is not present")
+    return p
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture
+def cli(runner):
+    """Invoke the fastcls CLI; returns the Result (exit_code, stdout, stderr)."""
+    from fastcls.cli import app
+
+    def invoke(*args, input=None):
+        return runner.invoke(app, [str(a) for a in args], input=input)
+    return invoke
+
+
+@pytest.fixture(scope="session")
+def digits_store(tmp_path_factory):
+    """A run store holding one tiny `digits` run trained through the CLI (shared by read-back tests)."""
+    from fastcls.cli import app
+    runs = tmp_path_factory.mktemp("runs")
+    res = CliRunner().invoke(app, ["train", "digits", "simple_cnn", *TINY, "--name", "tiny-digits", "--runs-dir", str(runs)])
+    assert res.exit_code == 0, res.output
+    return runs
