@@ -165,11 +165,15 @@ class RecipeEntry:
 
 
 def builtin_recipe_dir() -> Path:
-    """The recipes shipped with fastcls: `fastcls._recipes` when installed, the repo's `recipes/` otherwise."""
-    spec = importlib.util.find_spec("fastcls._recipes")
+    """The recipes shipped with fastcls: `fastcls/_recipes` in an installed wheel, the checkout's `recipes/` otherwise."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "_recipes", here.parent / "recipes"):
+        if folder.is_dir():
+            return folder
+    spec = importlib.util.find_spec("fastcls._recipes")  # an editable install maps the package elsewhere
     if spec is not None and spec.submodule_search_locations:
         return Path(list(spec.submodule_search_locations)[0])
-    return Path(__file__).resolve().parent.parent / "recipes"
+    raise FastclsError(f"The built-in recipes are missing from this fastcls installation ({here}). Reinstall fastcls.")
 
 
 def load_recipe_file(path) -> Recipe:
