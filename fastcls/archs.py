@@ -5,11 +5,12 @@ A model is `nn.Sequential(body, head)`: the body returns a feature map, the head
 `group_matcher`, so `slice(lo, hi)` spreads learning rates over at least 3 parameter groups.
 """
 
-__all__ = ["ArchSpec", "ARCHS", "register_arch", "get_arch", "build_model", "splitter", "SimpleCNN", "resolve_weights",
-           "weights_dir"]
+__all__ = ["ArchSpec", "ARCHS", "register_arch", "get_arch", "build_model", "splitter", "SimpleCNN", "fc_head",
+           "resolve_weights", "weights_dir"]
 
 import os
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -31,6 +32,7 @@ class ArchSpec:
     size: int = 224  # default image size
     min_size: int = 32  # smallest input the body accepts
     body_groups: int = 2  # body stages for discriminative LRs (plus one for the head)
+    head: Optional[Callable[..., nn.Module]] = None  # head(n_features, n_out, ps); None: fastai's create_head
     description: str = ""
 
 
@@ -51,15 +53,19 @@ def get_arch(name: str) -> ArchSpec:
 
 
 class SimpleCNN(nn.Module):
-    """A small from-scratch CNN for tiny images: conv-BN-ReLU blocks, each halving the resolution."""
+    """A small from-scratch CNN: blocks of `convs` conv-BN-ReLU layers, each block but the last (all with `pool_last`)
+    halving the resolution."""
 
-    def __init__(self, channels=(32, 64, 128), in_ch=3):
+    def __init__(self, channels=(32, 64, 128), in_ch=3, convs=2, pool_last=False):
         super().__init__()
         layers, c = [], in_ch
         for i, out in enumerate(channels):
-            layers.append(nn.Sequential(nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True),
-                                        nn.Conv2d(out, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True),
-                                        nn.MaxPool2d(2) if i < len(channels) - 1 else nn.Identity()))
+            block = []
+            for j in range(convs):
+                block += [nn.Conv2d(c if j == 0 else out, out, 3, padding=1, bias=False), nn.BatchNorm2d(out),
+                          nn.ReLU(inplace=True)]
+            block.append(nn.MaxPool2d(2) if pool_last or i < len(channels) - 1 else nn.Identity())
+            layers.append(nn.Sequential(*block))
             c = out
         self.stages = nn.Sequential(*layers)
         self.num_features = c
@@ -69,6 +75,16 @@ class SimpleCNN(nn.Module):
 
     def group_matcher(self, coarse=False):
         return {"blocks": r"^stages\.(\d+)"}
+
+
+def fc_head(nf: int, n_out: int, ps: float = 0.5, hidden=(512,), pool: int = 1) -> nn.Sequential:
+    """A plain dense head (the seeds' Keras/PyTorch style): average-pool to `pool` x `pool`, flatten, then per hidden
+    width Linear-ReLU-Dropout(ps), then the output Linear."""
+    layers, c = [nn.AdaptiveAvgPool2d(pool), nn.Flatten()], nf * pool * pool
+    for h in hidden:
+        layers += [nn.Linear(c, h), nn.ReLU(inplace=True), nn.Dropout(ps)]
+        c = h
+    return nn.Sequential(*layers, nn.Linear(c, n_out))
 
 
 for _name, _fam, _size, _min in [
@@ -84,6 +100,15 @@ for _name, _fam, _size, _min in [
 
 register_arch(ArchSpec("simple_cnn", "SmallCNN", factory=SimpleCNN, size=32, min_size=8,
                        description="3 conv blocks (32-64-128) for tiny images, from scratch"))
+# the generated64 seed: 4 conv blocks 64-64-128-256 with batch norm (64 px -> 4x4x256), dense 256-256 with dropout
+register_arch(ArchSpec("seed_cnn64", "SmallCNN", size=64,
+                       factory=partial(SimpleCNN, (64, 64, 128, 256), convs=1, pool_last=True), min_size=16,
+                       head=partial(fc_head, hidden=(256, 256), pool=4),
+                       description="generated64 seed CNN: 4 conv-BN blocks 64-64-128-256, dense 256-256 + dropout ps"))
+# the masks seed: efficientnet_b3 whose classifier is an extra FC layer with dropout (ps; the masks recipe uses 0.7)
+register_arch(ArchSpec("efficientnet_b3_fc", "EfficientNet", timm_name="efficientnet_b3", size=300, min_size=32,
+                       head=partial(fc_head, hidden=(512,)),
+                       description="timm efficientnet_b3 + extra FC 512 and dropout ps (masks seed head)"))
 
 
 # -- pretrained weights ----------------------------------------------------------------------------------------------
@@ -183,7 +208,7 @@ def build_model(arch: str, n_out: int, ps: float = 0.5, pretrained: bool = False
     from fastai.vision.learner import create_head
     spec = get_arch(arch)
     body = _body(spec, resolve_weights(spec, pretrained, weights))
-    head = create_head(body.num_features, n_out, ps=ps)
+    head = spec.head(body.num_features, n_out, ps) if spec.head else create_head(body.num_features, n_out, ps=ps)
     return nn.Sequential(body, head)
 
 

@@ -41,6 +41,12 @@ Pretrained = Annotated[Optional[bool], typer.Option("--pretrained/--no-pretraine
 Weights = Annotated[Optional[Path], typer.Option("--weights", help="Local pretrained weights file (.safetensors/.pth).")]
 Name = Annotated[Optional[str], typer.Option("--name", help="Run name (default: recipe-arch-<id suffix>).")]
 Sample = Annotated[Optional[int], typer.Option("--sample", help="Train on a stratified subset of N items (quick checks).")]
+Crop = Annotated[Optional[str], typer.Option("--crop", help="Crop of the original image before resizing: 'trim' (the "
+                                             "recipe's margins, see --trim), 'center' (central square) or 'none'.")]
+Trim = Annotated[Optional[str], typer.Option("--trim", help="Trim margins top,bottom,left,right: pixels "
+                                             "(400,100,50,50) or fractions of the original (0.2,0.05,0.05,0.05); "
+                                             "implies --crop trim.")]
+RunRef = Annotated[str, typer.Argument(help="Run id, unique id prefix, or run name.")]
 
 
 def _cli(fn):
@@ -78,7 +84,7 @@ def recipes_cmd(recipes: RecipeDirs = None):
     for name, e in sorted(find_recipes(recipes or ()).items()):
         r = e.recipe
         src = e.origin + (f" (replaces built-in {e.shadows.name})" if e.shadows else "")
-        t.add_row(name, r.layout, r.metric, ", ".join(r.archs), str(r.size), f"{src}: {e.path}")
+        t.add_row(name, r.layout, r.metric, ", ".join(r.archs), str(r.size or "auto"), f"{src}: {e.path}")
     out.print(t)
 
 
@@ -117,17 +123,21 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
               freeze_epochs: FreezeEpochs = None, lr: Lr = None, bs: Bs = None, seed: Seed = 42, tta: Tta = None,
               pretrained: Pretrained = None, weights: Weights = None, name: Name = None,
               runs_dir: RunsDir = Path("runs"), sample: Sample = None, quiet: Quiet = False,
-              recipes: RecipeDirs = None):
+              recipes: RecipeDirs = None, crop: Crop = None, trim: Trim = None):
     """Train one run and store it (config, metrics, weights, TTA probabilities) in the run store."""
+    from .data import parse_trim
     from .runs import RunStore
     from .train import fit_run
     cfg = make_config(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample, name=name,
                       size=size, ps=ps, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, bs=bs, tta=tta,
-                      pretrained=pretrained)
-    res = fit_run(cfg, RunStore(runs_dir), progress="none" if quiet else "auto")
+                      pretrained=pretrained, crop=crop or ("trim" if trim else None),
+                      trim=parse_trim(trim) if trim else None)
+    store = RunStore(runs_dir)
+    res = fit_run(cfg, store, progress="none" if quiet else "auto")
     import pandas as pd
     m = res.metrics
-    df = pd.DataFrame([{"id": res.run_id, "recipe": cfg.recipe.name, "arch": arch, "size": cfg.recipe.size,
+    size = store.load(res.run_id).config["size"]  # the recipe may leave the size to the data
+    df = pd.DataFrame([{"id": res.run_id, "recipe": cfg.recipe.name, "arch": arch, "size": size,
                         "ps": cfg.recipe.ps, **{k: v for k, v in m.items() if k != "metric_name"},
                         "seconds": round(res.seconds, 1)}])
     out.print(_table(df.T.reset_index().set_axis(["field", "value"], axis=1), title=f"Run {res.run_id} stored in {runs_dir}"))
@@ -162,6 +172,53 @@ def show_cmd(run: Annotated[str, typer.Argument(help="Run id, unique id prefix, 
     out.print_json(json.dumps({"metrics": r.metrics, "config": r.config}, default=str))
     if r.history is not None and len(r.history):
         out.print(_table(r.history, title="History"))
+
+
+@app.command("check")
+@_cli
+def check_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fastcls recipes`).")],
+              data: Data = None, recipes: RecipeDirs = None,
+              no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip opening every image (faster on "
+                                                      "large data; unreadable files go unnoticed).")] = False):
+    """Validate a data folder against a recipe (layout, class counts, unreadable files, unknown labels); no training.
+
+    Exit status 0 when training would work, 1 when the folder has problems.
+    """
+    from .data import check_data
+    from .recipe import get_recipe
+    rep = check_data(get_recipe(recipe, recipes or ()), data, verify_images=not no_verify)
+    out.print(f"[bold]Recipe {rep.recipe}[/] (layout {rep.layout}) on {rep.path}", highlight=False)
+    if len(rep.counts):
+        df = rep.counts if rep.counts["valid"].any() else \
+            rep.counts[["class", "total"]].rename(columns={"total": "images"})
+        out.print(_table(df.astype({c: int for c in df.columns if c != "class"})))
+        out.print(f"{len(df)} classes, {int(rep.counts['total'].sum())} labelled images, {rep.n_test} test images.")
+    for w in rep.warnings:
+        out.print(f"[yellow]Warning:[/] {w}", highlight=False)
+    for p in rep.problems:
+        out.print(f"[bold red]Problem:[/] {p}", highlight=False)
+    if not rep.ok:
+        out.print(f"{len(rep.problems)} problem(s): training on this folder would fail.")
+        raise typer.Exit(1)
+    out.print("OK: the data folder matches the recipe.")
+
+
+@app.command("submit")
+@_cli
+def submit_cmd(run: RunRef,
+               out_file: Annotated[Path, typer.Option("--out", help="Submission CSV to write (replaced atomically).")],
+               tta_beta: Annotated[float, typer.Option("--tta-beta", help="TTA blend: beta * plain + (1 - beta) * "
+                                                       "mean of the augmented views.")] = 0.25,
+               no_tta: Annotated[bool, typer.Option("--no-tta", help="Use the plain prediction only.")] = False,
+               data: Annotated[Optional[Path], typer.Option("--data", help="Data folder holding the recipe's "
+                                                            "submission template (default: the run's).")] = None,
+               runs_dir: RunsDir = Path("runs"), recipes: RecipeDirs = None):
+    """Write a stored run's test predictions as the competition's submission CSV (the recipe's exact format)."""
+    from .runs import RunStore
+    from .submission import submission_for_run
+    df = submission_for_run(RunStore(runs_dir).load(run), out_file, beta=None if no_tta else tta_beta, data=data,
+                            recipe_dirs=recipes or ())
+    out.print(f"Wrote {out_file}: {len(df)} rows, columns {', '.join(map(str, df.columns))}.", highlight=False)
 
 
 def main():

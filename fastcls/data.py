@@ -5,8 +5,10 @@ so one DataBlock serves folder-per-class data, CSV tables and numpy arrays alike
 """
 
 __all__ = ["Items", "LAYOUTS", "layout", "read_items", "assign_split", "sample_items", "TrimCrop", "CenterSquare",
-           "ImageGetter", "item_tfms", "batch_tfms", "dls", "test_dl", "IMAGE_EXTS"]
+           "ImageGetter", "item_tfms", "batch_tfms", "dls", "test_dl", "IMAGE_EXTS", "read_folder_auto",
+           "item_problems", "DataReport", "check_data", "resolve_recipe", "infer_size", "parse_trim"]
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -15,7 +17,7 @@ import numpy as np
 import pandas as pd
 from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.transforms import ColReader, ColSplitter, IndexSplitter
-from fastai.vision.augment import Resize, ResizeMethod, aug_transforms
+from fastai.vision.augment import Hue, Resize, ResizeMethod, Saturation, aug_transforms
 from fastai.vision.core import PILImage
 from fastai.vision.data import ImageBlock, imagenet_stats
 from fastai.data.transforms import Normalize
@@ -69,37 +71,82 @@ def layout(name: str):
     return deco
 
 
+def _layout_help(recipe: Recipe) -> str:
+    """The expected layout in words; a custom layout is described by the first paragraph of its items function."""
+    if recipe.layout == "custom" and recipe.items is not None and recipe.items.__doc__:
+        return " ".join(recipe.items.__doc__.strip().split("\n\n")[0].split())
+    text = LAYOUT_HELP.get(recipe.layout, recipe.layout).format(**recipe.to_dict())
+    if recipe.layout == "csv" and recipe.valid_csv:
+        text += f", and {recipe.valid_csv} (same columns) for the given validation split"
+    return text
+
+
 def _layout_error(recipe: Recipe, path: Path, what: str) -> FastclsError:
-    expected = LAYOUT_HELP.get(recipe.layout, recipe.layout).format(**recipe.to_dict())
+    expected = _layout_help(recipe)
     return FastclsError(f"Data folder {path} does not match the {recipe.layout!r} layout recipe {recipe.name!r} "
                         f"expects: {what}. Expected layout: {expected}. Pass the right folder with --data.")
 
 
+def _is_image(p: Path) -> bool:
+    # hidden files (macOS '._x.jpg' forks, editor backups) carry image suffixes but are not images
+    return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".") and p.is_file()
+
+
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    return sorted(p for p in folder.iterdir() if _is_image(p))
 
 
 def _test_from_dir(path: Path, recipe: Recipe) -> Optional[pd.DataFrame]:
     if not recipe.test_dir or not (path / recipe.test_dir).is_dir():
         return None
-    files = [p for p in sorted((path / recipe.test_dir).rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
+    files = [p for p in sorted((path / recipe.test_dir).rglob("*")) if _is_image(p)]
     return pd.DataFrame({"id": [str(p.relative_to(path / recipe.test_dir)) for p in files], "x": [str(p) for p in files]})
+
+
+def _class_rows(root: Path, skip=()) -> list[tuple]:
+    """(id relative to root, path, class) for every image in the class sub-folders of `root`."""
+    rows = []
+    for cls_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "__"))
+                          and d.resolve() not in skip):
+        rows += [(str(p.relative_to(root)), str(p), cls_dir.name) for p in sorted(cls_dir.rglob("*")) if _is_image(p)]
+    return rows
 
 
 @layout("folder")
 def read_folder(path: Path, recipe: Recipe) -> Items:
-    """One sub-folder per class under `train_dir`; an optional flat or nested `test_dir` of unlabeled images."""
+    """One sub-folder per class under `train_dir` (and `valid_dir`, a given split); an optional `test_dir`."""
     root = path / recipe.train_dir if recipe.train_dir else path
     if not root.is_dir():
         raise _layout_error(recipe, path, f"no folder {root}")
-    rows = []
-    for cls_dir in sorted(d for d in root.iterdir() if d.is_dir()):
-        for p in sorted(cls_dir.rglob("*")):
-            if p.suffix.lower() in IMAGE_EXTS and p.is_file():
-                rows.append((str(p.relative_to(root)), str(p), cls_dir.name))
+    # class folders at the data root itself must not take the test or valid folder for a class
+    skip = {(path / d).resolve() for d in (recipe.test_dir, recipe.valid_dir) if d}
+    rows = _class_rows(root, skip)
     if not rows:
         raise _layout_error(recipe, path, f"no images in class sub-folders of {root}")
-    return Items(pd.DataFrame(rows, columns=["id", "x", "label"]), _test_from_dir(path, recipe), root=path)
+    train = pd.DataFrame(rows, columns=["id", "x", "label"])
+    if recipe.valid_dir:
+        vroot = path / recipe.valid_dir
+        valid = pd.DataFrame(_class_rows(vroot) if vroot.is_dir() else [], columns=["id", "x", "label"])
+        if not len(valid):
+            raise _layout_error(recipe, path, f"no images in class sub-folders of the validation folder {vroot}")
+        valid["id"] = [f"{recipe.valid_dir}/{i}" for i in valid["id"]]  # cat/1.jpg may be in train and in valid
+        train = pd.concat([train.assign(is_valid=False), valid.assign(is_valid=True)], ignore_index=True)
+    return Items(train, _test_from_dir(path, recipe), root=path)
+
+
+def read_folder_auto(path: Path, recipe: Recipe) -> Items:
+    """Class sub-folders in train/ or at the root, an optional labelled val/ (or valid/, validation/) with the same
+    classes, and an optional unlabeled test/ (or testset/, test_images/): everything is inferred.
+
+    Used by the `folder` recipe (layout 'custom'): a given validation folder becomes the split, else a stratified one.
+    """
+    if not path.is_dir():
+        raise _layout_error(recipe, path, "it is not a folder")
+    sub = {d.name.lower(): d.name for d in path.iterdir() if d.is_dir()}
+    pick = lambda *names: next((sub[n] for n in names if n in sub), None)  # noqa: E731
+    train_dir = pick("train", "training") or ""
+    return read_folder(path, recipe.override(train_dir=train_dir, valid_dir=pick("val", "valid", "validation"),
+                                             test_dir=pick("test", "testset", "test_images")))
 
 
 def _read_csv(file: Path, cols, recipe: Recipe, path: Path) -> pd.DataFrame:
@@ -126,16 +173,27 @@ def _csv_files(df: pd.DataFrame, col: str, folder: Path, recipe: Recipe, table: 
     return out
 
 
+def _labelled_csv(table: Path, folder: Path, recipe: Recipe, path: Path) -> pd.DataFrame:
+    df = _read_csv(table, [recipe.file_col, recipe.label_col], recipe, path)
+    out = pd.DataFrame({"id": df[recipe.file_col], "x": _csv_files(df, recipe.file_col, folder, recipe, table),
+                        "label": df[recipe.label_col].astype(str)})
+    if recipe.group_col and recipe.group_col in df:
+        out["group"] = df[recipe.group_col].values
+    return out
+
+
 @layout("csv")
 def read_csv_layout(path: Path, recipe: Recipe) -> Items:
-    """A table of (file, label) with the images in `image_dir`; test images from `test_csv` or `test_dir`."""
-    table = path / recipe.csv
-    df = _read_csv(table, [recipe.file_col, recipe.label_col], recipe, path)
-    img_dir = path / recipe.image_dir
-    train = pd.DataFrame({"id": df[recipe.file_col], "x": _csv_files(df, recipe.file_col, img_dir, recipe, table),
-                          "label": df[recipe.label_col].astype(str)})
-    if recipe.group_col and recipe.group_col in df:
-        train["group"] = df[recipe.group_col].values
+    """A table of (file, label) with the images in `image_dir` (and `valid_csv`, a given split); test images from
+    `test_csv` or `test_dir`."""
+    train = _labelled_csv(path / recipe.csv, path / recipe.image_dir, recipe, path)
+    if recipe.valid_csv:
+        vdir = recipe.valid_dir or recipe.image_dir
+        valid = _labelled_csv(path / recipe.valid_csv, path / vdir, recipe, path)
+        # train and valid folders may reuse file names: ids name the folder too
+        train["id"] = [f"{recipe.image_dir}/{i}" for i in train["id"]]
+        valid["id"] = [f"{vdir}/{i}" for i in valid["id"]]
+        train = pd.concat([train.assign(is_valid=False), valid.assign(is_valid=True)], ignore_index=True)
     test = None
     if recipe.test_csv:
         col = recipe.test_file_col or recipe.file_col
@@ -205,32 +263,214 @@ def resolve_data_path(recipe: Recipe, data=None) -> Optional[Path]:
     raw = data if data is not None else recipe.data
     if raw is None:
         raise FastclsError(f"Recipe {recipe.name!r} has no default data folder. Pass one with --data PATH "
-                           f"(expected layout: {LAYOUT_HELP[recipe.layout].format(**recipe.to_dict())}).")
+                           f"(expected layout: {_layout_help(recipe)}).")
     path = Path(raw).expanduser()
     if not path.exists():
         raise FastclsError(f"Data folder {path} does not exist (recipe {recipe.name!r}). Pass the folder with --data PATH.")
     return path
 
 
-def read_items(recipe: Recipe, data=None) -> Items:
-    """Read the recipe's training and test items from `data` (or the recipe's default data folder)."""
+def _read_layout(recipe: Recipe, path: Optional[Path]) -> Items:
     if recipe.layout not in LAYOUTS:
         raise FastclsError(f"Recipe {recipe.name!r} uses unknown layout {recipe.layout!r}; known: {', '.join(LAYOUTS)}.")
-    path = resolve_data_path(recipe, data)
-    items = LAYOUTS[recipe.layout](path, recipe)
-    dup = items.train["id"][items.train["id"].duplicated()]
+    return LAYOUTS[recipe.layout](path, recipe)
+
+
+def item_problems(items: Items, recipe: Recipe) -> list[str]:
+    """What would break training on these items: duplicate ids, labels outside the recipe's classes, fewer than
+    two classes, missing image files (cheap checks; `check_data` also opens every image)."""
+    train, problems = items.train, []
+    dup = train["id"][train["id"].duplicated()]
     if len(dup):
-        raise FastclsError(f"Recipe {recipe.name!r}, data {path}: duplicate item ids, e.g. {dup.iloc[0]!r} "
-                           f"({len(dup)} duplicates). Every training item must appear once.")
-    if items.train["label"].nunique() < 2:
-        raise _layout_error(recipe, path, f"only {items.train['label'].nunique()} class found; need at least 2")
+        problems.append(f"duplicate item ids, e.g. {dup.iloc[0]!r} ({len(dup)} duplicates). Every training item must "
+                        "appear once.")
+    if recipe.classes:
+        bad = train[~train["label"].isin([str(c) for c in recipe.classes])]
+        if len(bad):
+            labels = sorted(bad["label"].unique())
+            problems.append(f"{len(bad)} training item(s) have a label the recipe does not declare: "
+                            f"{', '.join(map(repr, labels[:5]))}{' ...' if len(labels) > 5 else ''} (e.g. item "
+                            f"{bad['id'].iloc[0]!r}). Declared classes: {', '.join(map(str, recipe.classes))}. "
+                            "Fix the labels, or the recipe's classes.")
+    if train["label"].nunique() < 2:
+        problems.append(f"only {train['label'].nunique()} class found; need at least 2.")
+    for part, df in (("training", train), ("test", items.test)):
+        if df is None or items.arrays or not len(df):
+            continue
+        missing = [x for x in df["x"] if not os.path.isfile(x)]
+        if missing:
+            problems.append(f"{len(missing)} {part} image file(s) do not exist, e.g. {missing[0]}.")
+    return problems
+
+
+def _attach_solution(items: Items, recipe: Recipe, path: Optional[Path]) -> None:
+    """True test labels from a CSV solution (in the submission's format), for scoring only; all ids must match."""
+    sol = recipe.test_solution
+    if not sol or not sol.endswith(".csv") or path is None or items.test is None or "label" in items.test:
+        return
+    file = path / sol
+    if not file.is_file():
+        return
+    df = pd.read_csv(file, dtype=str, keep_default_na=False)
+    if recipe.sub_id_col not in df or recipe.sub_label_col not in df:
+        return
+    from .submission import submission_ids
+    truth = dict(zip(df[recipe.sub_id_col], df[recipe.sub_label_col]))
+    keys = submission_ids(recipe, items.test["id"])
+    if all(k in truth for k in keys):
+        labels = [truth[k] for k in keys]
+        if recipe.sub_label == "index":
+            classes = [str(c) for c in recipe.classes or sorted(items.train["label"].unique())]
+            labels = [classes[int(v)] for v in labels]
+        items.test = items.test.assign(label=labels)
+
+
+def read_items(recipe: Recipe, data=None) -> Items:
+    """Read the recipe's training and test items from `data` (or the recipe's default data folder).
+
+    Raises `FastclsError` naming what would break training (see `item_problems`); true test labels from the recipe's
+    `test_solution` CSV are attached to `items.test` for scoring.
+    """
+    path = resolve_data_path(recipe, data)
+    items = _read_layout(recipe, path)
+    problems = item_problems(items, recipe)
+    if problems:
+        where = f"data {path}" if path else "its data"
+        raise FastclsError(f"Recipe {recipe.name!r}, {where}: {' '.join(problems)} "
+                           f"`fastcls check {recipe.name}{f' --data {path}' if path else ''}` lists every problem.")
+    _attach_solution(items, recipe, path)
     return items
+
+
+# -- checking a data folder without training -------------------------------------------------------------------------
+@dataclass
+class DataReport:
+    """What `check_data` found: class counts, the test set's size, problems (training would fail) and warnings."""
+
+    recipe: str
+    layout: str
+    path: Optional[Path]
+    counts: pd.DataFrame  # one row per class: train, valid (a given split) and total
+    n_test: int = 0
+    problems: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_data(recipe: Recipe, data=None, verify_images: bool = True) -> DataReport:
+    """Validate a data folder against the recipe without training.
+
+    Args:
+        recipe: the recipe whose layout, classes and crop the data must fit.
+        data: the data folder (default: the recipe's own).
+        verify_images: open every image file (PIL `verify`) to find unreadable ones.
+
+    Returns:
+        A `DataReport`; `report.ok` is False when training on this folder would fail.
+    """
+    path = resolve_data_path(recipe, data)
+    empty = pd.DataFrame(columns=["class", "train", "valid", "total"])
+    try:
+        items = _read_layout(recipe, path)
+    except FastclsError as e:
+        return DataReport(recipe.name, recipe.layout, path, empty, problems=[str(e)])
+    train = items.train
+    problems, warnings = item_problems(items, recipe), []
+    valid = train["is_valid"].astype(bool) if "is_valid" in train else pd.Series(False, index=train.index)
+    order = [str(c) for c in recipe.classes] if recipe.classes else sorted(train["label"].unique())
+    order += sorted(set(train["label"]) - set(order))
+    per_class = lambda rows: rows["label"].value_counts().reindex(order, fill_value=0).values  # noqa: E731
+    counts = pd.DataFrame({"class": order, "train": per_class(train[~valid]), "valid": per_class(train[valid])})
+    counts["total"] = counts["train"] + counts["valid"]
+    if verify_images and not items.arrays:
+        problems += _image_problems(items, recipe)
+    for c in counts.loc[counts["total"] == 0, "class"]:
+        warnings.append(f"declared class {c!r} has no images.")
+    few = counts.loc[(counts["total"] > 0) & (counts["total"] < 2), "class"].tolist()
+    if few:
+        warnings.append(f"class(es) with a single image (no stratified split possible): {', '.join(few)}.")
+    n_test = 0 if items.test is None else len(items.test)
+    if not n_test:
+        warnings.append("no test images: runs will store validation predictions only (no submission).")
+    return DataReport(recipe.name, recipe.layout, path, counts, n_test, problems, warnings)
+
+
+def _image_problems(items: Items, recipe: Recipe, show: int = 5) -> list[str]:
+    """Image files PIL cannot read, and images the recipe's trim crop would leave empty."""
+    bad, too_small = [], []
+    trim = TrimCrop(*recipe.trim) if recipe.crop == "trim" else None
+    for df in (items.train, items.test):
+        for x in ([] if df is None else df["x"]):
+            if not os.path.isfile(x):
+                continue  # reported as missing by item_problems
+            try:
+                with Image.open(x) as im:
+                    im.verify()
+                    size = im.size
+            except Exception as e:  # PIL raises many kinds for a broken file; each means "cannot be read"
+                bad.append(f"{x} ({type(e).__name__}: {e})")
+                continue
+            if trim is not None and trim.box_for(*size) is None:
+                too_small.append(f"{x} ({size[0]}x{size[1]})")
+    out = []
+    if bad:
+        out.append(f"{len(bad)} unreadable image file(s): {'; '.join(bad[:show])}{' ...' if len(bad) > show else ''}. "
+                   "Remove or replace them.")
+    if too_small:
+        out.append(f"the trim crop {recipe.trim} leaves nothing of {len(too_small)} image(s), e.g. "
+                   f"{', '.join(too_small[:show])}. Use smaller margins (--trim), fractions, or --crop none.")
+    return out
+
+
+# -- settings the recipe leaves to the data --------------------------------------------------------------------------
+def infer_size(items: Items, n: int = 32, seed: int = 0) -> int:
+    """An image size from the data: the median shorter side of up to `n` training images, as a multiple of 8 in
+    [16, 224]."""
+    rows = items.train.sample(min(n, len(items.train)), random_state=seed)
+    sides = []
+    for _, r in rows.iterrows():
+        if items.arrays:
+            h, w = np.asarray(items.arrays[r["src"]]).shape[1:3]
+        else:
+            try:
+                with Image.open(r["x"]) as im:
+                    w, h = im.size
+            except OSError:  # an unreadable file says nothing about the size (`fastcls check` reports it)
+                continue
+        sides.append(min(w, h))
+    if not sides:
+        raise FastclsError(f"No readable image among {len(rows)} sampled training images to infer the image size from. "
+                           "Run `fastcls check` on the data folder, or pass --size.")
+    return int(min(224, max(16, 8 * round(float(np.median(sides)) / 8))))
+
+
+def resolve_recipe(recipe: Recipe, items: Items) -> Recipe:
+    """The recipe with what it leaves to the data filled in (size None: inferred from the images)."""
+    return recipe.override(size=infer_size(items)) if recipe.size is None else recipe
+
+
+def parse_trim(text: str) -> tuple:
+    """'400,100,50,50' (pixels) or '0.2,0.05,0.05,0.05' (fractions of the original) -> (top, bottom, left, right)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        vals = tuple(int(p) if p.lstrip("+").isdigit() else float(p) for p in parts)
+    except ValueError:
+        vals = ()
+    if len(vals) != 4 or any(v < 0 for v in vals):
+        raise FastclsError(f"--trim takes 4 margins >= 0 as top,bottom,left,right in pixels (e.g. 400,100,50,50) or as "
+                           f"fractions of the original image (e.g. 0.2,0.05,0.05,0.05); got {text!r}.")
+    return vals
 
 
 # -- splits ----------------------------------------------------------------------------------------------------------
 def assign_split(train: pd.DataFrame, recipe: Recipe, seed: int) -> pd.DataFrame:
     """A copy of `train` with a boolean `is_valid` column, reproducible for a given seed."""
     df = train.copy()
+    if recipe.split == "auto":
+        recipe = recipe.override(split="given" if "is_valid" in df else "stratified")
     if recipe.split == "given":
         if "is_valid" not in df:
             raise FastclsError(f"Recipe {recipe.name!r} uses the given split but its items have no 'is_valid' column.")
@@ -280,12 +520,17 @@ class TrimCrop(Transform):
     def __init__(self, top=0, bottom=0, left=0, right=0):
         self.box = (top, bottom, left, right)
 
-    def encodes(self, img: PILImage):
-        w, h = img.size
+    def box_for(self, w: int, h: int) -> Optional[tuple]:
+        """The (left, upper, right, lower) crop box on a w x h original, or None when the margins leave nothing."""
         t, b, l, r = (v * (h if i < 2 else w) if isinstance(v, float) and v < 1 else v for i, v in enumerate(self.box))
         box = (int(l), int(t), int(w - r), int(h - b))
-        if box[2] <= box[0] or box[3] <= box[1]:
-            raise FastclsError(f"Trim crop {self.box} leaves nothing of a {w}x{h} image; use smaller margins or --crop none.")
+        return None if box[2] <= box[0] or box[3] <= box[1] else box
+
+    def encodes(self, img: PILImage):
+        box = self.box_for(*img.size)
+        if box is None:
+            raise FastclsError(f"Trim crop {self.box} leaves nothing of a {img.size[0]}x{img.size[1]} image; use "
+                               "smaller margins or --crop none.")
         return img.crop(box)
 
 
@@ -330,6 +575,8 @@ def batch_tfms(recipe: Recipe, stats=None) -> list:
     if recipe.aug:
         tfms += aug_transforms(do_flip=recipe.flip, max_rotate=recipe.max_rotate, max_zoom=recipe.max_zoom,
                                max_lighting=recipe.max_lighting, max_warp=0.0)
+        if recipe.color_jitter:  # torchvision's ColorJitter saturation/hue, as fastai batch transforms
+            tfms += [Saturation(max_lighting=recipe.color_jitter), Hue(max_hue=recipe.color_jitter / 2)]
     if recipe.normalize == "imagenet":
         tfms.append(Normalize.from_stats(*imagenet_stats))
     elif recipe.normalize == "dataset" and stats is not None:
@@ -346,13 +593,22 @@ def dataset_stats(items: Items, df: pd.DataFrame, n: int = 512, seed: int = 0):
     return px.mean(0).tolist(), px.std(0).tolist()
 
 
-def dls(recipe: Recipe, items: Items, seed: int = 42, sample: Optional[int] = None, num_workers: int = 0):
-    """fastai DataLoaders for the recipe's items, split reproducibly by `seed`; `sample` takes a stratified subset."""
+def dls(recipe: Recipe, items: Items, seed: int = 42, sample: Optional[int] = None, num_workers: int = 0,
+        stats=None):
+    """fastai DataLoaders for the recipe's items, split reproducibly by `seed`; `sample` takes a stratified subset.
+
+    The vocab is the recipe's `classes` when it declares them (their order), else the sorted labels. With
+    `normalize='dataset'` the train split's mean/std are used, or `stats` (e.g. a stored run's) when given.
+    """
+    recipe = resolve_recipe(recipe, items)
     train = items.train if sample is None else sample_items(items.train, sample, seed)
     df = assign_split(train, recipe, seed).reset_index(drop=True)
-    stats = dataset_stats(items, df[~df["is_valid"]]) if recipe.normalize == "dataset" else None
-    vocab = sorted(df["label"].unique().tolist())
-    block = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=vocab)), get_x=ImageGetter(items.arrays),
+    if recipe.normalize == "dataset":
+        stats = stats if stats is not None else dataset_stats(items, df[~df["is_valid"]])
+    else:
+        stats = None
+    vocab = [str(c) for c in recipe.classes] if recipe.classes else sorted(df["label"].unique().tolist())
+    block = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=vocab, sort=False)), get_x=ImageGetter(items.arrays),
                       get_y=ColReader("label"), splitter=ColSplitter("is_valid"), item_tfms=item_tfms(recipe),
                       batch_tfms=batch_tfms(recipe, stats))
     from fastai.torch_core import set_seed

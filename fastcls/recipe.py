@@ -46,14 +46,17 @@ class Recipe:
     file_suffix: str = ""  # csv: appended to file names that carry no extension
     npz_train: str = "train.npz"
     npz_test: Optional[str] = "test.npz"
-    items: Optional[Callable] = None  # custom: fn(path: Path, recipe) -> fastcls.data.Items
+    items: Optional[Callable] = None  # custom: fn(path: Path, recipe) -> fastcls.data.Items (its docstring: the layout)
+    valid_dir: Optional[str] = None  # folder: labelled valid folder (class sub-folders); csv: valid_csv's image folder
+    valid_csv: Optional[str] = None  # csv: table of validation (file, label) rows, i.e. a given split
+    classes: Optional[tuple] = None  # the class order (vocab, submission indices); labels outside it are refused
     test_solution: Optional[str] = None  # file with true test labels, for scoring only (never used to train)
     # -- validation split
-    split: Literal["stratified", "random", "group", "given"] = "stratified"
+    split: Literal["stratified", "random", "group", "given", "auto"] = "stratified"  # auto: given if the data has one
     valid_pct: float = 0.2
     group_col: Optional[str] = None
     # -- images
-    size: int = 224
+    size: Optional[int] = 224  # None: inferred from the images (fastcls.data.resolve_recipe)
     crop: Crop = "none"
     trim: tuple = (0, 0, 0, 0)  # top, bottom, left, right: pixels (int) or fractions of the original (float < 1)
     aug: bool = True
@@ -61,6 +64,7 @@ class Recipe:
     max_rotate: float = 10.0
     max_zoom: float = 1.1
     max_lighting: float = 0.2
+    color_jitter: float = 0.0  # saturation and hue jitter (brightness/contrast come from max_lighting)
     normalize: Literal["imagenet", "dataset", "none"] = "imagenet"
     # -- model and schedule
     metric: str = "accuracy"
@@ -82,16 +86,22 @@ class Recipe:
     sub_label_col: str = "label"
     sub_id: Literal["stem", "name", "id"] = "stem"  # how a test item's id is written: file stem, file name, item id
     sub_template: Optional[str] = None  # a CSV whose row order and columns the submission must follow
+    sub_label: Literal["name", "index"] = "name"  # write the class name, or its index in `classes` (else the vocab)
 
     def __post_init__(self):
-        checks = [("size", self.size > 0, "a positive number of pixels"), ("ps", 0 <= self.ps < 1, "in [0, 1)"),
+        checks = [("size", self.size is None or self.size > 0, "a positive number of pixels (or None: inferred)"),
+                  ("ps", 0 <= self.ps < 1, "in [0, 1)"),
                   ("valid_pct", 0 < self.valid_pct < 1, "in (0, 1)"), ("epochs", self.epochs >= 0, ">= 0"),
                   ("freeze_epochs", self.freeze_epochs >= 0, ">= 0"), ("lr", self.lr > 0, "> 0"),
                   ("bs", self.bs > 0, "> 0"), ("tta", self.tta >= 0, ">= 0"),
                   ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
                   ("ps_grid", all(0 <= p < 1 for p in self.ps_grid), "values in [0, 1)"),
                   ("patience", self.patience is None or self.patience > 0, "> 0 (or None)"),
-                  ("trim", len(self.trim) == 4 and all(v >= 0 for v in self.trim), "4 margins >= 0 (top, bottom, left, right)")]
+                  ("trim", len(self.trim) == 4 and all(v >= 0 for v in self.trim),
+                   "4 margins >= 0 (top, bottom, left, right)"),
+                  ("color_jitter", 0 <= self.color_jitter < 1, "in [0, 1)"),
+                  ("classes", self.classes is None or len(set(map(str, self.classes))) == len(self.classes) >= 2,
+                   "at least 2 distinct class names (or None: inferred from the data)")]
         for key, ok, want in checks:
             if not ok:
                 raise FastclsError(f"Recipe {self.name!r}: setting {key!r} must be {want}, got {getattr(self, key)!r}.")

@@ -3,6 +3,7 @@
 __all__ = ["RunConfig", "learner", "train", "fit_run", "RunResult", "KeepBest", "EpochLine"]
 
 import copy
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -185,6 +186,8 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
     get_metric(recipe.metric)
     store.check_writable()
     items = items if items is not None else fdata.read_items(recipe, cfg.data)
+    recipe = fdata.resolve_recipe(recipe, items)  # e.g. a size inferred from the images, stored as the run's size
+    cfg = dataclasses.replace(cfg, recipe=recipe)
     d = fdata.dls(recipe, items, seed=cfg.seed, sample=cfg.sample)
     learn = learner(d, cfg)
     history, best_epoch = train(learn, cfg, progress)
@@ -208,7 +211,9 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
     run = RunData(config=cfg.to_dict(), vocab=list(d.vocab), valid_probs=valid_probs, valid_targets=valid_targets,
                   valid_ids=d.valid_ds.items["id"].tolist(), metrics=metrics, test_probs=test_probs,
                   test_ids=items.test["id"].tolist() if test_probs is not None else None, history=history,
-                  weights=learn.model.state_dict(), name=cfg.name, seconds=seconds, sweep=sweep)
+                  weights=learn.model.state_dict(), name=cfg.name, seconds=seconds, sweep=sweep,
+                  # the data set's own mean/std (normalize='dataset'): predicting later must reuse them (dls(stats=...))
+                  extra={"normalize_stats": d.stats} if d.stats is not None else {})
     rid = store.save(run)
     return RunResult(rid, metrics, history, learn, seconds)
 

@@ -1,0 +1,172 @@
+"""A competition's submission CSV from test probabilities, in the exact format its recipe declares.
+
+The recipe says which columns to write (`sub_id_col`, `sub_label_col`), how a test item's id is written
+(`sub_id`: file stem, file name, or the item id as read), whether the label is the class name or its index in the
+recipe's class order (`sub_label`), and optionally a template CSV (`sub_template`, relative to the data folder) whose
+rows, row order and other columns the submission keeps, filling only the label column. The file is written to a
+temporary name and renamed, so an interrupted write never leaves half a submission.
+"""
+
+__all__ = ["write_submission", "submission_for_run", "submission_ids", "submission_frame", "recipe_from_config",
+           "neutralise"]
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from .errors import FastclsError
+from .recipe import Recipe
+
+# a spreadsheet runs a cell starting with one of these as a formula (CSV injection)
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_SUB_FIELDS = ("sub_id_col", "sub_label_col", "sub_id", "sub_template", "sub_label", "classes", "data")
+
+
+def submission_ids(recipe: Recipe, ids) -> list[str]:
+    """Test item ids as the submission writes them (`recipe.sub_id`: 'stem', 'name' or 'id')."""
+    ids = [str(i) for i in ids]
+    if recipe.sub_id == "stem":
+        return [Path(i).stem for i in ids]
+    if recipe.sub_id == "name":
+        return [Path(i).name for i in ids]
+    return ids
+
+
+def neutralise(cell: str) -> str:
+    """A label cell a spreadsheet will not run as a formula: a leading ', unless the cell is a plain number."""
+    s = str(cell)
+    if not s.startswith(_FORMULA_START):
+        return s
+    try:
+        float(s)
+        return s  # '-1' or '+2.5' is a number to a spreadsheet, not a formula
+    except ValueError:
+        return "'" + s
+
+
+def _labels(recipe: Recipe, probs: np.ndarray, vocab) -> list:
+    vocab = [str(v) for v in vocab]
+    names = [vocab[i] for i in np.asarray(probs).argmax(1)]
+    if recipe.sub_label == "name":
+        return [neutralise(n) for n in names]
+    order = [str(c) for c in recipe.classes] if recipe.classes else vocab
+    missing = sorted(set(names) - set(order))
+    if missing:
+        raise FastclsError(f"Recipe {recipe.name!r} writes class indices, but predicted class {missing[0]!r} is not in "
+                           f"its classes ({', '.join(order)}). The run's vocab does not match the recipe.")
+    pos = {c: i for i, c in enumerate(order)}
+    return [pos[n] for n in names]
+
+
+def submission_frame(recipe: Recipe, test_ids, probs, vocab, data=None) -> pd.DataFrame:
+    """The submission as a DataFrame (see `write_submission`); nothing is written."""
+    probs = np.asarray(probs)
+    if probs.ndim != 2 or probs.shape[1] != len(vocab):
+        raise FastclsError(f"Submission for recipe {recipe.name!r}: probabilities have shape {probs.shape}; expected "
+                           f"(test items, {len(vocab)} classes).")
+    ids = submission_ids(recipe, test_ids)
+    if len(ids) != len(probs):
+        raise FastclsError(f"Submission for recipe {recipe.name!r}: {len(ids)} test ids for {len(probs)} rows of "
+                           "probabilities.")
+    if len(set(ids)) != len(ids):
+        dup = pd.Series(ids)[pd.Series(ids).duplicated()].iloc[0]
+        raise FastclsError(f"Submission for recipe {recipe.name!r}: test id {dup!r} occurs twice once written as "
+                           f"'{recipe.sub_id}'. Use sub_id='id' in the recipe.")
+    labels = _labels(recipe, probs, vocab)
+    if not recipe.sub_template:
+        return pd.DataFrame({recipe.sub_id_col: ids, recipe.sub_label_col: labels})
+    if data is None:
+        raise FastclsError(f"Recipe {recipe.name!r} fills the template {recipe.sub_template}, which lives in the data "
+                           "folder: pass the data folder (--data PATH).")
+    template = Path(data) / recipe.sub_template
+    if not template.is_file():
+        raise FastclsError(f"Submission template {template} does not exist (recipe {recipe.name!r}). Pass the data "
+                           "folder that holds it with --data PATH.")
+    df = pd.read_csv(template, dtype=str, keep_default_na=False)
+    if recipe.sub_id_col not in df:
+        raise FastclsError(f"Submission template {template} has no column {recipe.sub_id_col!r} (it has "
+                           f"{', '.join(map(repr, df.columns))}).")
+    pred = dict(zip(ids, labels))
+    missing = [i for i in df[recipe.sub_id_col] if i not in pred]
+    extra = sorted(set(ids) - set(df[recipe.sub_id_col]))
+    if missing or extra:
+        what = (f"{len(missing)} template row(s) have no prediction (e.g. {missing[0]!r})" if missing else "") + \
+            ("; " if missing and extra else "") + \
+            (f"{len(extra)} predicted id(s) are not in the template (e.g. {extra[0]!r})" if extra else "")
+        raise FastclsError(f"Submission for recipe {recipe.name!r} does not match the template {template}: {what}. "
+                           "The run's test set must be the template's test set.")
+    df[recipe.sub_label_col] = [pred[i] for i in df[recipe.sub_id_col]]
+    return df
+
+
+def write_submission(recipe: Recipe, test_ids, probs, vocab, path, data=None) -> pd.DataFrame:
+    """Write the recipe's submission CSV for test probabilities, atomically.
+
+    Args:
+        recipe: the competition's recipe (its `sub_*` settings and `classes`).
+        test_ids: the test item ids in row order (as stored with a run).
+        probs: test probabilities, (items, classes), columns in `vocab` order (e.g. a TTA blend).
+        vocab: the class names of the probability columns.
+        path: the CSV file to write (its folder is created).
+        data: the data folder, needed when the recipe fills a template (`sub_template`).
+
+    Returns:
+        The written table.
+    """
+    df = submission_frame(recipe, test_ids, probs, vocab, data)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            df.to_csv(f, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return df
+
+
+def recipe_from_config(config: dict, recipe: Optional[Recipe] = None) -> Recipe:
+    """The recipe a stored run's submission needs, rebuilt from the run's config (its `sub_*` settings as trained).
+
+    `recipe` (e.g. the registered recipe of that name) supplies what the config lacks, such as the default data folder.
+    """
+    base = recipe or Recipe(name=str(config.get("recipe", "run")))
+    kept = {k: config[k] for k in _SUB_FIELDS if config.get(k) is not None}
+    return base.override(**kept)
+
+
+def submission_for_run(run, path, beta: Optional[float] = 0.25, data=None, recipe_dirs=()) -> pd.DataFrame:
+    """Write the submission of a stored run's test probabilities.
+
+    Args:
+        run: a `StoredRun` (`RunStore.load`).
+        path: the CSV to write.
+        beta: TTA blend weight of the plain view (`predict.tta_blend`); None: the plain view only.
+        data: the data folder with the recipe's template (default: the run's data folder, else the recipe's).
+        recipe_dirs: extra recipe folders, to find the run's recipe by name.
+
+    Returns:
+        The written table.
+    """
+    from .predict import tta_blend
+    from .recipe import get_recipe
+    probs = run.test_probs
+    if probs is None or run.test_ids is None:
+        raise FastclsError(f"Run {run.id} has no test probabilities (its data had no test set), so there is nothing to "
+                           "submit. Train it on a data folder with the recipe's test images.")
+    if beta is not None and not 0 <= beta <= 1:
+        raise FastclsError(f"--tta-beta must be in [0, 1], got {beta}.")
+    try:
+        registered = get_recipe(str(run.config.get("recipe")), recipe_dirs)
+    except FastclsError:  # the recipe file is gone or renamed: the run's config still has every submission setting
+        registered = None
+    recipe = recipe_from_config(run.config, registered)
+    data = data or run.config.get("data") or (recipe.data if recipe.data not in (None, "builtin") else None)
+    blended = np.asarray(probs[0]) if beta is None else tta_blend(np.asarray(probs), beta)
+    return write_submission(recipe, run.test_ids, blended, run.vocab, path, data=data)

@@ -1,0 +1,36 @@
+"""Your own data: one sub-folder per class, everything inferred.
+
+Class sub-folders in `train/` (or at the data folder's root), an optional labelled `val/` (`valid/`, `validation/`)
+used as the given split (else a stratified 20% split), and an optional unlabeled `test/` (`testset/`,
+`test_images/`). Classes are the folder names; the image size is inferred from the images (median shorter side,
+a multiple of 8 in [16, 224]; `--size` overrides it). Submission `id,label` with the test file's path in `test/`.
+
+    fastcls check folder --data ~/my-photos
+    fastcls train folder resnet18 --data ~/my-photos
+"""
+
+from fastcls.data import read_folder_auto
+from fastcls.recipe import Recipe
+
+recipe = Recipe(
+    name="folder",
+    description="any folder-per-class data set (train/, optional val/ and test/); classes, size and split inferred",
+    layout="custom",
+    items=read_folder_auto,
+    split="auto",  # the data's own val/ folder when it has one, else stratified
+    valid_pct=0.2,
+    size=None,  # inferred from the images
+    aug=True,
+    metric="accuracy",
+    archs=("resnet18", "simple_cnn"),
+    pretrained=True,
+    freeze_epochs=1,
+    epochs=5,
+    lr=2e-3,
+    ps=0.5,
+    bs=32,
+    tta=4,
+    sub_id_col="id",
+    sub_label_col="label",
+    sub_id="id",
+)
