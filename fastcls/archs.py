@@ -10,8 +10,8 @@ __all__ = ["ArchSpec", "ARCHS", "register_arch", "get_arch", "build_model", "spl
 
 import os
 from contextlib import contextmanager
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 

@@ -103,7 +103,7 @@ def learner(dls, cfg: RunConfig) -> Learner:
     """A fastai Learner for `cfg.arch` on `dls`: fastai head with dropout `ps`, >= 3 parameter groups, the metric."""
     recipe = cfg.recipe
     spec = get_arch(cfg.arch)
-    if recipe.size < spec.min_size:
+    if recipe.size is not None and recipe.size < spec.min_size:  # None: inferred by dls, see resolve_recipe
         raise FastclsError(f"Image size {recipe.size} is too small for {cfg.arch} (needs at least {spec.min_size}). "
                            f"Use --size {spec.min_size} or more.")
     set_seed(cfg.seed)

@@ -9,14 +9,23 @@ a multiple of 8 in [16, 224]; `--size` overrides it). Submission `id,label` with
     fastcls train folder resnet18 --data ~/my-photos
 """
 
-from fastcls.data import read_folder_auto
 from fastcls.recipe import Recipe
+
+
+def folder_items(path, recipe):
+    """Class sub-folders in train/ or at the root, an optional labelled val/ (or valid/, validation/) with the same
+    classes, and an optional unlabeled test/ (or testset/, test_images/): everything is inferred.
+
+    See fastcls.data.read_folder_auto (imported here, not at the top: listing recipes must not import fastai).
+    """
+    from fastcls.data import read_folder_auto
+    return read_folder_auto(path, recipe)
 
 recipe = Recipe(
     name="folder",
     description="any folder-per-class data set (train/, optional val/ and test/); classes, size and split inferred",
     layout="custom",
-    items=read_folder_auto,
+    items=folder_items,
     split="auto",  # the data's own val/ folder when it has one, else stratified
     valid_pct=0.2,
     size=None,  # inferred from the images

@@ -10,9 +10,6 @@ each person's 7 images together (grouped by `id`) and is stratified by class.
 
 from pathlib import Path
 
-import pandas as pd
-
-from fastcls.data import IMAGE_EXTS, Items
 from fastcls.errors import FastclsError
 from fastcls.recipe import Recipe
 
@@ -27,13 +24,15 @@ def age_band(age: int) -> str:
     return AGE[0] if age < 30 else AGE[1] if age < 60 else AGE[2]
 
 
-def read_masks(path: Path, recipe: Recipe) -> Items:
+def read_masks(path: Path, recipe: Recipe) -> "Items":  # noqa: F821 (fastcls.data.Items)
     """train/train.csv (id, gender, race, age, path) with per-person folders train/images/<path>/ holding mask1..mask5,
     incorrect_mask and normal (any image extension); test images listed in eval/info.csv (ImageID, ans) in
     eval/images/.
 
     Items: id `<path>/<image file>`, label from the file name and the person's gender and age, group = person id.
     """
+    import pandas as pd
+    from fastcls.data import IMAGE_EXTS, Items  # imported here: listing recipes must not pay for importing fastai
     table = path / "train" / "train.csv"
     if not table.is_file():
         raise FastclsError(f"Data folder {path} does not match the masks layout: no file {table}. Expected "
