@@ -26,6 +26,8 @@ _EXPORTS = {
     "runs": ["RunData", "RunStore", "StoredRun"],
     "train": ["RunConfig", "RunResult", "fit_run", "learner", "train"],
     "predict": ["predict_views", "tta_blend"],
+    "sweep": ["plan_sweep", "run_sweep", "list_sweeps", "load_sweep", "sweep_table"],
+    "features": ["cached_features", "fit_head_run"],
 }
 __all__ = [name for names in _EXPORTS.values() for name in names]
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
@@ -36,7 +38,9 @@ if TYPE_CHECKING:  # explicit imports for editors and type checkers ("go to defi
     from .errors import FastclsError
     from .predict import predict_views, tta_blend
     from .recipe import Recipe, find_recipes, get_recipe
+    from .features import cached_features, fit_head_run
     from .runs import RunData, RunStore, StoredRun
+    from .sweep import list_sweeps, load_sweep, plan_sweep, run_sweep, sweep_table
     from .train import RunConfig, RunResult, fit_run, learner, train
 
 

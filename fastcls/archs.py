@@ -5,8 +5,8 @@ A model is `nn.Sequential(body, head)`: the body returns a feature map, the head
 `group_matcher`, so `slice(lo, hi)` spreads learning rates over at least 3 parameter groups.
 """
 
-__all__ = ["ArchSpec", "ARCHS", "register_arch", "get_arch", "build_model", "splitter", "SimpleCNN", "fc_head",
-           "resolve_weights", "weights_dir"]
+__all__ = ["ArchSpec", "ARCHS", "register_arch", "get_arch", "build_model", "build_body", "make_head", "split_head",
+           "check_size", "splitter", "SimpleCNN", "fc_head", "resolve_weights", "weights_dir"]
 
 import os
 from contextlib import contextmanager
@@ -203,13 +203,45 @@ def _read_state_dict(path: Path) -> dict:
     return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
 
 
-def build_model(arch: str, n_out: int, ps: float = 0.5, pretrained: bool = False, weights=None) -> nn.Sequential:
-    """`nn.Sequential(body, head)` for `arch` with fastai's head (dropout `ps`) giving `n_out` logits."""
+def check_size(arch: str, size: Optional[int]):
+    """Refuse an image size the arch's body cannot take (None: inferred from the images later, checked then)."""
+    spec = get_arch(arch)
+    if size is not None and size < spec.min_size:
+        raise FastclsError(f"Image size {size} is too small for {arch} (needs at least {spec.min_size}). "
+                           f"Use --size {spec.min_size} or more.")
+
+
+def build_body(arch: str, pretrained: bool = False, weights=None) -> nn.Module:
+    """The feature-map body of `arch` (pretrained weights resolved as in `build_model`); has `num_features`."""
+    spec = get_arch(arch)
+    return _body(spec, resolve_weights(spec, pretrained, weights))
+
+
+def make_head(arch: str, nf: int, n_out: int, ps: float) -> nn.Module:
+    """The head of `arch` for a body with `nf` features: the arch's own, else fastai's `create_head` (dropout `ps`)."""
     from fastai.vision.learner import create_head
     spec = get_arch(arch)
-    body = _body(spec, resolve_weights(spec, pretrained, weights))
-    head = spec.head(body.num_features, n_out, ps) if spec.head else create_head(body.num_features, n_out, ps=ps)
-    return nn.Sequential(body, head)
+    return spec.head(nf, n_out, ps) if spec.head else create_head(nf, n_out, ps=ps)
+
+
+def split_head(head: nn.Module) -> tuple[nn.Sequential, nn.Sequential]:
+    """(pooling, rest) of a head: the pooling part ends with its first Flatten; `rest` maps pooled vectors to logits.
+
+    The two share the head's modules, so training `rest` on cached pooled features trains the head itself.
+    """
+    from fastai.layers import Flatten
+    mods = list(head.children()) if isinstance(head, nn.Sequential) else []
+    cut = next((i + 1 for i, m in enumerate(mods) if isinstance(m, (Flatten, nn.Flatten))), None)
+    if cut is None:
+        raise FastclsError(f"Head {type(head).__name__} has no pooling + Flatten at its start, so its input cannot "
+                           "be cached as pooled features; use the full path (--full) for this arch.")
+    return nn.Sequential(*mods[:cut]), nn.Sequential(*mods[cut:])
+
+
+def build_model(arch: str, n_out: int, ps: float = 0.5, pretrained: bool = False, weights=None) -> nn.Sequential:
+    """`nn.Sequential(body, head)` for `arch` with its head (fastai's unless the arch has its own, dropout `ps`)."""
+    body = build_body(arch, pretrained, weights)
+    return nn.Sequential(body, make_head(arch, body.num_features, n_out, ps))
 
 
 def splitter(model: nn.Sequential) -> list:

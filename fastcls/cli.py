@@ -47,6 +47,15 @@ Trim = Annotated[Optional[str], typer.Option("--trim", help="Trim margins top,bo
                                              "(400,100,50,50) or fractions of the original (0.2,0.05,0.05,0.05); "
                                              "implies --crop trim.")]
 RunRef = Annotated[str, typer.Argument(help="Run id, unique id prefix, or run name.")]
+# sweeps: comma-separated grids, and the fast path
+PsGrid = Annotated[Optional[str], typer.Option("--ps", help="Head dropout values, comma-separated, e.g. 0.1,0.2,0.4 "
+                                               "(sweep-dropout default: the recipe's ps_grid).")]
+Fast = Annotated[Optional[bool], typer.Option("--fast/--full", help="--fast trains only the head, for the frozen "
+                                              "stage's epochs, on body features cached under RUNS/cache (unfrozen "
+                                              "epochs are not run); --full trains every trial as a normal run. "
+                                              "Default: --fast when --epochs is 0.")]
+Views = Annotated[Optional[int], typer.Option("--views", help="Augmented views of the training set cached for --fast "
+                                              "(default: one per frozen epoch).")]
 
 
 def _cli(fn):
@@ -163,11 +172,21 @@ def runs_cmd(recipe: Annotated[Optional[str], typer.Option("--recipe", help="Onl
 
 @app.command("show")
 @_cli
-def show_cmd(run: Annotated[str, typer.Argument(help="Run id, unique id prefix, or run name.")],
+def show_cmd(run: Annotated[str, typer.Argument(help="Run id, unique id prefix, or run name; or a sweep id.")],
              runs_dir: RunsDir = Path("runs")):
-    """One run's config, final metrics and per-epoch history."""
+    """One run's config, final metrics and per-epoch history; or one sweep's results table."""
     from .runs import RunStore
-    r = RunStore(runs_dir).load(run)
+    from .sweep import load_sweep, sweep_table
+    store = RunStore(runs_dir)
+    try:
+        r = store.load(run)
+    except FastclsError as e:
+        try:
+            rec = load_sweep(runs_dir, run)
+        except FastclsError:
+            raise FastclsError(f"{e} No sweep {run!r} either (list them with `fastcls sweeps`).") from None
+        _print_sweep(rec, sweep_table(rec, store), runs_dir)
+        return
     out.print(f"[bold]Run {r.id}[/] ({r.name}, {r.kind}) in {r.path}")
     out.print_json(json.dumps({"metrics": r.metrics, "config": r.config}, default=str))
     if r.history is not None and len(r.history):
@@ -219,6 +238,105 @@ def submit_cmd(run: RunRef,
     df = submission_for_run(RunStore(runs_dir).load(run), out_file, beta=None if no_tta else tta_beta, data=data,
                             recipe_dirs=recipes or ())
     out.print(f"Wrote {out_file}: {len(df)} rows, columns {', '.join(map(str, df.columns))}.", highlight=False)
+
+
+def _print_sweep(rec: dict, table, runs_dir: Path):
+    from .sweep import sweep_dir
+    mode = (f"fast: head only, frozen stage, on cached body features ({rec['views']} train view(s))"
+            if rec["mode"] == "fast" else "full: every trial a normal run")
+    grid = " ".join(f"{k}={','.join(map(str, v))}" for k, v in rec["grid"].items())
+    table = table.drop(columns=[c for c in ("arch",) if c in table and len(rec["archs"]) == 1])
+    for k in rec["grid"]:  # swept values as typed (0.25, not 0.2500)
+        table[k] = table[k].map(lambda v: f"{v:g}" if isinstance(v, float) else str(v))
+    table["time"] = table["time"].map(lambda v: "" if v != v or v is None else f"{v:.1f} s")
+    out.print(_table(table, title=f"Sweep {rec['id']} ({rec['status']}): {rec['recipe']} {','.join(rec['archs'])} "
+                                  f"{grid}\n{mode}"))
+    folder = sweep_dir(runs_dir, rec["id"])
+    for k, info in rec.get("features", {}).items():
+        out.print(f"features {k}: " + (f"from the cache ({info['seconds']:.1f} s)" if info["cached"] else
+                                       f"computed in {info['extract_seconds']:.1f} s and cached"))
+    if rec.get("plot"):
+        out.print(f"plot: {folder / rec['plot']}")
+    out.print(f"results: {folder / 'results.csv'}   record: {folder / 'sweep.json'}")
+
+
+def _sweep(plan, runs_dir: Path, quiet: bool):
+    """Run a planned sweep, print its table, and fail (exit 2) when trials failed."""
+    from .runs import RunStore
+    from .sweep import run_sweep
+    res = run_sweep(plan, RunStore(runs_dir), progress="none" if quiet else "auto")
+    done = sum(t["status"] == "done" for t in res.record["trials"])
+    out.print(f"Sweep {plan.id}: {res.trained} trial(s) trained now, {done - res.trained} already in {runs_dir}.")
+    _print_sweep(res.record, res.table, runs_dir)
+    failed = [t for t in res.record["trials"] if t["status"] == "failed"]
+    if failed:
+        raise FastclsError(f"{len(failed)} trial(s) of sweep {plan.id} failed: "
+                           + "; ".join(f"{t['key']}: {t['error']}" for t in failed)
+                           + ". Run the same command again to retry them (finished trials are kept).")
+
+
+def _list(text: Optional[str]) -> list:
+    return [v.strip() for v in text.split(",") if v.strip()] if text else []
+
+
+@app.command("sweep-dropout")
+@_cli
+def sweep_dropout_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fastcls recipes`).")],
+                      arch: Annotated[str, typer.Argument(help="Architecture (see `fastcls archs`).")],
+                      ps: PsGrid = None, fast: Fast = None, views: Views = None, data: Data = None, size: Size = None,
+                      epochs: Epochs = None, freeze_epochs: FreezeEpochs = None, lr: Lr = None, bs: Bs = None,
+                      seed: Seed = 42, tta: Tta = None, pretrained: Pretrained = None, weights: Weights = None,
+                      runs_dir: RunsDir = Path("runs"), sample: Sample = None, quiet: Quiet = False,
+                      recipes: RecipeDirs = None, crop: Crop = None, trim: Trim = None):
+    """One run per head dropout value (a resumable sweep), a table with the best marked, and a plot of metric vs ps."""
+    from .data import parse_trim
+    from .sweep import parse_values, plan_sweep
+    base = make_config(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample,
+                       size=size, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, bs=bs, tta=tta,
+                       pretrained=pretrained, crop=crop or ("trim" if trim else None),
+                       trim=parse_trim(trim) if trim else None)
+    grid = {"ps": parse_values("ps", ps) if ps else base.recipe.ps_grid}
+    _sweep(plan_sweep(base, [arch], grid, fast=fast, views=views), runs_dir, quiet)
+
+
+@app.command("sweep")
+@_cli
+def sweep_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fastcls recipes`).")],
+              arch: Annotated[Optional[str], typer.Option("--arch", help="Architectures, comma-separated (default: "
+                                                           "the recipe's archs).")] = None,
+              ps: PsGrid = None,
+              size: Annotated[Optional[str], typer.Option("--size", help="Image sizes, comma-separated.")] = None,
+              lr: Annotated[Optional[str], typer.Option("--lr", help="Learning rates, comma-separated.")] = None,
+              crop: Annotated[Optional[str], typer.Option("--crop", help="Crops, comma-separated (none, center, "
+                                                           "trim: the recipe's margins, or --trim).")] = None,
+              fast: Fast = None, views: Views = None, data: Data = None, epochs: Epochs = None,
+              freeze_epochs: FreezeEpochs = None, bs: Bs = None, seed: Seed = 42, tta: Tta = None,
+              pretrained: Pretrained = None, weights: Weights = None, runs_dir: RunsDir = Path("runs"),
+              sample: Sample = None, quiet: Quiet = False, recipes: RecipeDirs = None, trim: Trim = None):
+    """A grid over archs and train options (every combination a run), validated before anything trains."""
+    from .data import parse_trim
+    from .recipe import get_recipe
+    from .sweep import parse_values, plan_sweep
+    archs = _list(arch) or list(get_recipe(recipe, recipes or ()).archs)
+    base = make_config(recipe, archs[0], recipes=recipes, data=data, seed=seed, weights=weights, sample=sample,
+                       epochs=epochs, freeze_epochs=freeze_epochs, bs=bs, tta=tta, pretrained=pretrained,
+                       crop="trim" if trim and not crop else None, trim=parse_trim(trim) if trim else None)
+    for a in archs[1:]:
+        make_config(recipe, a, recipes=recipes)  # an unknown arch fails here, before anything trains
+    grid = {k: parse_values(k, v) for k, v in (("ps", ps), ("size", size), ("lr", lr), ("crop", crop)) if v}
+    _sweep(plan_sweep(base, archs, grid, fast=fast, views=views), runs_dir, quiet)
+
+
+@app.command("sweeps")
+@_cli
+def sweeps_cmd(runs_dir: RunsDir = Path("runs")):
+    """List the sweeps in the run store: grid, mode, trials done, best trial."""
+    from .sweep import list_sweeps
+    df = list_sweeps(runs_dir)
+    if not len(df):
+        out.print(f"No sweeps in {runs_dir}.")
+        return
+    out.print(_table(df, title=f"Sweeps in {runs_dir}"))
 
 
 def main():

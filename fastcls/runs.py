@@ -239,10 +239,11 @@ class RunStore:
             raise FastclsError(f"Run {row['id']} is in the index of {self.root} but its folder {path} is missing.")
         return StoredRun(path, row)
 
-    def leaderboard(self, recipe: Optional[str] = None, sort: str = "metric", kind: Optional[str] = None) -> pd.DataFrame:
-        """One row per run (newest first, or best metric first with `sort='metric'`)."""
+    def leaderboard(self, recipe: Optional[str] = None, sort: str = "metric", kind: Optional[str] = None,
+                    sweep: Optional[str] = None) -> pd.DataFrame:
+        """One row per run (newest first, or best metric first with `sort='metric'`), optionally of one sweep."""
         conds, args = [], []
-        for col, val in (("recipe", recipe), ("kind", kind)):
+        for col, val in (("recipe", recipe), ("kind", kind), ("sweep", sweep)):
             if val is not None:
                 conds.append(f"{col} = ?")
                 args.append(val)

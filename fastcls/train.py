@@ -1,6 +1,7 @@
 """One run from recipe to store: learner, frozen + unfrozen schedule, best-epoch tracking, predictions, save."""
 
-__all__ = ["RunConfig", "learner", "train", "fit_run", "RunResult", "KeepBest", "EpochLine"]
+__all__ = ["RunConfig", "learner", "schedule", "train", "fit_run", "RunResult", "Predictions", "run_metrics",
+           "store_run", "KeepBest", "EpochLine"]
 
 import copy
 import dataclasses
@@ -17,12 +18,11 @@ import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.tracker import EarlyStoppingCallback, TrackerCallback
 from fastai.learner import Learner
-from fastai.torch_core import set_seed
+from fastai.torch_core import set_seed, trainable_params
 from fastcore.basics import noop
 
 from . import data as fdata
-from .archs import build_model, get_arch, splitter
-from .errors import FastclsError
+from .archs import build_model, check_size, get_arch, splitter
 from .metrics import get_metric
 from .predict import predict_views, tta_blend
 from .recipe import Recipe
@@ -99,34 +99,56 @@ def imbalance_plan(recipe: Recipe, dls):
     return plan(parse_imbalance(recipe.imbalance), labels, len(dls.vocab), label_smoothing=recipe.label_smoothing)
 
 
-def learner(dls, cfg: RunConfig) -> Learner:
-    """A fastai Learner for `cfg.arch` on `dls`: fastai head with dropout `ps`, >= 3 parameter groups, the metric."""
+def learner(dls, cfg: RunConfig, model=None) -> Learner:
+    """A fastai Learner for `cfg.arch` on `dls`: fastai head with dropout `ps`, >= 3 parameter groups, the metric.
+
+    `model` replaces the arch's full model and is trained whole (the sweeps' fast path passes a head that reads
+    cached body features); loss, metrics and weight decay are the recipe's either way.
+    """
     recipe = cfg.recipe
     spec = get_arch(cfg.arch)
-    if recipe.size is not None and recipe.size < spec.min_size:  # None: inferred by dls, see resolve_recipe
-        raise FastclsError(f"Image size {recipe.size} is too small for {cfg.arch} (needs at least {spec.min_size}). "
-                           f"Use --size {spec.min_size} or more.")
-    set_seed(cfg.seed)
-    model = build_model(cfg.arch, len(dls.vocab), ps=recipe.ps, pretrained=recipe.pretrained, weights=cfg.weights)
-    model.body_groups = spec.body_groups
+    full = model is None
+    if full:
+        check_size(cfg.arch, recipe.size)
+        set_seed(cfg.seed)
+        model = build_model(cfg.arch, len(dls.vocab), ps=recipe.ps, pretrained=recipe.pretrained, weights=cfg.weights)
+        model.body_groups = spec.body_groups
     metric = get_metric(recipe.metric)
     metrics = [metric.fastai()]
     if recipe.metric != "accuracy":
         metrics.insert(0, get_metric("accuracy").fastai())
-    learn = Learner(dls, model, loss_func=imbalance_plan(recipe, dls).loss, metrics=metrics, splitter=splitter,
-                    wd=recipe.wd if recipe.wd is not None else None)
-    if recipe.pretrained or cfg.weights:
+    learn = Learner(dls, model, loss_func=imbalance_plan(recipe, dls).loss, metrics=metrics,
+                    splitter=splitter if full else trainable_params, wd=recipe.wd if recipe.wd is not None else None)
+    if full and (recipe.pretrained or cfg.weights):
         learn.freeze()
     return learn
 
 
-def train(learn: Learner, cfg: RunConfig, progress: str = "auto") -> tuple[pd.DataFrame, Optional[int]]:
+def schedule(cfg: RunConfig) -> list[tuple[str, int, object, bool]]:
+    """The run's stages as (name, epochs, lr, unfreeze): the frozen stage (pretrained bodies), then the unfrozen one."""
+    recipe = cfg.recipe
+    lr = recipe.lr
+    frozen = bool((recipe.pretrained or cfg.weights) and recipe.freeze_epochs > 0)
+    stages = []
+    if frozen:
+        stages.append(("frozen", recipe.freeze_epochs, lr, False))
+        lr /= 2
+    if recipe.epochs > 0:
+        stages.append(("unfrozen" if frozen else "train", recipe.epochs, slice(lr / 100, lr) if frozen else lr, True))
+    return stages
+
+
+def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None,
+          cbs: tuple = ()) -> tuple[pd.DataFrame, Optional[int]]:
     """Frozen stage, then the unfrozen stage with discriminative LRs; the best epoch's weights are kept.
 
     Args:
         learn: from `learner`.
         cfg: the run's config (epochs, freeze_epochs, lr, patience come from its recipe).
         progress: 'bar' (fastprogress bars), 'line' (one line per epoch), 'none', or 'auto' (bar on a terminal).
+        stages: (name, epochs, lr, unfreeze) tuples to run instead of `schedule(cfg)` (the sweeps' fast path runs
+            the frozen stage alone).
+        cbs: extra callbacks for every stage.
 
     Returns:
         The per-epoch history and the index of the best epoch.
@@ -140,20 +162,15 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto") -> tuple[pd.Da
     monitor = learn.metrics[-1].name
     keep = KeepBest(monitor)
     lines = EpochLine(echo=progress == "line")
-    cbs = [keep, lines]
+    cbs = [keep, lines, *cbs]
     if recipe.patience:
         cbs.append(EarlyStoppingCallback(monitor=monitor, comp=np.greater, patience=recipe.patience, reset_on_fit=False))
     set_seed(cfg.seed)
-    lr = recipe.lr
-    frozen = (recipe.pretrained or cfg.weights) and recipe.freeze_epochs > 0
-    if frozen:
-        lines.stage = "frozen"
-        learn.fit_one_cycle(recipe.freeze_epochs, lr, cbs=cbs)
-        lr /= 2
-    if recipe.epochs > 0:
-        learn.unfreeze()
-        lines.stage = "unfrozen" if frozen else "train"
-        learn.fit_one_cycle(recipe.epochs, slice(lr / 100, lr) if frozen else lr, cbs=cbs)
+    for stage, n_epochs, lr, unfreeze in (schedule(cfg) if stages is None else stages):
+        if unfreeze:
+            learn.unfreeze()
+        lines.stage = stage
+        learn.fit_one_cycle(n_epochs, lr, cbs=cbs)
     keep.restore(learn.model)
     return pd.DataFrame(lines.rows), keep.best_epoch
 
@@ -194,26 +211,55 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
     valid_probs, valid_targets = predict_views(learn, d.valid, recipe.tta)
     tdl = fdata.test_dl(d, items)
     test_probs = predict_views(learn, tdl, recipe.tta)[0] if tdl is not None else None
+    has_test = test_probs is not None
+    preds = Predictions(list(d.vocab), d.valid_ds.items["id"].tolist(), valid_probs, valid_targets,
+                        items.test["id"].tolist() if has_test else None, test_probs,
+                        _encode(items.test["label"], d.vocab) if has_test and "label" in items.test else None)
+    return store_run(cfg, store, preds, history, best_epoch, len(d.train_ds), learn.model.state_dict(),
+                     time.time() - t0, learn=learn, sweep=sweep, stats=d.stats)
+
+
+@dataclass
+class Predictions:
+    """A run's stored predictions: plain + TTA views of the valid and (optional) test items, in item-id order."""
+
+    vocab: list
+    valid_ids: list
+    valid_probs: np.ndarray  # (views, N, C)
+    valid_targets: np.ndarray  # (N,)
+    test_ids: Optional[list] = None
+    test_probs: Optional[np.ndarray] = None  # (views, M, C)
+    test_targets: Optional[np.ndarray] = None  # true test labels when the data has them (scoring only)
+
+
+def run_metrics(recipe: Recipe, preds: Predictions, best_epoch: Optional[int], n_train: int) -> dict:
+    """Final metrics of a run from its stored predictions: the recipe's metric plain and TTA-blended, valid loss."""
     metric = get_metric(recipe.metric)
-    vloss = _nll(valid_probs[0], valid_targets)
-    metrics = {"metric_name": recipe.metric, recipe.metric: metric(valid_targets, valid_probs[0]),
-               f"{recipe.metric}_tta": metric(valid_targets, tta_blend(valid_probs)), "valid_loss": vloss,
-               "best_epoch": best_epoch, "n_train": len(d.train_ds),
-               "n_valid": len(valid_targets)}
+    vp, vt = preds.valid_probs, preds.valid_targets
+    metrics = {"metric_name": recipe.metric, recipe.metric: metric(vt, vp[0]),
+               f"{recipe.metric}_tta": metric(vt, tta_blend(vp)), "valid_loss": _nll(vp[0], vt),
+               "best_epoch": best_epoch, "n_train": n_train, "n_valid": len(vt)}
     if recipe.metric != "accuracy":
-        metrics["accuracy"] = get_metric("accuracy")(valid_targets, valid_probs[0])
-    if test_probs is not None and "label" in items.test:
-        y = _encode(items.test["label"], d.vocab)
-        if y is not None:
-            metrics[f"test_{recipe.metric}"] = metric(y, test_probs[0])
-            metrics[f"test_{recipe.metric}_tta"] = metric(y, tta_blend(test_probs))
-    seconds = time.time() - t0
-    run = RunData(config=cfg.to_dict(), vocab=list(d.vocab), valid_probs=valid_probs, valid_targets=valid_targets,
-                  valid_ids=d.valid_ds.items["id"].tolist(), metrics=metrics, test_probs=test_probs,
-                  test_ids=items.test["id"].tolist() if test_probs is not None else None, history=history,
-                  weights=learn.model.state_dict(), name=cfg.name, seconds=seconds, sweep=sweep,
-                  # the data set's own mean/std (normalize='dataset'): predicting later must reuse them (dls(stats=...))
-                  extra={"normalize_stats": d.stats} if d.stats is not None else {})
+        metrics["accuracy"] = get_metric("accuracy")(vt, vp[0])
+    if preds.test_probs is not None and preds.test_targets is not None:
+        metrics[f"test_{recipe.metric}"] = metric(preds.test_targets, preds.test_probs[0])
+        metrics[f"test_{recipe.metric}_tta"] = metric(preds.test_targets, tta_blend(preds.test_probs))
+    return metrics
+
+
+def store_run(cfg: RunConfig, store: RunStore, preds: Predictions, history: pd.DataFrame, best_epoch: Optional[int],
+              n_train: int, weights: dict, seconds: float, learn=None, sweep: Optional[str] = None,
+              kind: str = "train", config_extra: Optional[dict] = None, stats=None) -> RunResult:
+    """Score `preds` and save the run (config, metrics, history, weights, probabilities) atomically in `store`.
+
+    `stats` is the data set's own mean/std (normalize='dataset'): predicting later must reuse them (dls(stats=...)).
+    """
+    metrics = run_metrics(cfg.recipe, preds, best_epoch, n_train)
+    run = RunData(config={**cfg.to_dict(), **(config_extra or {})}, vocab=preds.vocab, valid_probs=preds.valid_probs,
+                  valid_targets=preds.valid_targets, valid_ids=preds.valid_ids, metrics=metrics,
+                  test_probs=preds.test_probs, test_ids=preds.test_ids, history=history, weights=weights,
+                  kind=kind, name=cfg.name, seconds=seconds, sweep=sweep,
+                  extra={"normalize_stats": stats} if stats is not None else {})
     rid = store.save(run)
     return RunResult(rid, metrics, history, learn, seconds)
 
