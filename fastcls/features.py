@@ -39,7 +39,7 @@ from .predict import pooled_features
 from .train import Predictions, RunConfig, RunResult, _encode, learner, store_run, train
 
 FEATURE_FORMAT = 1
-BN_IMAGES = 2048  # training images (at most) that re-estimate the body's batch-norm statistics
+BN_IMAGES = 512  # training images (at most) that re-estimate the body's batch-norm statistics
 FEATURE_BS = 64  # extraction batch size: fixed, so the cache does not depend on the head's training batch size
 # recipe settings that only affect the head's training or the report: sweeping them reuses the same features
 HEAD_ONLY = frozenset({"description", "metric", "archs", "epochs", "freeze_epochs", "lr", "ps", "ps_grid", "bs", "wd",

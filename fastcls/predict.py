@@ -1,29 +1,13 @@
 """Predictions as stacked views: view 0 is the plain prediction, views 1..n are augmented (TTA) passes.
 
-The same view logic extracts a frozen body's pooled activations (`pooled_features`), which the sweeps' fast path
-caches on disk and trains heads on.
+`pooled_features` gives a frozen body's pooled activations in the same views; the sweeps' fast path caches them
+on disk and trains heads on them (`fastcls.features`).
 """
 
-__all__ = ["predict_views", "tta_blend", "stacked_views", "pooled_features"]
+__all__ = ["predict_views", "tta_blend", "pooled_features"]
 
 import numpy as np
 import torch
-
-
-def stacked_views(dl, n_aug: int, predict):
-    """`predict(dl)` once as is and `n_aug` times with the training transforms, stacked: ((1 + n_aug, N, ...), targets).
-
-    `predict` returns (outputs, targets) for an unshuffled `dl`. On a validation or test loader view 0 is the plain
-    pass; a training loader augments every pass.
-    """
-    dl = dl.new(shuffle=False, drop_last=False)
-    first, targs = predict(dl)
-    views = [first]
-    with dl.dataset.set_split_idx(0):
-        for _ in range(n_aug):
-            views.append(predict(dl)[0])
-    targets = targs.numpy().astype(np.int64) if isinstance(targs, torch.Tensor) else None
-    return torch.stack(views).float().numpy(), targets
 
 
 def predict_views(learn, dl, n_tta: int = 4):
@@ -32,32 +16,47 @@ def predict_views(learn, dl, n_tta: int = 4):
     The augmented views use the training transforms, as fastai's `Learner.tta` does, but every view is kept so any
     blend (fastai's `beta`, max, or a learned one) can be recomputed from the run store later.
     """
+    dl = dl.new(shuffle=False, drop_last=False)
     with learn.no_bar():
-        return stacked_views(dl, n_tta, lambda d: learn.get_preds(dl=d))
+        probs, targs = learn.get_preds(dl=dl)
+        views = [probs]
+        with dl.dataset.set_split_idx(0):
+            for _ in range(n_tta):
+                views.append(learn.get_preds(dl=dl)[0])
+    targets = targs.numpy().astype(np.int64) if isinstance(targs, torch.Tensor) else None
+    return torch.stack(views).float().numpy(), targets
 
 
 def pooled_features(body: torch.nn.Module, pool: torch.nn.Module, dl, n_aug: int = 0):
     """The body's pooled activations `pool(body(x))` of every item of `dl`: ((1 + n_aug, N, F) float32, targets).
 
-    The body runs in eval mode (frozen batch-norm statistics), as fastai 0.7's `precompute=True` did.
+    View 0 uses the loader's own transforms (plain on valid/test, augmented on train), views 1.. the training
+    (augmenting) batch transforms. Each batch is decoded once and its views come from applying the batch transforms
+    again, which holds because the item transforms (crop, squish resize) are deterministic. The body runs in eval
+    mode (frozen batch-norm statistics), as fastai 0.7's `precompute=True` did.
     """
+    from fastcore.basics import noop
     device = next(body.parameters()).device
+    dl = dl.new(shuffle=False, drop_last=False)
+    tfms, dl.after_batch = dl.after_batch, noop  # the loader yields decoded, untransformed batches
+    split, old = getattr(dl.dataset, "split_idx", None), getattr(tfms, "split_idx", None)
+    views, targs = [[] for _ in range(1 + n_aug)], []
     was_training = body.training
     body.eval()
-
-    @torch.no_grad()
-    def run(d):
-        feats, targs = [], []
-        for b in d:  # fastai's tensor subclasses are dropped: plain tensors stack and save as arrays
-            feats.append(pool(body(b[0].as_subclass(torch.Tensor).to(device))).float().cpu())
-            if len(b) > 1:
-                targs.append(b[1].as_subclass(torch.Tensor).cpu())
-        return torch.cat(feats), (torch.cat(targs) if targs else None)
-
     try:
-        return stacked_views(dl, n_aug, run)
+        with torch.no_grad():
+            for b in dl:
+                for v, out in enumerate(views):
+                    tfms.split_idx = split if v == 0 else 0
+                    x = tfms(b)[0].as_subclass(torch.Tensor)  # fastai's tensor subclasses are dropped
+                    out.append(pool(body(x.to(device))).float().cpu())
+                if len(b) > 1:
+                    targs.append(b[1].as_subclass(torch.Tensor).cpu())
     finally:
+        tfms.split_idx = old
         body.train(was_training)
+    targets = torch.cat(targs).numpy().astype(np.int64) if targs else None
+    return torch.stack([torch.cat(v) for v in views]).numpy(), targets
 
 
 def tta_blend(views: np.ndarray, beta: float = 0.25) -> np.ndarray:
