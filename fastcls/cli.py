@@ -264,7 +264,12 @@ def _sweep(plan, runs_dir: Path, quiet: bool):
     """Run a planned sweep, print its table, and fail (exit 2) when trials failed."""
     from .runs import RunStore
     from .sweep import run_sweep
-    res = run_sweep(plan, RunStore(runs_dir), progress="none" if quiet else "auto")
+    try:
+        res = run_sweep(plan, RunStore(runs_dir), progress="none" if quiet else "auto")
+    except KeyboardInterrupt:
+        err.print(f"Sweep {plan.id} interrupted. Run the same command again to resume: finished trials are kept, "
+                  "the interrupted one starts again.", highlight=False)
+        raise typer.Exit(130)
     done = sum(t["status"] == "done" for t in res.record["trials"])
     out.print(f"Sweep {plan.id}: {res.trained} trial(s) trained now, {done - res.trained} already in {runs_dir}.")
     _print_sweep(res.record, res.table, runs_dir)

@@ -346,7 +346,7 @@ def run_sweep(plan: SweepPlan, store, progress: str = "auto", executor=None, ite
                 rec.update(status="failed", error=msg)
             record["updated"] = _now()
             _write_json(path, record)
-    except BaseException:  # Ctrl-C or a kill: the trial that was running restarts cleanly on the next run
+    except BaseException:  # Ctrl-C (a kill -9 skips this; the next run then ignores the stale 'running' mark)
         for rec in record["trials"]:
             if rec["status"] == "running":
                 rec["status"] = "interrupted"
