@@ -211,6 +211,20 @@ def test_dropout_check(deaf_arch):
         check_dropout(deaf_arch, 128, 10, [0.0, 0.2])
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_registered_head_has_working_dropout_and_a_cacheable_input(arch):
+    """Walk the registry: each arch's head passes the dropout check and splits into parameter-free pooling (what the
+    fast path caches) and the rest, which maps pooled features to the same logits as the whole head."""
+    from fastcls.archs import make_head, split_head
+    check_dropout(arch, 16, 3, [0.0, 0.25])
+    head = make_head(arch, 16, 3, 0.25).eval()
+    pool, rest = split_head(head)
+    assert not list(pool.parameters())
+    x = torch.randn(4, 16, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(rest(pool(x)), head(x))
+
+
 def test_a_sweep_of_a_head_without_working_dropout_is_refused(cli, deaf_arch, tmp_path, monkeypatch):
     trained = _no_training(monkeypatch)
     runs = tmp_path / "runs"
