@@ -13,4 +13,8 @@ fi
 python -m pip install -q --upgrade pip
 python -m pip install -q $TORCH_PAIR
 python -m pip install -q -e ".[dev]"
+# a Jupyter kernel "Python (fastcls)" that runs this environment's python, for the notebooks in nbs/
+if python -c "import ipykernel" 2>/dev/null; then
+  python -m ipykernel install --sys-prefix --name fastcls --display-name "Python (fastcls)" >/dev/null
+fi
 python -c "import torch, torchvision, fastai, timm; print('installed: torch', torch.__version__, '| torchvision', torchvision.__version__, '| fastai', fastai.__version__, '| timm', timm.__version__)"

@@ -2,9 +2,11 @@
 
 The same functions serve the `fastcls` CLI and notebooks::
 
-    from fastcls import get_recipe, RunConfig, fit_run, RunStore
+    from fastcls import get_recipe, RunConfig, fit_run, RunStore, plot_batch, write_report
+    plot_batch(get_recipe("digits"))                 # a matplotlib Figure: what the network sees
     run = fit_run(RunConfig(get_recipe("digits"), "resnet18"), RunStore("runs"))
-    RunStore("runs").leaderboard()
+    RunStore("runs").leaderboard()                   # a pandas DataFrame
+    write_report(RunStore("runs"), run.run_id)       # confusion matrix, per-class F1, top losses, HTML
 
 Names are imported on first use, so `fastcls --help` does not pay for importing torch and fastai.
 """
@@ -28,6 +30,9 @@ _EXPORTS = {
     "predict": ["predict_views", "tta_blend"],
     "sweep": ["plan_sweep", "run_sweep", "list_sweeps", "load_sweep", "sweep_table"],
     "features": ["cached_features", "fit_head_run"],
+    "report": ["confusion", "lr_find", "per_class", "plot_batch", "plot_confusion", "plot_history", "plot_lr_find",
+               "plot_per_class", "plot_sweep", "plot_top_losses", "run_config", "save_figure", "top_losses",
+               "write_report"],
 }
 __all__ = [name for names in _EXPORTS.values() for name in names]
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
@@ -39,6 +44,9 @@ if TYPE_CHECKING:  # explicit imports for editors and type checkers ("go to defi
     from .predict import predict_views, tta_blend
     from .recipe import Recipe, find_recipes, get_recipe
     from .features import cached_features, fit_head_run
+    from .report import (confusion, lr_find, per_class, plot_batch, plot_confusion, plot_history, plot_lr_find,
+                         plot_per_class, plot_sweep, plot_top_losses, run_config, save_figure, top_losses,
+                         write_report)
     from .runs import RunData, RunStore, StoredRun
     from .sweep import list_sweeps, load_sweep, plan_sweep, run_sweep, sweep_table
     from .train import RunConfig, RunResult, fit_run, learner, train

@@ -342,6 +342,84 @@ def sweeps_cmd(runs_dir: RunsDir = Path("runs")):
         out.print(f"No sweeps in {runs_dir}.")
         return
     out.print(_table(df, title=f"Sweeps in {runs_dir}"))
+Out = Annotated[Optional[Path], typer.Option("--out", help="PNG file to write (default: <runs-dir>/pictures/...).")]
+
+
+@app.command("show-batch")
+@_cli
+def show_batch_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fastcls recipes`).")],
+                   data: Data = None, n: Annotated[int, typer.Option("--n", help="Number of images.")] = 16,
+                   out_file: Out = None,
+                   originals: Annotated[bool, typer.Option("--originals", help="Show each original image beside "
+                                                           "its crop.")] = False,
+                   size: Size = None, crop: Crop = None, trim: Trim = None, seed: Seed = 42, sample: Sample = None,
+                   runs_dir: RunsDir = Path("runs"), recipes: RecipeDirs = None):
+    """Save a grid of what the network sees: training images after crop, resize and augmentation, with labels."""
+    from .data import parse_trim
+    from .recipe import get_recipe
+    from .report import plot_batch, save_figure
+    r = get_recipe(recipe, recipes or ())
+    changes = {"size": size, "crop": crop or ("trim" if trim else None), "trim": parse_trim(trim) if trim else None}
+    r = r.override(**{k: v for k, v in changes.items() if v is not None})
+    fig = plot_batch(r, data=data, n=n, seed=seed, sample=sample, originals=originals)
+    path = save_figure(fig, out_file or runs_dir / "pictures" / f"{r.name}-batch.png")
+    out.print(f"Wrote {path}", highlight=False)
+
+
+@app.command("lr-find")
+@_cli
+def lr_find_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fastcls recipes`).")],
+                arch: Annotated[str, typer.Argument(help="Architecture (see `fastcls archs`).")],
+                data: Data = None, size: Size = None, ps: Ps = None, bs: Bs = None, seed: Seed = 42,
+                pretrained: Pretrained = None, weights: Weights = None, sample: Sample = None,
+                num_it: Annotated[int, typer.Option("--num-it", help="Mini-batches of the mock training.")] = 100,
+                start_lr: Annotated[float, typer.Option("--start-lr", help="First learning rate tried.")] = 1e-7,
+                end_lr: Annotated[float, typer.Option("--end-lr", help="Last learning rate tried.")] = 10.0,
+                out_file: Out = None, runs_dir: RunsDir = Path("runs"), recipes: RecipeDirs = None):
+    """fastai's learning-rate finder: save the loss-vs-LR plot and print the suggested learning rates."""
+    from .data import dls, read_items
+    from .report import lr_find, plot_lr_find, save_figure
+    from .train import learner
+    if num_it < 10:
+        raise FastclsError(f"--num-it must be at least 10, got {num_it}.")
+    if not 0 < start_lr < end_lr:
+        raise FastclsError(f"Need 0 < --start-lr < --end-lr, got {start_lr} and {end_lr}.")
+    cfg = make_config(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample, size=size,
+                      ps=ps, bs=bs, pretrained=pretrained)
+    learn = learner(dls(cfg.recipe, read_items(cfg.recipe, cfg.data), seed=seed, sample=sample), cfg)
+    res = lr_find(learn, num_it=num_it, start_lr=start_lr, end_lr=end_lr)
+    title = f"LR finder: {cfg.recipe.name}, {arch}, size {cfg.recipe.size}, bs {cfg.recipe.bs}"
+    path = save_figure(plot_lr_find(res, title), out_file or runs_dir / "pictures" /
+                       f"{cfg.recipe.name}-{arch}-lr-find.png")
+    t = Table(title="Suggested learning rates", title_justify="left", min_width=30)
+    t.add_column("method")
+    t.add_column("lr", justify="right")
+    for k, v in res.suggestions.items():
+        t.add_row(k, f"{v:.2e}")
+    out.print(t)
+    out.print(f"from {len(res.lrs)} steps of the mock training, lr {res.lrs[0]:.1e} to {res.lrs[-1]:.1e}")
+    out.print(f"Wrote {path}", highlight=False)
+
+
+@app.command("report")
+@_cli
+def report_cmd(run: RunRef,
+               top: Annotated[int, typer.Option("--top", help="Images in the top-losses grid (0: none).")] = 16,
+               out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder to write into (default: "
+                                                           "<run folder>/report).")] = None,
+               runs_dir: RunsDir = Path("runs"), recipes: RecipeDirs = None):
+    """Write a run's report: confusion matrices, per-class scores, top losses, curves, and one HTML page.
+
+    RUN may also be a sweep id: the sweep's curve and table, plus the best trial's report.
+    """
+    from .runs import RunStore
+    from .report import write_report
+    rep = write_report(RunStore(runs_dir), run, out=out_dir, top=top, recipe_dirs=recipes or ())
+    for note in rep.notes:
+        err.print(f"[yellow]Note:[/] {note}", highlight=False)
+    for key, path in rep.files.items():
+        out.print(f"{key:22s} {path}", highlight=False)
+    out.print(f"[bold]Report:[/] {rep.html}", highlight=False)
 
 
 def main():

@@ -539,11 +539,14 @@ class CenterSquare(Transform):
 
     order = 0
 
-    def encodes(self, img: PILImage):
-        w, h = img.size
+    def box_for(self, w: int, h: int) -> tuple:
+        """The (left, upper, right, lower) crop box on a w x h original."""
         s = min(w, h)
         l, t = (w - s) // 2, (h - s) // 2
-        return img.crop((l, t, l + s, t + s))
+        return l, t, l + s, t + s
+
+    def encodes(self, img: PILImage):
+        return img.crop(self.box_for(*img.size))
 
 
 class ImageGetter:

@@ -19,11 +19,10 @@ import numpy as np
 import pandas as pd
 
 from .errors import FastclsError
-from .recipe import Recipe
+from .recipe import Recipe, recipe_from_config  # noqa: F401  (recipe_from_config: re-exported, it lived here)
 
 # a spreadsheet runs a cell starting with one of these as a formula (CSV injection)
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-_SUB_FIELDS = ("sub_id_col", "sub_label_col", "sub_id", "sub_template", "sub_label", "classes", "data")
 
 
 def submission_ids(recipe: Recipe, ids) -> list[str]:
@@ -131,16 +130,6 @@ def write_submission(recipe: Recipe, test_ids, probs, vocab, path, data=None) ->
     return df
 
 
-def recipe_from_config(config: dict, recipe: Optional[Recipe] = None) -> Recipe:
-    """The recipe a stored run's submission needs, rebuilt from the run's config (its `sub_*` settings as trained).
-
-    `recipe` (e.g. the registered recipe of that name) supplies what the config lacks, such as the default data folder.
-    """
-    base = recipe or Recipe(name=str(config.get("recipe", "run")))
-    kept = {k: config[k] for k in _SUB_FIELDS if config.get(k) is not None}
-    return base.override(**kept)
-
-
 def submission_for_run(run, path, beta: Optional[float] = 0.25, data=None, recipe_dirs=()) -> pd.DataFrame:
     """Write the submission of a stored run's test probabilities.
 
@@ -155,18 +144,14 @@ def submission_for_run(run, path, beta: Optional[float] = 0.25, data=None, recip
         The written table.
     """
     from .predict import tta_blend
-    from .recipe import get_recipe
     probs = run.test_probs
     if probs is None or run.test_ids is None:
         raise FastclsError(f"Run {run.id} has no test probabilities (its data had no test set), so there is nothing to "
                            "submit. Train it on a data folder with the recipe's test images.")
     if beta is not None and not 0 <= beta <= 1:
         raise FastclsError(f"--tta-beta must be in [0, 1], got {beta}.")
-    try:
-        registered = get_recipe(str(run.config.get("recipe")), recipe_dirs)
-    except FastclsError:  # the recipe file is gone or renamed: the run's config still has every submission setting
-        registered = None
-    recipe = recipe_from_config(run.config, registered)
+    # the recipe file may be gone or renamed: the run's config still has every submission setting
+    recipe = recipe_from_config(run.config, recipe_dirs=recipe_dirs)
     data = data or run.config.get("data") or (recipe.data if recipe.data not in (None, "builtin") else None)
     blended = np.asarray(probs[0]) if beta is None else tta_blend(np.asarray(probs), beta)
     return write_submission(recipe, run.test_ids, blended, run.vocab, path, data=data)

@@ -12,7 +12,7 @@ grid is validated before anything trains, and head dropout is checked to really 
 """
 
 __all__ = ["Trial", "SweepPlan", "SweepResult", "LocalExecutor", "EXECUTORS", "parse_values", "plan_sweep",
-           "check_dropout", "run_sweep", "sweep_dir", "load_sweep", "list_sweeps", "sweep_table"]
+           "check_dropout", "run_sweep", "sweep_dir", "load_sweep", "list_sweeps", "sweep_table", "sweep_axes"]
 
 import hashlib
 import itertools
@@ -429,15 +429,21 @@ def _best(record: dict, table: pd.DataFrame) -> Optional[dict]:
             "metric": float(rows[record["metric"]].iloc[0])}
 
 
-def _plot(record: dict, table: pd.DataFrame, folder: Path) -> Optional[Path]:
-    """metric vs the swept value (ps when swept), one line per combination of the other swept values."""
-    from .report import sweep_plot
+def sweep_axes(record: dict, table: pd.DataFrame) -> tuple[pd.DataFrame, str, list]:
+    """How to draw a sweep: the table (with the x column), x (ps when swept, else the first swept setting), and
+    the columns whose combinations get a line each (the other swept values)."""
     varied = record.get("varied") or []
     grid_varied = [k for k in varied if k != "arch"]
     x = "ps" if "ps" in grid_varied else (grid_varied[0] if grid_varied else ("arch" if "arch" in varied else "ps"))
     if x not in table:
         table = table.assign(**{x: [t["params"].get(x) for t in record["trials"]]})
-    groups = [k for k in varied if k != x]
+    return table, x, [k for k in varied if k != x]
+
+
+def _plot(record: dict, table: pd.DataFrame, folder: Path) -> Optional[Path]:
+    """metric vs the swept value (ps when swept), one line per combination of the other swept values."""
+    from .report import sweep_plot
+    table, x, groups = sweep_axes(record, table)
     title = f"{record['recipe']} sweep {record['id']} ({record['mode']})"
     return sweep_plot(table, x, record["metric"], folder / f"{record['metric']}_vs_{x}.png", groups=groups,
                       title=title)

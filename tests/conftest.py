@@ -47,3 +47,15 @@ def digits_store(tmp_path_factory):
     res = CliRunner().invoke(app, ["train", "digits", "simple_cnn", *TINY, "--name", "tiny-digits", "--runs-dir", str(runs)])
     assert res.exit_code == 0, res.output
     return runs
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models step
+    ~50x slower with 2 threads on a busy 2-core CPU (OpenMP threads spin-waiting for each other), and gain nothing
+    from a second thread on an idle one."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -24,14 +24,7 @@ FAST = ["--epochs", "0", "--freeze-epochs", "2", "--size", "16", "--bs", "32", "
         "--no-pretrained", "--quiet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread for this module: the tiny heads here step ~50x slower with 2 threads on a busy 2-core CPU
-    (OpenMP threads spin-waiting for each other), and gain nothing from a second thread on an idle one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Counter:
