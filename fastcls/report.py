@@ -427,7 +427,7 @@ def plot_sweep(table: pd.DataFrame, x: str, metric: str, groups: Sequence[str] =
     numeric = pd.api.types.is_numeric_dtype(df[x])
     cats = list(dict.fromkeys(df[x].astype(str))) if not numeric else None
     pos = (lambda s: s.astype(float)) if numeric else (lambda s: s.astype(str).map(cats.index))
-    fig = ReportFigure(figsize=(8, 5), layout="constrained")
+    fig = ReportFigure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
     groups = [g for g in groups if g in df and g != x]
     for key, g in (df.groupby(groups, sort=False) if groups else [((), df)]):

@@ -286,7 +286,7 @@ def test_report_of_runs_tagged_with_a_sweep_id_draws_the_curve(tmp_path):
         _fake_run(store, recipe, None, _softmax(rng.normal(0, 1, (30, 3)) + 2 * np.eye(3)[targets]), targets, ids,
                   vocab=["0", "1", "2"], sweep="sw1", name=f"ps{ps}")
     rep = report.write_report(store, "ps0.25", top=0)
-    _png(rep.files["sweep"], (800, 500))
+    _png(rep.files["sweep"], (640, 420))
     table, x, groups, name = report.sweep_results(store, "sw1")
     assert (x, groups, name, len(table)) == ("ps", [], "accuracy", 3)
     assert table.loc[table["best"] == "best", "accuracy"].item() == table["accuracy"].max()
@@ -303,7 +303,7 @@ def test_report_of_a_dropout_sweep_and_its_trials(cli, tmp_path):
     res = cli("report", sid, "--runs-dir", runs, "--top", "4")
     assert res.exit_code == 0, res.output
     folder = runs / "sweeps" / sid / "report"
-    _png(folder / "sweep.png", (800, 500))
+    _png(folder / "sweep.png", (640, 420))
     assert len(pd.read_csv(folder / "results.csv")) == 2
     page = _check_html(folder / "index.html")  # includes the relative link to the best trial's report
     best = json.loads((runs / "sweeps" / sid / "sweep.json").read_text())["best"]["run_id"]
@@ -311,7 +311,7 @@ def test_report_of_a_dropout_sweep_and_its_trials(cli, tmp_path):
     _png(runs / best / "report" / "top_losses.png", _grid_size(4))
     trial = store_run = RunStore(runs).load(best)
     rep = report.write_report(RunStore(runs), trial.id, top=0)
-    _png(rep.files["sweep"], (800, 500))
+    _png(rep.files["sweep"], (640, 420))
     assert store_run.row["sweep"] == sid
 
 
