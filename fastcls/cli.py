@@ -222,6 +222,48 @@ def check_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
     out.print("OK: the data folder matches the recipe.")
 
 
+@app.command("ensemble")
+@_cli
+def ensemble_cmd(runs: Annotated[list[str], typer.Argument(help="Runs to combine: ids, unique id prefixes or names "
+                                                           "(a run may repeat).")],
+                 method: Annotated[str, typer.Option("--method", help="mean | weighted | rank | vote | hill | stack.")]
+                 = "mean",
+                 tta_beta: Annotated[Optional[float], typer.Option("--tta-beta", help="Fixed TTA blend (beta * plain + "
+                                                                   "(1 - beta) * augmented mean) for every member; "
+                                                                   "default: chosen per member, cross-validated.")]
+                 = None,
+                 weights: Annotated[Optional[str], typer.Option("--weights", help="Comma-separated weight per run, for "
+                                                                "weighted / vote (weighted without them: fitted).")]
+                 = None,
+                 name: Name = None,
+                 submission: Annotated[Optional[Path], typer.Option("--submission", help="Also write the recipe's "
+                                                                    "submission CSV from the ensemble's test "
+                                                                    "probabilities.")] = None,
+                 seed: Seed = 0, runs_dir: RunsDir = Path("runs"), recipes: RecipeDirs = None):
+    """Combine stored runs' probabilities (no model is loaded), score honestly, store the ensemble as a run."""
+    from .ensemble import ensemble
+    from .runs import RunStore
+    from .submission import submission_for_run
+    store = RunStore(runs_dir)
+    try:
+        w = [float(x) for x in weights.split(",")] if weights else None
+    except ValueError:
+        raise FastclsError(f"--weights must be comma-separated numbers, got {weights!r}.") from None
+    members = [store.load(r) for r in runs]
+    if submission is not None:  # refuse before anything is written
+        lacking = [m.id for m in members if m.test_probs is None]
+        if lacking:
+            raise FastclsError(f"--submission needs test probabilities, but run(s) {', '.join(lacking)} have none. "
+                               "Leave those runs out or drop --submission.")
+    res = ensemble(store, runs, method=method, tta_beta=tta_beta, weights=w, name=name, seed=seed)
+    out.print(_table(res.table, title=f"Ensemble {res.run_id} ({res.method}, {res.metric} {res.score:.4f}, "
+                                      f"evaluated {res.evaluated})"))
+    if submission is not None:
+        df = submission_for_run(store.load(res.run_id), submission, beta=None, data=members[0].config.get("data"),
+                                recipe_dirs=recipes or ())
+        out.print(f"Wrote {submission}: {len(df)} rows.", highlight=False)
+
+
 @app.command("submit")
 @_cli
 def submit_cmd(run: RunRef,

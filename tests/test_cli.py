@@ -120,3 +120,25 @@ def test_missing_and_wrong_data_folder(cli, tmp_path):
 
 def test_unknown_run(cli, digits_store):
     _assert_clean_error(cli("show", "no-such-run", "--runs-dir", digits_store), "No run 'no-such-run'", "fastcls runs")
+
+
+def test_ensemble_cli_stores_a_run_and_writes_a_submission(cli, tmp_path):
+    """Three real tiny digits runs of two archs -> `fastcls ensemble` -> stored ensemble run + submission CSV."""
+    import pandas as pd
+    runs = tmp_path / "runs"
+    # one seed: every member must share the validation split (a different split is refused by design)
+    for arch, ps in (("simple_cnn", 0.1), ("simple_cnn", 0.5), ("seed_cnn64", 0.25)):
+        res = cli("train", "digits", arch, *TINY, "--ps", ps, "--name", f"{arch}-{ps}", "--runs-dir", runs)
+        assert res.exit_code == 0, res.output
+    names = ["simple_cnn-0.1", "simple_cnn-0.5", "seed_cnn64-0.25"]
+    for method in ("mean", "hill"):
+        res = cli("ensemble", *names, "--method", method, "--runs-dir", runs, "--submission", tmp_path / f"{method}.csv")
+        assert res.exit_code == 0, res.output
+        assert "ensemble" in res.stdout and "gain" in res.stdout
+        sub = pd.read_csv(tmp_path / f"{method}.csv", dtype=str)
+        assert list(sub.columns) == ["id", "label"] and len(sub) == 297
+    assert cli("runs", "--runs-dir", runs).stdout.count("ensemble") >= 2
+    n_before = len(list(runs.iterdir()))
+    _assert_clean_error(cli("ensemble", "simple_cnn-0.1", "nope", "--runs-dir", runs), "No run 'nope'")
+    _assert_clean_error(cli("ensemble", *names, "--weights", "1,x", "--runs-dir", runs), "--weights must be")
+    assert len(list(runs.iterdir())) == n_before, "a refused ensemble writes nothing"
