@@ -43,7 +43,8 @@ def main():
             load_image(p)
         full = time.perf_counter() - t
         n = len(files)
-        print(f"{folder.name}: {n} images, {mb:.0f} MB, {len(bad)} bad | scan {first:.2f} s ({1e3 * first / n:.2f} ms/img, "
+        print(f"{folder.name}: {n} images, {mb:.0f} MB, {len(bad)} bad | scan {first:.2f} s "
+              f"({1e3 * first / n:.2f} ms/img, "
               f"thread pool) | cached re-scan {cached:.3f} s | serial scan {serial:.2f} s | full-size decode "
               f"{full:.2f} s")
 

@@ -281,9 +281,10 @@ def list_weights():
     import pandas as pd
     d = weights_dir()
     by_stem = {s: a.name for a in ARCHS.values() for s in (a.name, a.timm_name) if s}
+    files = [p for p in sorted(d.glob("*")) if p.suffix in (".safetensors", ".pth", ".bin") and p.is_file()] \
+        if d.is_dir() else []
     rows = [{"file": p.name, "arch": by_stem.get(p.stem, ""), "format": p.suffix.lstrip("."),
-             "size_mb": round(p.stat().st_size / 2**20, 1)}
-            for p in sorted(d.glob("*")) if p.suffix in (".safetensors", ".pth", ".bin") and p.is_file()] if d.is_dir() else []
+             "size_mb": round(p.stat().st_size / 2**20, 1)} for p in files]
     return pd.DataFrame(rows, columns=["file", "arch", "format", "size_mb"])
 
 

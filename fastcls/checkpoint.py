@@ -254,7 +254,8 @@ class Checkpointer(Callback):
         best = {k[5:]: v.to(dev) for k, v in t.items() if k.startswith("best.")}
         keep = self.keep
         keep.best_state = best or None
-        keep.best, keep.best_epoch, keep.global_epoch = m["keep"]["best"], m["keep"]["best_epoch"], m["keep"]["global_epoch"]
+        k = m["keep"]
+        keep.best, keep.best_epoch, keep.global_epoch = k["best"], k["best_epoch"], k["global_epoch"]
         self.lines.rows = list(m["history"])
         later_stage = self.stage != m["stage"]
         if self.es is not None:

@@ -205,8 +205,8 @@ class RunStore:
         """Write (or rewrite) the index row of the run folder `path` from its files: the folder is the truth."""
         row = _row_from_folder(path)
         with closing(self._connect()) as con, con:
-            con.execute(f"INSERT OR REPLACE INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                        [row[c] for c in _COLUMNS])
+            con.execute(f"INSERT OR REPLACE INTO runs ({', '.join(_COLUMNS)}) "
+                        f"VALUES ({', '.join('?' * len(_COLUMNS))})", [row[c] for c in _COLUMNS])
 
     def check_writable(self, need_bytes: int = 0):
         """Fail before any training when the runs folder cannot be written or its disk has less than `need_bytes`."""
@@ -221,9 +221,9 @@ class RunStore:
         if need_bytes:
             free = shutil.disk_usage(self.root).free
             if free < need_bytes:
-                raise FastclsError(f"The runs folder {self.root} is on a disk with {_mb(free)} free, but this run needs "
-                                   f"about {_mb(need_bytes)} (weights, checkpoints, probabilities). Free some space or "
-                                   "pass --runs-dir on a larger disk. Nothing was trained.")
+                raise FastclsError(f"The runs folder {self.root} is on a disk with {_mb(free)} free, but this run "
+                                   f"needs about {_mb(need_bytes)} (weights, checkpoints, probabilities). Free some "
+                                   "space or pass --runs-dir on a larger disk. Nothing was trained.")
 
     # -- repair -----------------------------------------------------------------------------------------------
     def _repair(self):
@@ -242,7 +242,8 @@ class RunStore:
             if entry.name.startswith(".tmp-"):
                 if _writer_gone(path):
                     shutil.rmtree(path, ignore_errors=True)
-            elif not entry.name.startswith(".") and indexed.get(entry.name) != "done" and (path / "meta.json").is_file():
+            elif (not entry.name.startswith(".") and indexed.get(entry.name) != "done"
+                  and (path / "meta.json").is_file()):
                 self._settle(path, indexed.get(entry.name))
 
     def _settle(self, path: Path, indexed_status: Optional[str]):

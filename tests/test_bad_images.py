@@ -175,7 +175,8 @@ def test_scan_verdicts_are_cached_by_size_and_mtime(tmp_path, monkeypatch):
     assert calls == [] and again.bad == first.bad, "unchanged files are not decoded again"
     good = tmp_path / "data" / "train" / "a" / "a0.png"
     Image.new("RGB", (21, 20)).save(good)  # changed size and mtime: decoded again
-    (tmp_path / "data" / "train" / "b" / "empty.jpg").write_bytes((tmp_path / "data" / "train" / "a" / "a1.png").read_bytes())
+    repaired = tmp_path / "data" / "train" / "b" / "empty.jpg"
+    repaired.write_bytes((tmp_path / "data" / "train" / "a" / "a1.png").read_bytes())
     third = check_images(items, "skip", cache_dir=cache)
     assert sorted(calls) == sorted([str(good), str(tmp_path / "data" / "train" / "b" / "empty.jpg")])
     assert len(third.bad) == len(first.bad) - 1, "a repaired file is used again"
