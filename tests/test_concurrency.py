@@ -4,33 +4,23 @@ import numpy as np
 
 from fastcls.runs import RunData, RunStore
 
-from . import _proc
-from .conftest import TINY
-from .test_kill import CHILD, check_store
+from ._proc import N_SAVES, check_store  # `wave` comes from conftest (one per session)
 
-SAVER = CHILD.replace('if mode == "save":\n    print(store.save(run))',
-                      'if mode == "save":\n    for _ in range(int(sys.argv[3])):\n        print(store.save(run))')
-
-
-def test_two_trainings_and_two_bulk_writers_on_one_fresh_store(tmp_path, cli):
-    """Two real `fastcls train` processes and two processes saving 40 runs each, all started together on a store
-    that does not exist yet (so they also race to create the index)."""
-    root = tmp_path / "runs"
-    n = 40
-    savers = [_proc.start(["-c", SAVER, root, mode, str(n)]) for mode in ("save", "save")]
-    trainers = [_proc.start(["train", "digits", "simple_cnn", *TINY, "--seed", str(s), "--name", f"t{s}", "--runs-dir",
-                             root]) for s in (1, 2)]
-    ids = []
-    for p in savers + trainers:
-        out, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err
-        if p in savers:
-            ids += out.split()
-    assert len(ids) == 2 * n and len(set(ids)) == 2 * n, "every save returns its own id"
+def test_trainings_and_bulk_writers_on_one_fresh_store(wave, cli):
+    """Two bulk writers (N_SAVES runs each) and five real trainings (one finishes, four are stopped), all started
+    together on a store that did not exist: no index row lost, no id shared, every run whole."""
+    root, res = wave
+    for k in ("saver1", "saver2", "done"):
+        assert res[k][0] == 0, res[k][2]
+    ids = res["saver1"][1].split() + res["saver2"][1].split()
+    assert len(ids) == 2 * N_SAVES and len(set(ids)) == 2 * N_SAVES, "every save returns its own id"
     statuses = check_store(root, cli)
-    assert len(statuses) == 2 * n + 2 and set(statuses.values()) == {"done"}
-    assert set(ids) <= set(statuses)
-    assert {RunStore(root).load(f"t{s}").name for s in (1, 2)} == {"t1", "t2"}
+    assert set(ids) <= set(statuses) and {statuses[i] for i in ids} == {"done"}
+    store = RunStore(root)
+    assert statuses[store.resolve("done")["id"]] == "done" and store.load("done").metrics["n_valid"] == 40
+    trainings = ("done", "sigterm", "sigint", "sigkill", "ckpt-kill")
+    assert len({store.resolve(k)["id"] for k in trainings}) == 5
+    assert len(statuses) == 2 * N_SAVES + 5, "every process's run is indexed, stopped ones included"
 
 
 def test_an_id_drawn_twice_is_redrawn(tmp_path, monkeypatch):

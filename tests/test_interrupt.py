@@ -5,7 +5,6 @@ validation and test probabilities, metrics, history: max |difference| 0.0). The 
 """
 
 import json
-import signal
 import sys
 from pathlib import Path
 
@@ -20,8 +19,7 @@ from fastcls.cli import make_config
 from fastcls.runs import CHECKPOINT, RunStore
 from fastcls.train import fit_run, resume_run
 
-from . import _proc
-from ._proc import one_thread  # noqa: F401  (fixture)
+from ._proc import one_thread  # noqa: F401  (fixture; `wave`: conftest)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from resume_tolerance import differences, outputs  # noqa: E402  (the benchmark's own comparison)
@@ -29,9 +27,6 @@ from resume_tolerance import differences, outputs  # noqa: E402  (the benchmark'
 TOL = 1e-6
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY3 = dict(seed=3, sample=200, size=16, epochs=3, freeze_epochs=0, bs=16, tta=1, pretrained=False)
-CLI3 = ["--seed", "3", "--sample", "200", "--size", "16", "--epochs", "3", "--freeze-epochs", "0", "--bs", "16",
-        "--tta", "1", "--no-pretrained", "--quiet"]
-
 
 @pytest.fixture(scope="module")
 def body_weights(tmp_path_factory):
@@ -147,29 +142,25 @@ def test_a_crash_marks_the_run_failed_and_it_can_be_resumed(store, reference, bo
     assert max(d.values()) <= TOL, d
 
 
-def test_signals_to_real_training_processes_then_cli_resume(cli, store, reference):
-    """SIGTERM (a scheduler's kill) and SIGINT (Ctrl-C) mid-epoch to two real `fastcls train` processes: exit 130,
+def test_signals_to_real_training_processes_then_cli_resume(cli, wave, store, reference):
+    """SIGTERM (a scheduler's kill) and SIGINT (Ctrl-C) mid-epoch 2 of real `fastcls train` processes: exit 130,
     runs 'interrupted' with the finished epoch saved; `fastcls resume` gives the uninterrupted result."""
-    args = ["train", "digits", "simple_cnn", *CLI3, "--runs-dir", store.root]
-    procs = {sig: _proc.start(args, FASTCLS_FAULT="batch-1-4:pause") for sig in (signal.SIGTERM, signal.SIGINT)}
-    rids = {}
-    for sig, p in procs.items():
-        _proc.wait_for_pause(p)
-    for sig, p in procs.items():
-        code, out, err = _proc.signal_and_wait(p, sig)
+    root, res = wave
+    board = RunStore(root)
+    for k in ("sigterm", "sigint"):
+        code, out, err = res[k]
         assert code == 130, err
-        assert "interrupted" in err and "fastcls resume" in err and "Traceback" not in err
-        rids[sig] = rid = err.split("Run ", 1)[1].split()[0]
-        assert RunStore(store.root).resolve(rid)["status"] == "interrupted"
-        assert read_checkpoint(store.root / rid / CHECKPOINT)["meta"]["epochs_done"] == 1
-    rid = rids[signal.SIGTERM]
-    res = cli("runs", "--runs-dir", store.root)
-    assert res.exit_code == 0 and "interrupted" in res.stdout
-    res = cli("show", rid, "--runs-dir", store.root)
-    assert res.exit_code == 0 and "after 1 of 3 epochs" in res.stdout and "fastcls resume" in res.stdout
-    res = cli("resume", rid, "--runs-dir", store.root, "--quiet")
-    assert res.exit_code == 0, res.output
-    d = differences(outputs(store, reference("plain")), outputs(store, rid))
+        assert "interrupted" in err and f"fastcls resume {board.resolve(k)['id']}" in " ".join(err.split())
+        assert "Traceback" not in err
+        rid = board.resolve(k)["id"]
+        assert board.resolve(rid)["status"] == "interrupted"
+        assert read_checkpoint(root / rid / CHECKPOINT)["meta"]["epochs_done"] == 1
+    rid = board.resolve("sigterm")["id"]
+    res_ = cli("show", rid, "--runs-dir", root)
+    assert res_.exit_code == 0 and "after 1 of 3 epochs" in res_.stdout and "fastcls resume" in res_.stdout
+    res_ = cli("resume", "sigterm", "--runs-dir", root, "--quiet")
+    assert res_.exit_code == 0, res_.output
+    d = differences(outputs(store, reference("plain")), outputs(RunStore(root), rid))
     assert max(d.values()) <= TOL, d
-    res = cli("resume", rid, "--runs-dir", store.root)
-    assert res.exit_code == 2 and "already done" in res.stderr
+    res_ = cli("resume", rid, "--runs-dir", root)
+    assert res_.exit_code == 2 and "already done" in res_.stderr
