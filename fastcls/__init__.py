@@ -21,12 +21,12 @@ __version__ = "0.1.0"
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated", category=FutureWarning)
 
 _EXPORTS = {
-    "errors": ["FastclsError"],
+    "errors": ["FastclsError", "RunInterrupted"],
     "recipe": ["Recipe", "find_recipes", "get_recipe"],
     "archs": ["ARCHS", "ArchSpec", "build_model", "get_arch", "register_arch"],
-    "data": ["Items", "dls", "read_items"],
+    "data": ["Items", "dls", "read_items", "check_images", "scan_images"],
     "runs": ["RunData", "RunStore", "StoredRun"],
-    "train": ["RunConfig", "RunResult", "fit_run", "learner", "train"],
+    "train": ["RunConfig", "RunResult", "fit_run", "resume_run", "learner", "train"],
     "predict": ["predict_views", "tta_blend"],
     "sweep": ["plan_sweep", "run_sweep", "list_sweeps", "load_sweep", "sweep_table"],
     "features": ["cached_features", "fit_head_run"],
@@ -39,8 +39,8 @@ _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 
 if TYPE_CHECKING:  # explicit imports for editors and type checkers ("go to definition")
     from .archs import ARCHS, ArchSpec, build_model, get_arch, register_arch
-    from .data import Items, dls, read_items
-    from .errors import FastclsError
+    from .data import Items, check_images, dls, read_items, scan_images
+    from .errors import FastclsError, RunInterrupted
     from .predict import predict_views, tta_blend
     from .recipe import Recipe, find_recipes, get_recipe
     from .features import cached_features, fit_head_run
@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # explicit imports for editors and type checkers ("go to defi
                          write_report)
     from .runs import RunData, RunStore, StoredRun
     from .sweep import list_sweeps, load_sweep, plan_sweep, run_sweep, sweep_table
-    from .train import RunConfig, RunResult, fit_run, learner, train
+    from .train import RunConfig, RunResult, fit_run, learner, resume_run, train
 
 
 def __getattr__(name):

@@ -6,9 +6,11 @@ A model is `nn.Sequential(body, head)`: the body returns a feature map, the head
 """
 
 __all__ = ["ArchSpec", "ARCHS", "register_arch", "get_arch", "build_model", "build_body", "make_head", "split_head",
-           "check_size", "splitter", "SimpleCNN", "fc_head", "resolve_weights", "weights_dir"]
+           "check_size", "splitter", "SimpleCNN", "fc_head", "resolve_weights", "weights_dir", "read_weights",
+           "match_body", "add_weights", "list_weights"]
 
 import os
+import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -139,22 +141,23 @@ def resolve_weights(spec: ArchSpec, pretrained: bool, weights=None):
 
 def _missing_weights_msg(spec: ArchSpec, d: Path, why: str) -> str:
     return (f"No pretrained weights for {spec.name}: {why}, and no local file {d / (spec.name + '.safetensors')} "
-            f"(or .pth) was found. Put the file there (folder set by FASTCLS_WEIGHTS), pass --weights FILE, "
-            f"or train from scratch with --no-pretrained.")
+            f"(or .pth) was found. Put the file there with `fastcls weights add FILE --arch {spec.name}` (folder set "
+            f"by FASTCLS_WEIGHTS), pass --weights FILE, or train from scratch with --no-pretrained.")
 
 
 def _body(spec: ArchSpec, source) -> nn.Module:
     if spec.factory is not None:
         body = spec.factory()
         if isinstance(source, Path):
-            body.load_state_dict(_read_state_dict(source))
+            body.load_state_dict(match_body(read_weights(source), body, spec, source))
         return body
     import timm
     kw = dict(num_classes=0, global_pool="")
-    if source is None:
-        return timm.create_model(spec.timm_name, pretrained=False, **kw)
-    if isinstance(source, Path):
-        return timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(source)), **kw)
+    if source is None or isinstance(source, Path):
+        body = timm.create_model(spec.timm_name, pretrained=False, **kw)
+        if isinstance(source, Path):  # loaded here, strictly: timm's own file loading ignores missing keys
+            body.load_state_dict(match_body(read_weights(source), body, spec, source))
+        return body
     offline = not _hub_reachable()
     try:
         with _hub_offline(offline):  # offline: only timm's local cache is tried, instead of ~50 s of retries
@@ -194,13 +197,95 @@ def _hub_offline(offline: bool):
         constants.HF_HUB_OFFLINE = old
 
 
-def _read_state_dict(path: Path) -> dict:
-    """A state dict from safetensors or a weights-only torch file (never an arbitrary pickle)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+def read_weights(path) -> dict:
+    """A state dict from a safetensors file or a weights-only torch file; never an arbitrary pickle.
+
+    `torch.load(weights_only=True)` refuses a pickle that would build any object but tensors and plain containers
+    (a pickle can run code when loaded): such a file is refused with a FastclsError.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise FastclsError(f"Refused to load {path}: it is not a plain weights file ({str(e).splitlines()[0][:200]}). "
+                           "Pickled Python objects can run code when loaded, so fastcls only reads tensors. Convert "
+                           "it to safetensors in a trusted environment, or use a safetensors file.") from None
+    except Exception as e:  # safetensors / torch raise several kinds for a damaged or foreign file
+        raise FastclsError(f"Cannot read weights file {path}: {type(e).__name__}: {str(e)[:300]}. Give a .safetensors "
+                           "or .pth/.bin file of tensors.") from None
+    for key in ("state_dict", "model", "model_state_dict"):  # common wrappers around the tensors
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise FastclsError(f"{path} holds no state dict of tensors (found {type(sd).__name__}).")
+    return dict(sd)
+
+
+def match_body(sd: dict, body: nn.Module, spec: ArchSpec, source="weights") -> dict:
+    """`sd` renamed to the keys of `body`, or a FastclsError naming the keys that differ.
+
+    Accepts a bare body, a whole timm/torchvision model (its classifier is dropped), a DataParallel `module.`
+    prefix, and a fastcls model (`0.` body, `1.` head) such as a stored run's model.safetensors.
+    """
+    sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if sd and all(k.split(".")[0] in ("0", "1") for k in sd):
+        sd = {k[2:]: v for k, v in sd.items() if k.startswith("0.")}
+    want = body.state_dict()
+    clf = (getattr(body, "pretrained_cfg", None) or {}).get("classifier") or ()
+    clf = (clf,) if isinstance(clf, str) else tuple(clf)
+    sd = {k: v for k, v in sd.items() if k in want or not any(k.startswith(c + ".") for c in clf)}
+    missing = [k for k in want if k not in sd and not k.endswith("num_batches_tracked")]
+    extra = sorted((k for k in sd if k not in want), key=lambda k: k.endswith("num_batches_tracked"))  # weights first
+    shapes = [f"{k} {tuple(sd[k].shape)} (expected {tuple(want[k].shape)})" for k in want
+              if k in sd and sd[k].shape != want[k].shape]
+    if missing or extra or shapes:
+        parts = [f"{len(v)} {what}: {', '.join(v[:6])}{', ...' if len(v) > 6 else ''}"
+                 for what, v in (("missing", missing), ("unexpected", extra), ("with another shape", shapes)) if v]
+        raise FastclsError(f"{source} does not fit {spec.name}: keys {'; '.join(parts)}. Is it the weights file of "
+                           f"{spec.name}?")
+    for k, v in want.items():
+        sd.setdefault(k, v)  # BatchNorm step counters, absent from older files
+    return sd
+
+
+def add_weights(file, arch: str, force: bool = False) -> Path:
+    """Check `file` against `arch`'s body and copy it into the weights folder as `<arch>.safetensors`.
+
+    A .pth/.bin file is converted to safetensors; the copy is written atomically, so a failed add leaves no file.
+
+    Returns:
+        The path of the stored file, which `--pretrained` then uses offline.
+    """
+    from safetensors.torch import save_file
+
+    from .runs import write_atomic
+    spec = get_arch(arch)
+    file = Path(file).expanduser()
+    if not file.is_file():
+        raise FastclsError(f"Weights file {file} does not exist.")
+    sd = match_body(read_weights(file), _body(spec, None), spec, file)
+    dest = weights_dir() / f"{spec.name}.safetensors"
+    if dest.exists() and not force:
+        raise FastclsError(f"{dest} already exists; pass --force to replace it.")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+    write_atomic(dest, lambda p: save_file(tensors, str(p), metadata={"arch": spec.name, "source": file.name}))
+    return dest
+
+
+def list_weights():
+    """The files in the weights folder as a DataFrame: file, arch it serves, format, size."""
+    import pandas as pd
+    d = weights_dir()
+    by_stem = {s: a.name for a in ARCHS.values() for s in (a.name, a.timm_name) if s}
+    files = [p for p in sorted(d.glob("*")) if p.suffix in (".safetensors", ".pth", ".bin") and p.is_file()] \
+        if d.is_dir() else []
+    rows = [{"file": p.name, "arch": by_stem.get(p.stem, ""), "format": p.suffix.lstrip("."),
+             "size_mb": round(p.stat().st_size / 2**20, 1)} for p in files]
+    return pd.DataFrame(rows, columns=["file", "arch", "format", "size_mb"])
 
 
 def check_size(arch: str, size: Optional[int]):

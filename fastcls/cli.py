@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import FastclsError
+from .errors import FastclsError, RunInterrupted
 
 app = typer.Typer(help="fastcls: rapid image-classification experiments - recipes, runs, sweeps, ensembles.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -46,6 +46,8 @@ Crop = Annotated[Optional[str], typer.Option("--crop", help="Crop of the origina
 Trim = Annotated[Optional[str], typer.Option("--trim", help="Trim margins top,bottom,left,right: pixels "
                                              "(400,100,50,50) or fractions of the original (0.2,0.05,0.05,0.05); "
                                              "implies --crop trim.")]
+OnBadImage = Annotated[str, typer.Option("--on-bad-image", help="Unreadable images (found before training): 'fail' "
+                                         "lists them and stops; 'skip' leaves them out with a warning.")]
 RunRef = Annotated[str, typer.Argument(help="Run id, unique id prefix, or run name.")]
 # sweeps: comma-separated grids, and the fast path
 PsGrid = Annotated[Optional[str], typer.Option("--ps", help="Head dropout values, comma-separated, e.g. 0.1,0.2,0.4 "
@@ -59,7 +61,8 @@ Views = Annotated[Optional[int], typer.Option("--views", help="Augmented views o
 
 
 def _cli(fn):
-    """Turn a FastclsError into one clear paragraph on stderr and exit status 2, with no traceback."""
+    """Turn a FastclsError into one clear paragraph on stderr and exit status 2, with no traceback (an interrupted
+    run: its message, status 130)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -67,6 +70,9 @@ def _cli(fn):
         except FastclsError as e:
             err.print(f"[bold red]Error:[/] {e}", highlight=False)
             raise typer.Exit(2)
+        except RunInterrupted as e:  # Ctrl-C / SIGTERM while training: say how to resume
+            err.print(f"[bold yellow]Interrupted:[/] {e}", highlight=False)
+            raise typer.Exit(e.exit_code)
     return wrapper
 
 
@@ -111,7 +117,7 @@ def archs_cmd():
 
 
 def make_config(recipe: str, arch: str, *, recipes=(), data=None, seed=42, weights=None, sample=None, name=None,
-                **overrides):
+                on_bad_image="fail", **overrides):
     """A validated RunConfig from CLI-style arguments (None means 'the recipe's default')."""
     from .archs import get_arch
     from .recipe import get_recipe
@@ -121,7 +127,10 @@ def make_config(recipe: str, arch: str, *, recipes=(), data=None, seed=42, weigh
     r = r.override(**{k: v for k, v in overrides.items() if v is not None})
     if sample is not None and sample < 2:
         raise FastclsError(f"--sample must be at least 2, got {sample}.")
-    return RunConfig(r, arch, str(data) if data else None, seed, str(weights) if weights else None, sample, name)
+    if on_bad_image not in ("fail", "skip"):
+        raise FastclsError(f"--on-bad-image must be 'fail' or 'skip', got {on_bad_image!r}.")
+    return RunConfig(r, arch, str(data) if data else None, seed, str(weights) if weights else None, sample, name,
+                     on_bad_image)
 
 
 @app.command("train")
@@ -132,24 +141,42 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
               freeze_epochs: FreezeEpochs = None, lr: Lr = None, bs: Bs = None, seed: Seed = 42, tta: Tta = None,
               pretrained: Pretrained = None, weights: Weights = None, name: Name = None,
               runs_dir: RunsDir = Path("runs"), sample: Sample = None, quiet: Quiet = False,
-              recipes: RecipeDirs = None, crop: Crop = None, trim: Trim = None):
-    """Train one run and store it (config, metrics, weights, TTA probabilities) in the run store."""
+              recipes: RecipeDirs = None, crop: Crop = None, trim: Trim = None, on_bad_image: OnBadImage = "fail"):
+    """Train one run and store it (config, metrics, weights, TTA probabilities) in the run store.
+
+    Ctrl-C or SIGTERM stops it with its last finished epoch saved; `fastcls resume RUN` continues it.
+    """
     from .data import parse_trim
     from .runs import RunStore
     from .train import fit_run
     cfg = make_config(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample, name=name,
-                      size=size, ps=ps, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, bs=bs, tta=tta,
-                      pretrained=pretrained, crop=crop or ("trim" if trim else None),
+                      on_bad_image=on_bad_image, size=size, ps=ps, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr,
+                      bs=bs, tta=tta, pretrained=pretrained, crop=crop or ("trim" if trim else None),
                       trim=parse_trim(trim) if trim else None)
     store = RunStore(runs_dir)
     res = fit_run(cfg, store, progress="none" if quiet else "auto")
+    _print_result(res, store.load(res.run_id).config, runs_dir)  # the recipe may leave the size to the data
+
+
+def _print_result(res, cfg: dict, runs_dir):
     import pandas as pd
     m = res.metrics
-    size = store.load(res.run_id).config["size"]  # the recipe may leave the size to the data
-    df = pd.DataFrame([{"id": res.run_id, "recipe": cfg.recipe.name, "arch": arch, "size": size,
-                        "ps": cfg.recipe.ps, **{k: v for k, v in m.items() if k != "metric_name"},
+    df = pd.DataFrame([{"id": res.run_id, "recipe": cfg["recipe"], "arch": cfg["arch"], "size": cfg["size"],
+                        "ps": cfg["ps"], **{k: v for k, v in m.items() if k != "metric_name"},
                         "seconds": round(res.seconds, 1)}])
     out.print(_table(df.T.reset_index().set_axis(["field", "value"], axis=1), title=f"Run {res.run_id} stored in {runs_dir}"))
+
+
+@app.command("resume")
+@_cli
+def resume_cmd(run: RunRef, data: Data = None, runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
+               recipes: RecipeDirs = None):
+    """Continue an interrupted run from its last finished epoch, to the result an uninterrupted run gives."""
+    from .runs import RunStore
+    from .train import resume_run
+    store = RunStore(runs_dir)
+    res = resume_run(store, run, progress="none" if quiet else "auto", recipes=recipes or (), data=data)
+    _print_result(res, store.load(res.run_id).config, runs_dir)
 
 
 @app.command("runs")
@@ -161,12 +188,12 @@ def runs_cmd(recipe: Annotated[Optional[str], typer.Option("--recipe", help="Onl
     from .runs import RunStore
     if sort not in ("metric", "newest"):
         raise FastclsError(f"--sort must be 'metric' or 'newest', got {sort!r}.")
-    df = RunStore(runs_dir).leaderboard(recipe=recipe, sort=sort)
+    df = RunStore(runs_dir).leaderboard(recipe=recipe, sort=sort, status=None)
     if not len(df):
         out.print(f"No runs in {runs_dir}" + (f" for recipe {recipe!r}" if recipe else "") + ".")
         return
-    df = df.assign(time=df["seconds"].round(1))[["id", "name", "kind", "recipe", "arch", "size", "ps", "metric_name",
-                                                  "metric", "valid_loss", "time"]]
+    df = df.assign(time=df["seconds"].round(1))[["id", "name", "kind", "status", "recipe", "arch", "size", "ps",
+                                                  "metric_name", "metric", "valid_loss", "time"]]
     out.print(_table(df, title=f"Runs in {runs_dir}"))
 
 
@@ -179,7 +206,7 @@ def show_cmd(run: Annotated[str, typer.Argument(help="Run id, unique id prefix, 
     from .sweep import load_sweep, sweep_table
     store = RunStore(runs_dir)
     try:
-        r = store.load(run)
+        r = store.load(run, any_status=True)
     except FastclsError as e:
         try:
             rec = load_sweep(runs_dir, run)
@@ -187,7 +214,12 @@ def show_cmd(run: Annotated[str, typer.Argument(help="Run id, unique id prefix, 
             raise FastclsError(f"{e} No sweep {run!r} either (list them with `fastcls sweeps`).") from None
         _print_sweep(rec, sweep_table(rec, store), runs_dir)
         return
-    out.print(f"[bold]Run {r.id}[/] ({r.name}, {r.kind}) in {r.path}")
+    out.print(f"[bold]Run {r.id}[/] ({r.name}, {r.kind}, {r.status}) in {r.path}")
+    if r.status == "running":
+        out.print(f"In progress (process {r.meta.get('writer', {}).get('pid')}); its history so far is below.",
+                  highlight=False)
+    elif r.status != "done":
+        out.print(f"{r.meta.get('note') or r.status}. Continue it with `fastcls resume {r.id}`.", highlight=False)
     out.print_json(json.dumps({"metrics": r.metrics, "config": r.config}, default=str))
     if r.history is not None and len(r.history):
         out.print(_table(r.history, title="History"))
@@ -310,7 +342,8 @@ def _sweep(plan, runs_dir: Path, quiet: bool):
         res = run_sweep(plan, RunStore(runs_dir), progress="none" if quiet else "auto")
     except KeyboardInterrupt:
         err.print(f"Sweep {plan.id} interrupted. Run the same command again to resume: finished trials are kept, "
-                  "the interrupted one starts again.", highlight=False)
+                  "the interrupted one continues from its last finished epoch (full path) or starts again (fast "
+                  "path).", highlight=False)
         raise typer.Exit(130)
     done = sum(t["status"] == "done" for t in res.record["trials"])
     out.print(f"Sweep {plan.id}: {res.trained} trial(s) trained now, {done - res.trained} already in {runs_dir}.")
@@ -462,6 +495,42 @@ def report_cmd(run: RunRef,
     for key, path in rep.files.items():
         out.print(f"{key:22s} {path}", highlight=False)
     out.print(f"[bold]Report:[/] {rep.html}", highlight=False)
+
+
+weights_app = typer.Typer(help="The local pretrained-weights folder ($FASTCLS_WEIGHTS) that --pretrained uses offline.",
+                          no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("list")
+@_cli
+def weights_list_cmd():
+    """The weights files in the local folder and the arch each serves."""
+    from .archs import list_weights, weights_dir
+    df = list_weights()
+    if not len(df):
+        out.print(f"No weights files in {weights_dir()}. Add one with `fastcls weights add FILE --arch ARCH`.")
+        return
+    out.print(_table(df, title=f"Weights in {weights_dir()}"))
+
+
+@weights_app.command("add")
+@_cli
+def weights_add_cmd(file: Annotated[Path, typer.Argument(help="A .safetensors or .pth/.bin weights file.")],
+                    arch: Annotated[str, typer.Option("--arch", help="The architecture the file is for.")],
+                    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False):
+    """Check a weights file against ARCH (keys and shapes) and store it as <arch>.safetensors."""
+    from .archs import add_weights
+    dest = add_weights(file, arch, force=force)
+    out.print(f"Stored {dest}; `--pretrained` now uses it for {arch} offline.", highlight=False)
+
+
+@weights_app.command("path")
+@_cli
+def weights_path_cmd():
+    """Print the weights folder (set it with FASTCLS_WEIGHTS)."""
+    from .archs import weights_dir
+    out.print(str(weights_dir()), highlight=False, soft_wrap=True)
 
 
 def main():

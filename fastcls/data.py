@@ -6,9 +6,16 @@ so one DataBlock serves folder-per-class data, CSV tables and numpy arrays alike
 
 __all__ = ["Items", "LAYOUTS", "layout", "read_items", "assign_split", "sample_items", "TrimCrop", "CenterSquare",
            "ImageGetter", "item_tfms", "batch_tfms", "dls", "test_dl", "IMAGE_EXTS", "read_folder_auto",
-           "item_problems", "DataReport", "check_data", "resolve_recipe", "infer_size", "parse_trim"]
+           "item_problems", "item_notes", "DataReport", "check_data", "resolve_recipe", "infer_size", "parse_trim",
+           "load_image", "to_rgb", "scan_images", "check_images", "cache_home"]
 
+import dataclasses
 import os
+import sqlite3
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,7 +29,7 @@ from fastai.vision.core import PILImage
 from fastai.vision.data import ImageBlock, imagenet_stats
 from fastai.data.transforms import Normalize
 from fasttransform import Transform
-from PIL import Image
+from PIL import Image, ImageOps
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, train_test_split
 
 from .errors import FastclsError
@@ -45,6 +52,8 @@ class Items:
     test: Optional[pd.DataFrame] = None
     arrays: dict = field(default_factory=dict)  # 'train' / 'test' -> uint8 array (N, H, W[, C])
     root: Optional[Path] = None
+    bad: list = field(default_factory=list)  # unreadable images left out by check_images: {split, id, path, reason}
+    blank: frozenset = frozenset()  # paths of unreadable test images, predicted from a blank image (rows kept)
 
     @property
     def vocab(self) -> list:
@@ -220,9 +229,15 @@ def read_npz(path: Path, recipe: Recipe) -> Items:
     """Arrays in `npz_train` ('images', 'labels' as indices into 'classes' or as names) and `npz_test`."""
     z = _load_npz(path / recipe.npz_train, recipe, path, ["images", "labels"])
     labels = z["labels"]
-    if "classes" in z and np.issubdtype(labels.dtype, np.integer):
-        labels = np.asarray(z["classes"])[labels]
     n = len(z["images"])
+    if len(labels) != n:
+        raise _layout_error(recipe, path, f"{recipe.npz_train} has {n} images but {len(labels)} labels")
+    if "classes" in z and np.issubdtype(labels.dtype, np.integer):
+        bad = np.flatnonzero((labels < 0) | (labels >= len(z["classes"])))
+        if len(bad):
+            raise _layout_error(recipe, path, f"{recipe.npz_train}: {len(bad)} label(s) are not indices into its "
+                                              f"{len(z['classes'])} classes, e.g. item {bad[0]} has {labels[bad[0]]}")
+        labels = np.asarray(z["classes"])[labels]
     train = pd.DataFrame({"id": [f"train-{i}" for i in range(n)], "x": np.arange(n), "label": labels.astype(str),
                           "src": "train"})
     arrays, test = {"train": z["images"]}, None
@@ -276,31 +291,66 @@ def _read_layout(recipe: Recipe, path: Optional[Path]) -> Items:
     return LAYOUTS[recipe.layout](path, recipe)
 
 
-def item_problems(items: Items, recipe: Recipe) -> list[str]:
-    """What would break training on these items: duplicate ids, labels outside the recipe's classes, fewer than
-    two classes, missing image files (cheap checks; `check_data` also opens every image)."""
-    train, problems = items.train, []
-    dup = train["id"][train["id"].duplicated()]
-    if len(dup):
-        problems.append(f"duplicate item ids, e.g. {dup.iloc[0]!r} ({len(dup)} duplicates). Every training item must "
-                        "appear once.")
+def item_problems(items: Items, recipe: Recipe, limit: int = 8) -> list[str]:
+    """What would break training on these items, with the rows (cheap checks; `check_data` also decodes every image).
+
+    Duplicate ids, empty labels, labels outside the recipe's `classes`, fewer than two classes, image files listed
+    but missing. CSV rows are numbered as in a spreadsheet (the header is row 1).
+    """
+    train, problems = items.train.reset_index(drop=True), []
+    csv = recipe.layout == "csv"
+
+    def rows(idx) -> str:
+        idx = list(idx)
+        shown = ", ".join(f"row {i + 2}" if csv else repr(str(train["id"].iloc[i])) for i in idx[:limit])
+        return (f"{recipe.csv} " if csv else "items ") + shown + (f" and {len(idx) - limit} more" if len(idx) > limit
+                                                                  else "")
+    ids = train["id"].astype(str)
+    dups = ids[ids.duplicated(keep=False)]
+    if len(dups):
+        groups = list(dups.groupby(dups, sort=False).groups.items())
+        shown = "; ".join(f"{v!r} appears {len(ix)} times ({rows(ix)})" for v, ix in groups[:limit])
+        problems.append(f"duplicate item ids: {shown}{' ...' if len(groups) > limit else ''}. Every training item "
+                        "must appear once.")
+    labels = train["label"].astype(str)
+    empty = labels.str.strip() == ""
+    if empty.any():
+        problems.append(f"{int(empty.sum())} training item(s) have an empty label ({rows(np.flatnonzero(empty))}).")
     if recipe.classes:
-        bad = train[~train["label"].isin([str(c) for c in recipe.classes])]
-        if len(bad):
-            labels = sorted(bad["label"].unique())
-            problems.append(f"{len(bad)} training item(s) have a label the recipe does not declare: "
-                            f"{', '.join(map(repr, labels[:5]))}{' ...' if len(labels) > 5 else ''} (e.g. item "
-                            f"{bad['id'].iloc[0]!r}). Declared classes: {', '.join(map(str, recipe.classes))}. "
-                            "Fix the labels, or the recipe's classes.")
-    if train["label"].nunique() < 2:
-        problems.append(f"only {train['label'].nunique()} class found; need at least 2.")
+        bad = ~labels.isin([str(c) for c in recipe.classes]) & ~empty
+        if bad.any():
+            names = sorted(labels[bad].unique())
+            problems.append(f"{int(bad.sum())} training item(s) have a label the recipe does not declare: "
+                            f"{', '.join(map(repr, names[:limit]))}{' ...' if len(names) > limit else ''} "
+                            f"({rows(np.flatnonzero(bad))}, e.g. item {train['id'][bad].iloc[0]!r}). Declared classes: "
+                            f"{', '.join(map(str, recipe.classes))}. Fix the labels, or the recipe's classes.")
+    if labels[~empty].nunique() < 2:
+        problems.append(f"only {labels[~empty].nunique()} class found; need at least 2.")
     for part, df in (("training", train), ("test", items.test)):
         if df is None or items.arrays or not len(df):
             continue
-        missing = [x for x in df["x"] if not os.path.isfile(x)]
+        missing = [str(x) for x in df["x"] if not os.path.isfile(x)]
         if missing:
-            problems.append(f"{len(missing)} {part} image file(s) do not exist, e.g. {missing[0]}.")
+            where = f" ({rows(np.flatnonzero(~df['x'].map(os.path.isfile)))})" if part == "training" else ""
+            problems.append(f"{len(missing)} {part} image file(s) are listed but do not exist{where}: "
+                            f"{', '.join(missing[:limit])}{' ...' if len(missing) > limit else ''}.")
     return problems
+
+
+def item_notes(items: Items, recipe: Recipe, limit: int = 8) -> list[str]:
+    """Not errors, but worth a look: image files in a csv layout's image folder that no table lists."""
+    if recipe.layout != "csv" or items.root is None or not (items.root / recipe.image_dir).is_dir():
+        return []
+    listed = set(items.train["x"].astype(str))
+    if items.test is not None:
+        listed |= set(items.test["x"].astype(str))
+    folder = (items.root / recipe.image_dir).resolve()
+    extra = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                   if p.suffix.lower() in IMAGE_EXTS and str(p) not in listed and p.is_file())
+    if not extra:
+        return []
+    return [f"{len(extra)} image file(s) in {folder} are listed in no table and are not used: "
+            f"{', '.join(extra[:limit])}{' ...' if len(extra) > limit else ''}"]
 
 
 def _attach_solution(items: Items, recipe: Recipe, path: Optional[Path]) -> None:
@@ -336,8 +386,11 @@ def read_items(recipe: Recipe, data=None) -> Items:
     problems = item_problems(items, recipe)
     if problems:
         where = f"data {path}" if path else "its data"
-        raise FastclsError(f"Recipe {recipe.name!r}, {where}: {' '.join(problems)} "
-                           f"`fastcls check {recipe.name}{f' --data {path}' if path else ''}` lists every problem.")
+        raise FastclsError(f"Recipe {recipe.name!r}, {where}: {len(problems)} problem(s), nothing was trained:\n"
+                           + "\n".join(f"  - {p}" for p in problems + item_notes(items, recipe))
+                           + f"\n`fastcls check {recipe.name}{f' --data {path}' if path else ''}` lists every problem.")
+    for note in item_notes(items, recipe):
+        print(f"fastcls: note: {note}", file=sys.stderr)
     _attach_solution(items, recipe, path)
     return items
 
@@ -366,7 +419,7 @@ def check_data(recipe: Recipe, data=None, verify_images: bool = True) -> DataRep
     Args:
         recipe: the recipe whose layout, classes and crop the data must fit.
         data: the data folder (default: the recipe's own).
-        verify_images: open every image file (PIL `verify`) to find unreadable ones.
+        verify_images: decode every image file (`scan_images`) to find unreadable ones.
 
     Returns:
         A `DataReport`; `report.ok` is False when training on this folder would fail.
@@ -378,7 +431,7 @@ def check_data(recipe: Recipe, data=None, verify_images: bool = True) -> DataRep
     except FastclsError as e:
         return DataReport(recipe.name, recipe.layout, path, empty, problems=[str(e)])
     train = items.train
-    problems, warnings = item_problems(items, recipe), []
+    problems, warnings = item_problems(items, recipe), item_notes(items, recipe)
     valid = train["is_valid"].astype(bool) if "is_valid" in train else pd.Series(False, index=train.index)
     order = [str(c) for c in recipe.classes] if recipe.classes else sorted(train["label"].unique())
     order += sorted(set(train["label"]) - set(order))
@@ -399,26 +452,22 @@ def check_data(recipe: Recipe, data=None, verify_images: bool = True) -> DataRep
 
 
 def _image_problems(items: Items, recipe: Recipe, show: int = 5) -> list[str]:
-    """Image files PIL cannot read, and images the recipe's trim crop would leave empty."""
-    bad, too_small = [], []
-    trim = TrimCrop(*recipe.trim) if recipe.crop == "trim" else None
-    for df in (items.train, items.test):
-        for x in ([] if df is None else df["x"]):
-            if not os.path.isfile(x):
-                continue  # reported as missing by item_problems
-            try:
-                with Image.open(x) as im:
-                    im.verify()
-                    size = im.size
-            except Exception as e:  # PIL raises many kinds for a broken file; each means "cannot be read"
-                bad.append(f"{x} ({type(e).__name__}: {e})")
-                continue
-            if trim is not None and trim.box_for(*size) is None:
+    """Image files that cannot be decoded (see `scan_images`), and images the recipe's trim crop would leave empty."""
+    paths = [x for df in (items.train, items.test) if df is not None for x in df["x"] if os.path.isfile(x)]
+    found = dict(scan_images(paths))  # missing files: reported by item_problems
+    bad = [f"{x} ({why})" for x, why in found.items()]
+    too_small = []
+    if recipe.crop == "trim":
+        trim = TrimCrop(*recipe.trim)
+        for x in dict.fromkeys(p for p in paths if p not in found):
+            with Image.open(x) as im:
+                size = im.size
+            if trim.box_for(*size) is None:
                 too_small.append(f"{x} ({size[0]}x{size[1]})")
     out = []
     if bad:
         out.append(f"{len(bad)} unreadable image file(s): {'; '.join(bad[:show])}{' ...' if len(bad) > show else ''}. "
-                   "Remove or replace them.")
+                   "Remove or replace them, or train with --on-bad-image skip.")
     if too_small:
         out.append(f"the trim crop {recipe.trim} leaves nothing of {len(too_small)} image(s), e.g. "
                    f"{', '.join(too_small[:show])}. Use smaller margins (--trim), fractions, or --crop none.")
@@ -552,13 +601,15 @@ class CenterSquare(Transform):
 class ImageGetter:
     """Row of an `Items` table -> RGB PILImage, from a file or from row `x` of the in-memory array `src`."""
 
-    def __init__(self, arrays: Optional[dict] = None):
-        self.arrays = arrays or {}
+    def __init__(self, arrays: Optional[dict] = None, blank: frozenset = frozenset()):
+        self.arrays, self.blank = arrays or {}, blank
 
     def __call__(self, row) -> PILImage:
         if self.arrays:
             return PILImage(Image.fromarray(np.asarray(self.arrays[row["src"]][int(row["x"])])).convert("RGB"))
-        return PILImage.create(row["x"])
+        if row["x"] in self.blank:
+            return PILImage(Image.new("RGB", (32, 32), (128, 128, 128)))
+        return PILImage(load_image(row["x"]))
 
 
 def item_tfms(recipe: Recipe) -> list:
@@ -611,7 +662,8 @@ def dls(recipe: Recipe, items: Items, seed: int = 42, sample: Optional[int] = No
     else:
         stats = None
     vocab = [str(c) for c in recipe.classes] if recipe.classes else sorted(df["label"].unique().tolist())
-    block = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=vocab, sort=False)), get_x=ImageGetter(items.arrays),
+    block = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=vocab, sort=False)),
+                      get_x=ImageGetter(items.arrays, items.blank),
                       get_y=ColReader("label"), splitter=ColSplitter("is_valid"), item_tfms=item_tfms(recipe),
                       batch_tfms=batch_tfms(recipe, stats))
     from fastai.torch_core import set_seed
@@ -631,3 +683,148 @@ def test_dl(dls_, items: Items):
 def _cuda() -> bool:
     import torch
     return torch.cuda.is_available()
+
+
+# -- bad images: one report before training ----------------------------------------------------------------------------
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode: 16-bit and float grayscale scaled (not clipped), transparency over white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I") or mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and a.max() > 255):
+            a = a / 65535.0  # 16-bit samples: PIL's own convert('RGB') would clip them to white
+        elif mode == "F" and a.max() > 1.0:
+            a = a / 255.0
+        else:
+            a = a / (1.0 if mode == "F" else 255.0)
+        return Image.fromarray(np.clip(a * 255 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK (Adobe-inverted CMYK JPEGs are handled by PIL), YCbCr, LAB, HSV
+
+
+def load_image(path, draft: Optional[tuple] = None) -> Image.Image:
+    """An RGB image from a file, upright (EXIF orientation applied), converted with `to_rgb`.
+
+    Images over PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`) are refused with an error.
+    `draft=(w, h)` lets JPEGs decode at a reduced scale (fast checks).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            if draft is not None:
+                img.draft("RGB", draft)
+            img.load()
+            return to_rgb(ImageOps.exif_transpose(img))
+
+
+def _image_problem(path: str) -> Optional[str]:
+    """Why `path` cannot be used as an image, or None: the getter's own decoding path, at 1/8 scale for JPEGs."""
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return "missing file"
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    if size == 0:
+        return "empty file (0 bytes)"
+    try:
+        load_image(path, draft=(64, 64))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return f"too large to decode safely ({str(e).split('.')[0]})"
+    except Image.UnidentifiedImageError:
+        return "not an image (no image format recognised)"
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error... for damaged files
+        return f"corrupt or truncated ({type(e).__name__}: {e})"
+    return None
+
+
+def scan_images(paths, cache_dir=None, workers: Optional[int] = None) -> list:
+    """`(path, reason)` for every file that cannot be decoded into an RGB image; each file is decoded once.
+
+    With `cache_dir` (see `cache_home`) the verdicts are kept in `cache_dir/image-scan.sqlite`, keyed by path,
+    size and modification time, so a later run only decodes new or changed files.
+    """
+    paths = list(dict.fromkeys(str(p) for p in paths))
+    stats, known = {}, {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+            stats[p] = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            stats[p] = None
+    con = _scan_cache(cache_dir)
+    if con is not None:
+        with closing(con):
+            rows = con.execute("SELECT path, size, mtime, reason FROM scan").fetchall()
+        known = {p: r for p, size, mtime, r in rows if stats.get(p) == (size, mtime)}
+    todo = [p for p in paths if p not in known]
+    if todo:
+        with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as ex:  # PIL decodes without the GIL
+            found = dict(zip(todo, ex.map(_image_problem, todo)))
+        known.update(found)
+        con = _scan_cache(cache_dir)
+        if con is not None:
+            try:
+                with closing(con), con:
+                    con.executemany("INSERT OR REPLACE INTO scan VALUES (?, ?, ?, ?)",
+                                    [(p, *stats[p], r) for p, r in found.items() if stats[p] is not None])
+            except sqlite3.Error:
+                pass  # a cache that cannot be written only costs time
+    return [(p, known[p]) for p in paths if known[p] is not None]
+
+
+def cache_home() -> Path:
+    """fastcls's cache folder (image-check verdicts): $FASTCLS_CACHE, else ~/.cache/fastcls."""
+    return Path(os.environ.get("FASTCLS_CACHE") or Path.home() / ".cache" / "fastcls").expanduser()
+
+
+def _scan_cache(cache_dir) -> Optional[sqlite3.Connection]:
+    if cache_dir is None:
+        return None
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(Path(cache_dir) / "image-scan.sqlite", timeout=60)
+        con.execute("CREATE TABLE IF NOT EXISTS scan (path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER, reason TEXT)")
+        return con
+    except (OSError, sqlite3.Error):
+        return None
+
+
+def check_images(items: Items, on_bad: str = "fail", cache_dir=None, limit: int = 20) -> Items:
+    """Decode every training and test image once before training: one report of those that cannot be used.
+
+    Args:
+        items: from `read_items`; array layouts (npz, digits) hold decoded pixels and are returned unchanged.
+        on_bad: 'fail' raises a FastclsError listing every bad image (path and reason); 'skip' leaves bad
+            training images out and predicts bad test images from a blank image (so every test id keeps its row),
+            with a warning; the list is kept in `items.bad` (and stored in the run's meta.json).
+        cache_dir: where verdicts are cached (`cache_home()` in training), see `scan_images`.
+
+    Returns:
+        The items to train on.
+    """
+    if on_bad not in ("fail", "skip"):
+        raise FastclsError(f"--on-bad-image must be 'fail' or 'skip', got {on_bad!r}.")
+    if items.arrays:
+        return items
+    splits = [("train", items.train)] + ([("test", items.test)] if items.test is not None else [])
+    bad = dict(scan_images([x for _, df in splits for x in df["x"]], cache_dir))
+    if not bad:
+        return items
+    listed = [{"split": split, "id": str(r.id), "path": str(r.x), "reason": bad[r.x]}
+              for split, df in splits for r in df.itertuples() if r.x in bad]
+    n_all = sum(len(df) for _, df in splits)
+    lines = "\n".join(f"  {b['path']} ({b['split']}): {b['reason']}" for b in listed[:limit])
+    more = f"\n  ... and {len(listed) - limit} more" if len(listed) > limit else ""
+    if on_bad == "fail":
+        raise FastclsError(f"{len(listed)} of {n_all} images cannot be used (data {items.root}); nothing was trained:\n"
+                           f"{lines}{more}\nFix or delete them, or pass --on-bad-image skip to leave them out "
+                           "(bad test images are then predicted from a blank image).")
+    print(f"fastcls: warning: leaving out {len(listed)} unusable image(s) of {n_all}:\n{lines}{more}", file=sys.stderr)
+    train = items.train[~items.train["x"].isin(bad)].reset_index(drop=True)
+    blank = frozenset(str(x) for x in items.test["x"] if x in bad) if items.test is not None else frozenset()
+    return dataclasses.replace(items, train=train, bad=listed, blank=blank)

@@ -5,12 +5,14 @@ written last, so a crash never leaves a half run: either the folder and the row 
 Arrays are plain `.npy` files (memory-mappable, no pickle); weights are safetensors.
 """
 
-__all__ = ["RunData", "StoredRun", "RunStore", "new_run_id", "environment_info"]
+__all__ = ["RunData", "StoredRun", "RunStore", "new_run_id", "environment_info", "write_atomic", "STATUSES",
+           "CHECKPOINT"]
 
 import json
 import os
 import secrets
 import shutil
+import socket
 import sqlite3
 import subprocess
 import time
@@ -19,14 +21,23 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pandas as pd
 
+from ._faults import fault
 from .errors import FastclsError
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs are then never assumed dead, so never repaired automatically
+    fcntl = None
+
 INDEX = "index.sqlite"
+CHECKPOINT = "checkpoint.safetensors"  # a resumable training state, in the folder of a run not yet done
+LOCK = ".lock"  # held (flock) by the process writing a run; the kernel frees it when that process dies
+STATUSES = ("running", "interrupted", "failed", "done")
 _COLUMNS = ("id", "name", "kind", "status", "recipe", "arch", "size", "ps", "metric_name", "metric", "valid_loss",
             "seconds", "created", "sweep", "parent", "config")
 
@@ -92,7 +103,21 @@ class StoredRun:
 
     def _npy(self, name):
         p = self.path / name
-        return np.load(p, mmap_mode="r", allow_pickle=False) if p.exists() else None
+        if not p.exists():
+            return None
+        try:
+            return np.load(p, mmap_mode="r", allow_pickle=False)  # never unpickle what a run folder holds
+        except ValueError as e:
+            raise FastclsError(f"{p} (run {self.id}) is not a plain numeric array ({e}); it was not loaded. "
+                               "Delete the run and train it again.") from None
+
+    @property
+    def status(self) -> str:
+        return self.row.get("status", "done")
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT
 
     @cached_property
     def config(self) -> dict:
@@ -100,7 +125,7 @@ class StoredRun:
 
     @cached_property
     def metrics(self) -> dict:
-        return self._json("metrics.json")
+        return self._json("metrics.json") if (self.path / "metrics.json").exists() else {}
 
     @cached_property
     def vocab(self) -> list:
@@ -141,32 +166,50 @@ class StoredRun:
         return self.path / "model.safetensors"
 
     def __repr__(self):
-        return f"StoredRun({self.id!r}, name={self.name!r}, kind={self.kind!r})"
+        return f"StoredRun({self.id!r}, name={self.name!r}, kind={self.kind!r}, status={self.status!r})"
 
 
 class RunStore:
-    """The runs folder: `save` a `RunData`, `load` a run by id, id prefix or name, `leaderboard` as a DataFrame."""
+    """The runs folder: `save` a `RunData`, `load` a run by id, id prefix or name, `leaderboard` as a DataFrame.
+
+    Training runs go through `begin` (folder + index row with status 'running'), checkpoints written in place
+    (each file atomically), then `finish` (status 'done') or `set_status(..., 'interrupted')`. The folder's
+    `meta.json` is the truth and the index row is derived from it and written last, so the first use of a store
+    repairs what a `kill -9` left: stale temporary folders are removed, a run whose writer died is marked
+    'interrupted' (resumable from its last checkpoint), and a folder renamed into place but not yet indexed is
+    indexed.
+    """
 
     def __init__(self, root="runs"):
         self.root = Path(root)
+        self._repaired = False
+        self._locks: dict = {}  # run id -> open file holding that run's .lock while this process writes it
 
     # -- index ------------------------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.root / INDEX, timeout=60)
         con.row_factory = sqlite3.Row
-        con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA busy_timeout=60000")
+        con.execute("PRAGMA journal_mode=WAL")
         con.execute(f"CREATE TABLE IF NOT EXISTS runs ({', '.join(c + (' PRIMARY KEY' if c == 'id' else '') for c in _COLUMNS)})")
         return con
 
     def _rows(self, where: str = "", args=()) -> list[dict]:
+        self._repair()
         if not (self.root / INDEX).exists():
             return []
         with closing(self._connect()) as con:
             return [dict(r) for r in con.execute(f"SELECT * FROM runs {where} ORDER BY created DESC, id DESC", args)]
 
-    def check_writable(self):
-        """Fail before any training when the runs folder cannot be written."""
+    def _index(self, path: Path):
+        """Write (or rewrite) the index row of the run folder `path` from its files: the folder is the truth."""
+        row = _row_from_folder(path)
+        with closing(self._connect()) as con, con:
+            con.execute(f"INSERT OR REPLACE INTO runs ({', '.join(_COLUMNS)}) "
+                        f"VALUES ({', '.join('?' * len(_COLUMNS))})", [row[c] for c in _COLUMNS])
+
+    def check_writable(self, need_bytes: int = 0):
+        """Fail before any training when the runs folder cannot be written or its disk has less than `need_bytes`."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".probe-{secrets.token_hex(4)}"
@@ -175,46 +218,185 @@ class RunStore:
         except OSError as e:
             raise FastclsError(f"The runs folder {self.root} cannot be written ({e.strerror or e}). "
                                "Pass a writable folder with --runs-dir.") from None
+        if need_bytes:
+            free = shutil.disk_usage(self.root).free
+            if free < need_bytes:
+                raise FastclsError(f"The runs folder {self.root} is on a disk with {_mb(free)} free, but this run "
+                                   f"needs about {_mb(need_bytes)} (weights, checkpoints, probabilities). Free some "
+                                   "space or pass --runs-dir on a larger disk. Nothing was trained.")
+
+    # -- repair -----------------------------------------------------------------------------------------------
+    def _repair(self):
+        """Once per store object: undo what a killed writer left (see the class docstring). Cheap: one listing."""
+        if self._repaired or not self.root.is_dir():
+            return
+        self._repaired = True
+        indexed = {}
+        if (self.root / INDEX).exists():
+            with closing(self._connect()) as con:
+                indexed = dict(con.execute("SELECT id, status FROM runs").fetchall())
+        for entry in os.scandir(self.root):
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            path = Path(entry.path)
+            if entry.name.startswith(".tmp-"):
+                if _writer_gone(path):
+                    shutil.rmtree(path, ignore_errors=True)
+            elif (not entry.name.startswith(".") and indexed.get(entry.name) != "done"
+                  and (path / "meta.json").is_file()):
+                self._settle(path, indexed.get(entry.name))
+
+    def _settle(self, path: Path, indexed_status: Optional[str]):
+        """Make the index agree with a run folder that is not indexed as 'done'."""
+        meta = _read_json(path / "meta.json")
+        if meta is None:
+            return
+        status = meta.get("status", "done")
+        if status == "running":
+            fd = _try_lock(path)
+            if fd is None:  # a live process still writes this run: it will index it itself
+                return
+            try:
+                _remove_stray_files(path)
+                meta.update(status="interrupted", note="the process writing this run stopped without saving "
+                                                       "(killed or crashed); resume it from its last checkpoint")
+                _write_json(path / "meta.json", meta)
+                self._index(path)
+            finally:
+                _unlock(fd)
+        elif status != indexed_status:
+            self._index(path)
+            if status == "done":
+                (path / CHECKPOINT).unlink(missing_ok=True)
+                (path / LOCK).unlink(missing_ok=True)
 
     # -- write ------------------------------------------------------------------------------------------------
+    def _create(self, fill) -> tuple:
+        """A new run folder: `fill(tmp_folder, run_id)` writes its files, then one rename puts it in place.
+
+        Ids are time + 6 random hex digits; should two writers still draw the same id, the second rename fails
+        (the folder exists and is not empty) and that writer draws a new id.
+        """
+        for _ in range(8):
+            rid = new_run_id()
+            tmp = self.root / f".tmp-{rid}-{os.getpid()}"
+            try:
+                tmp.mkdir()
+            except FileExistsError:
+                continue
+            lock = None
+            try:
+                lock = _new_lock(tmp)
+                fill(tmp, rid)
+                fault("create-tmp")
+                try:
+                    os.rename(tmp, self.root / rid)
+                except OSError:
+                    if not (self.root / rid).exists():
+                        raise
+                    shutil.rmtree(tmp, ignore_errors=True)  # id collision: draw another
+                    _unlock(lock)
+                    continue
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                _unlock(lock)
+                raise
+            fault("create-renamed")
+            return rid, lock
+        raise FastclsError(f"Could not allocate a new run id in {self.root} after 8 tries; is the clock stuck?")
+
+    def _meta(self, rid: str, run_name: Optional[str], kind: str, status: str, config: dict, seconds=0.0,
+              sweep=None, parent=None, extra=None) -> dict:
+        name = run_name or f"{config.get('recipe', 'run')}-{config.get('arch', kind)}-{rid[-6:]}"
+        return {"id": rid, "name": name, "kind": kind, "status": status,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": seconds,
+                "sweep": sweep, "parent": parent, "writer": {"host": socket.gethostname(), "pid": os.getpid()},
+                **environment_info(), **(extra or {})}
+
     def save(self, run: RunData) -> str:
-        """Write `run` atomically and index it; returns the new run id."""
+        """Write a finished `run` atomically and index it; returns the new run id."""
         _check_run(run)
         self.check_writable()
-        rid = new_run_id()
-        name = run.name or f"{run.config.get('recipe', 'run')}-{run.config.get('arch', run.kind)}-{rid[-6:]}"
-        tmp = self.root / f".tmp-{rid}"
-        tmp.mkdir()
+        self._repair()
+
+        def fill(tmp, rid):
+            _write_run_files(tmp, run)
+            _write_json(tmp / "meta.json", self._meta(rid, run.name, run.kind, "done", run.config, run.seconds,
+                                                      run.sweep, run.parent, run.extra))
+        rid, lock = self._create(fill)
         try:
-            created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            meta = {"id": rid, "name": name, "kind": run.kind, "created": created, "seconds": run.seconds,
-                    "sweep": run.sweep, "parent": run.parent, **environment_info(), **run.extra}
-            for fname, obj in (("config.json", run.config), ("metrics.json", run.metrics), ("vocab.json", list(run.vocab)),
-                               ("valid_ids.json", [str(i) for i in run.valid_ids]), ("meta.json", meta)):
-                (tmp / fname).write_text(json.dumps(obj, indent=1, default=_json_default))
-            np.save(tmp / "valid_probs.npy", np.ascontiguousarray(run.valid_probs, dtype=np.float32))
-            np.save(tmp / "valid_targets.npy", np.asarray(run.valid_targets, dtype=np.int64))
-            if run.test_probs is not None:
-                np.save(tmp / "test_probs.npy", np.ascontiguousarray(run.test_probs, dtype=np.float32))
-                (tmp / "test_ids.json").write_text(json.dumps([str(i) for i in run.test_ids]))
-            if run.history is not None:
-                run.history.to_csv(tmp / "history.csv", index=False)
-            if run.weights is not None:
-                from safetensors.torch import save_file
-                save_file({k: v.detach().cpu().contiguous() for k, v in run.weights.items()}, tmp / "model.safetensors")
-            os.replace(tmp, self.root / rid)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        cfg = run.config
-        row = {"id": rid, "name": name, "kind": run.kind, "status": "done", "recipe": cfg.get("recipe"),
-               "arch": cfg.get("arch"), "size": cfg.get("size"), "ps": cfg.get("ps"),
-               "metric_name": run.metrics.get("metric_name"), "metric": run.metrics.get(run.metrics.get("metric_name")),
-               "valid_loss": run.metrics.get("valid_loss"), "seconds": round(run.seconds, 2), "created": created,
-               "sweep": run.sweep, "parent": run.parent, "config": json.dumps(cfg, default=_json_default)}
-        with closing(self._connect()) as con, con:
-            con.execute(f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                        [row[c] for c in _COLUMNS])
+            self._index(self.root / rid)
+        finally:
+            (self.root / rid / LOCK).unlink(missing_ok=True)
+            _unlock(lock)
+        return rid
+
+    def begin(self, config: dict, name: Optional[str] = None, kind: str = "train", sweep: Optional[str] = None,
+              parent: Optional[str] = None) -> str:
+        """Start a run before training: its folder (config, meta) and an index row with status 'running'.
+
+        The folder stays locked by this process until `finish` or `set_status`; a process that dies leaves the
+        lock free, so the next store user marks the run 'interrupted'.
+        """
+        self.check_writable()
+        self._repair()
+
+        def fill(tmp, rid):
+            _write_json(tmp / "config.json", config)
+            _write_json(tmp / "meta.json", self._meta(rid, name, kind, "running", config, sweep=sweep, parent=parent))
+        rid, lock = self._create(fill)
+        self._locks[rid] = lock
+        self._index(self.root / rid)
+        return rid
+
+    def claim(self, rid: str):
+        """Take over an interrupted or failed run to continue it (`fastcls resume`); refuses a run in progress."""
+        path = self.root / rid
+        for _ in range(20):  # another process's repair may hold the lock for a moment
+            fd = _try_lock(path)
+            if fd is not None:
+                break
+            time.sleep(0.1)
+        else:
+            raise FastclsError(f"Run {rid} in {self.root} is being written by another process right now; wait for it "
+                               "to finish (see `fastcls runs`).")
+        meta = _read_json(path / "meta.json") or {}
+        if meta.get("status") == "done":
+            _unlock(fd)
+            raise FastclsError(f"Run {rid} is already done; nothing to resume.")
+        self._locks[rid] = fd
+        self.set_status(rid, "running", writer={"host": socket.gethostname(), "pid": os.getpid()}, note=None)
+
+    def set_status(self, rid: str, status: str, **info):
+        """Change a run's status (meta.json first, then the index row); `info` is merged into its meta.json."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        path = self.root / rid
+        meta = _read_json(path / "meta.json") or {}
+        meta.update(info, status=status)
+        _write_json(path / "meta.json", meta)
+        self._index(path)
+        if status != "running":
+            self.release(rid)
+
+    def release(self, rid: str):
+        """Give up this process's lock on run `rid` (others may then resume or repair it)."""
+        _unlock(self._locks.pop(rid, None))
+
+    def finish(self, rid: str, run: RunData) -> str:
+        """Store the results of a run started with `begin`: every file atomically, then status 'done', then the row."""
+        _check_run(run)
+        path = self.root / rid
+        meta = _read_json(path / "meta.json") or {}
+        _write_run_files(path, run)
+        fault("finish-files")
+        meta.update(status="done", seconds=run.seconds, note=None, **environment_info(), **run.extra)
+        _write_json(path / "meta.json", meta)
+        fault("finish-meta")
+        self._index(path)
+        (path / CHECKPOINT).unlink(missing_ok=True)
+        (path / LOCK).unlink(missing_ok=True)
+        self.release(rid)
         return rid
 
     # -- read -------------------------------------------------------------------------------------------------
@@ -231,19 +413,24 @@ class RunStore:
         raise FastclsError(f"{ref!r} matches {len(rows)} runs in {self.root}: {', '.join(r['id'] for r in rows[:8])}. "
                            "Use a longer id prefix or the full id.")
 
-    def load(self, ref: str) -> StoredRun:
-        """The run `ref` names (id, unique id prefix or name)."""
+    def load(self, ref: str, any_status: bool = False) -> StoredRun:
+        """The run `ref` names (id, unique id prefix or name); only a finished run unless `any_status`."""
         row = self.resolve(ref)
         path = self.root / row["id"]
         if not path.is_dir():
             raise FastclsError(f"Run {row['id']} is in the index of {self.root} but its folder {path} is missing.")
+        if not any_status and row["status"] != "done":
+            raise FastclsError(f"Run {row['id']} is {row['status']}: it has no predictions yet. "
+                               + (f"Continue it with `fastcls resume {row['id']}`." if row["status"] != "running"
+                                  else "Wait for it to finish."))
         return StoredRun(path, row)
 
     def leaderboard(self, recipe: Optional[str] = None, sort: str = "metric", kind: Optional[str] = None,
-                    sweep: Optional[str] = None) -> pd.DataFrame:
-        """One row per run (newest first, or best metric first with `sort='metric'`), optionally of one sweep."""
+                    sweep: Optional[str] = None, status: Optional[str] = "done") -> pd.DataFrame:
+        """One row per run (newest first, or best metric first with `sort='metric'`), optionally of one sweep;
+        finished runs only unless `status` names another status (None: every status)."""
         conds, args = [], []
-        for col, val in (("recipe", recipe), ("kind", kind), ("sweep", sweep)):
+        for col, val in (("recipe", recipe), ("kind", kind), ("sweep", sweep), ("status", status)):
             if val is not None:
                 conds.append(f"{col} = ?")
                 args.append(val)
@@ -289,3 +476,136 @@ def _check_run(run: RunData):
                                f"{np.abs(sums - 1).max():.3g}); nothing was stored.")
     if len(run.valid_targets) != np.asarray(run.valid_probs).shape[1]:
         raise FastclsError(f"{where}: {len(run.valid_targets)} valid targets for {np.asarray(run.valid_probs).shape[1]} rows.")
+
+
+# -- files ------------------------------------------------------------------------------------------------------------
+def write_atomic(path, write: Callable[[Path], None]):
+    """Write `path` through `write(tmp_path)`, flush it to disk, then rename: readers see the old file or the new one.
+
+    A process killed half-way leaves a hidden `.NAME.tmp-PID` file that the store's repair removes.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename must not reach the disk before the data does (power loss)
+        finally:
+            os.close(fd)
+        fault(f"write-{path.name}")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, obj):
+    write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=1, default=_json_default)))
+
+
+def _write_npy(path: Path, arr: np.ndarray):
+    def write(p):
+        with open(p, "wb") as f:  # a file object: np.save would append .npy to a bare temporary name
+            np.save(f, arr, allow_pickle=False)
+    write_atomic(path, write)
+
+
+def _write_run_files(folder: Path, run: RunData):
+    """Every file of a finished run except meta.json, each written atomically."""
+    for fname, obj in (("config.json", run.config), ("metrics.json", run.metrics), ("vocab.json", list(run.vocab)),
+                       ("valid_ids.json", [str(i) for i in run.valid_ids])):
+        _write_json(folder / fname, obj)
+    _write_npy(folder / "valid_probs.npy", np.ascontiguousarray(run.valid_probs, dtype=np.float32))
+    _write_npy(folder / "valid_targets.npy", np.asarray(run.valid_targets, dtype=np.int64))
+    if run.test_probs is not None:
+        _write_npy(folder / "test_probs.npy", np.ascontiguousarray(run.test_probs, dtype=np.float32))
+        _write_json(folder / "test_ids.json", [str(i) for i in run.test_ids])
+    if run.history is not None:
+        write_atomic(folder / "history.csv", lambda p: run.history.to_csv(p, index=False))
+    if run.weights is not None:
+        from safetensors.torch import save_file
+        tensors = {k: v.detach().cpu().contiguous() for k, v in run.weights.items()}
+        write_atomic(folder / "model.safetensors", lambda p: save_file(tensors, str(p)))
+
+
+def _read_json(path: Path) -> Optional[Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _row_from_folder(path: Path) -> dict:
+    """The index row of a run folder, from its config.json, meta.json and (when done) metrics.json."""
+    cfg = _read_json(path / "config.json") or {}
+    meta = _read_json(path / "meta.json") or {}
+    metrics = _read_json(path / "metrics.json") or {}
+    mname = metrics.get("metric_name")
+    return {"id": meta.get("id", path.name), "name": meta.get("name"), "kind": meta.get("kind", "train"),
+            "status": meta.get("status", "done"), "recipe": cfg.get("recipe"), "arch": cfg.get("arch"),
+            "size": cfg.get("size"), "ps": cfg.get("ps"), "metric_name": mname,
+            "metric": metrics.get(mname) if mname else None, "valid_loss": metrics.get("valid_loss"),
+            "seconds": round(float(meta.get("seconds") or 0), 2), "created": meta.get("created"),
+            "sweep": meta.get("sweep"), "parent": meta.get("parent"),
+            "config": json.dumps(cfg, default=_json_default)}
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB"
+
+
+# -- locks: which run folders a live process is writing ------------------------------------------------------------
+def _new_lock(folder: Path):
+    """Lock a fresh folder: the lock file is locked before it gets its name, so nobody sees it unlocked."""
+    if fcntl is None:
+        return None
+    tmp = folder / f"{LOCK}.new"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(tmp, folder / LOCK)
+    return fd
+
+
+def _try_lock(folder: Path):
+    """An fd holding `folder/.lock` exclusively, or None when a live process holds it."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except OSError:
+        os.close(fd)
+        return None
+
+
+def _unlock(fd):
+    if fd is not None:
+        try:
+            os.close(fd)  # closing the only descriptor releases the flock
+        except OSError:
+            pass
+
+
+def _writer_gone(tmp: Path) -> bool:
+    """Whether the process that made the temporary folder `tmp` is gone (so the folder is debris)."""
+    if not (tmp / LOCK).exists():
+        try:  # a folder made a moment ago may not have its lock yet
+            return time.time() - tmp.stat().st_mtime > 60
+        except OSError:
+            return False
+    fd = _try_lock(tmp)
+    if fd is None:
+        return False
+    _unlock(fd)
+    return True
+
+
+def _remove_stray_files(folder: Path):
+    """Remove half-written `.NAME.tmp-PID` files of a dead writer."""
+    for p in folder.glob(".*.tmp-*"):
+        p.unlink(missing_ok=True)

@@ -2,7 +2,8 @@
 
 A sweep's id is a hash of what defines it (the resolved recipe, archs, grid, seed, data, sample, weights, mode), so
 the same command gives the same id and running it again resumes: trials already in the store are not retrained,
-an interrupted one starts again from scratch (the store never holds half a run). The sweep's own record lives in
+an interrupted full-path trial continues from its last finished epoch (`fastcls.train.resume_run`), an interrupted
+fast-path trial starts again (the store never holds half a run). The sweep's own record lives in
 `<runs>/sweeps/<id>/`: `sweep.json` (grid, options, trials and their status; rewritten atomically), `results.csv`
 and a plot of the metric against the swept value.
 
@@ -284,7 +285,7 @@ def run_sweep(plan: SweepPlan, store, progress: str = "auto", executor=None, ite
     """
     from . import data as fdata
     from .features import cached_features, data_fingerprint, feature_key, fit_head_run
-    from .train import fit_run
+    from .train import fit_run, resume_run
     store.check_writable()
     base = plan.base
     items = items if items is not None else fdata.read_items(base.recipe, base.data)
@@ -301,6 +302,8 @@ def run_sweep(plan: SweepPlan, store, progress: str = "auto", executor=None, ite
         old = json.loads(path.read_text())
         record["created"], record["features"] = old.get("created", record["created"]), old.get("features", {})
     stored = {row["name"]: row["id"] for _, row in store.leaderboard(sweep=plan.id, sort="newest").iterrows()}
+    stopped = {row["name"]: row["id"] for _, row in store.leaderboard(sweep=plan.id, sort="newest",
+                                                                      status="interrupted").iterrows()}
     for t in record["trials"]:
         if t["name"] in stored:
             t.update(status="done", run_id=stored[t["name"]])
@@ -315,6 +318,8 @@ def run_sweep(plan: SweepPlan, store, progress: str = "auto", executor=None, ite
         if progress != "none":
             print(f"[{plan.id}] trial {trial.index + 1}/{len(plan.trials)}: {trial.key}", flush=True)
         if plan.mode == "full":
+            if trial.cfg.name in stopped:  # Ctrl-C'd earlier: continue from its checkpoint
+                return resume_run(store, stopped[trial.cfg.name], progress, items=items)
             return fit_run(trial.cfg, store, progress, items=items, sweep=plan.id)
         key = keys[trial.index]
         if key not in features:

@@ -1,10 +1,11 @@
 """One run from recipe to store: learner, frozen + unfrozen schedule, best-epoch tracking, predictions, save."""
 
-__all__ = ["RunConfig", "learner", "schedule", "train", "fit_run", "RunResult", "Predictions", "run_metrics",
-           "store_run", "KeepBest", "EpochLine"]
+__all__ = ["RunConfig", "learner", "schedule", "train", "fit_run", "resume_run", "RunResult", "Predictions",
+           "run_metrics", "store_run", "KeepBest", "EpochLine", "EarlyStop"]
 
 import copy
 import dataclasses
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -23,10 +24,12 @@ from fastcore.basics import noop
 
 from . import data as fdata
 from .archs import build_model, check_size, get_arch, splitter
+from .checkpoint import Checkpointer, RunInterrupted, interrupt_signals, read_checkpoint, skipped_epoch
+from .errors import FastclsError
 from .metrics import get_metric
 from .predict import predict_views, tta_blend
 from .recipe import Recipe
-from .runs import RunData, RunStore
+from .runs import CHECKPOINT, RunData, RunStore
 
 
 @dataclass(frozen=True)
@@ -40,13 +43,35 @@ class RunConfig:
     weights: Optional[str] = None
     sample: Optional[int] = None
     name: Optional[str] = None
+    on_bad_image: str = "fail"  # 'fail': refuse to train on unreadable images; 'skip': leave them out
 
     def to_dict(self) -> dict:
         d = self.recipe.to_dict()
         d["recipe"] = d.pop("name")
         d.update(arch=self.arch, data=self.data, seed=self.seed, weights=self.weights, sample=self.sample,
-                 run_name=self.name)
+                 run_name=self.name, on_bad_image=self.on_bad_image)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict, recipes=()) -> "RunConfig":
+        """The config a stored run was trained with (its config.json), for resuming it."""
+        from .recipe import Recipe, get_recipe
+        d = dict(d)
+        run = {k: d.pop(k, None) for k in ("arch", "data", "seed", "weights", "sample", "run_name", "on_bad_image")}
+        name = d.pop("recipe")
+        fields = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
+        values = {k: v for k, v in d.items() if k in fields}
+        try:
+            base = get_recipe(name, recipes)
+        except FastclsError:  # a recipe file that is gone: rebuild it from the stored settings
+            if values.get("items"):
+                raise FastclsError(f"Recipe {name!r} (with a custom items function) is not found; pass its folder "
+                                   "with --recipes DIR.") from None
+            base = Recipe(name=name)
+        values.pop("items", None)  # stored by name only; the recipe file provides the function
+        recipe = base.override(**{k: v for k, v in values.items() if v != base.to_dict().get(k)})
+        return cls(recipe, run["arch"], run["data"], run["seed"] if run["seed"] is not None else 42, run["weights"],
+                   run["sample"], run["run_name"], run["on_bad_image"] or "fail")
 
 
 class KeepBest(TrackerCallback):
@@ -59,6 +84,8 @@ class KeepBest(TrackerCallback):
         self.best_state, self.best_epoch, self.global_epoch = None, None, 0
 
     def after_epoch(self):
+        if skipped_epoch(self.learn):  # a resumed fit passing epochs already done
+            return
         super().after_epoch()
         if self.new_best:
             self.best_state = copy.deepcopy(self.learn.model.state_dict())
@@ -70,6 +97,14 @@ class KeepBest(TrackerCallback):
             model.load_state_dict(self.best_state)
 
 
+class EarlyStop(EarlyStoppingCallback):
+    """fastai's early stopping, leaving epochs that a resumed fit skips alone."""
+
+    def after_epoch(self):
+        if not skipped_epoch(self.learn):
+            super().after_epoch()
+
+
 class EpochLine(Callback):
     """Collect one history row per epoch over all stages; print it as one line when there is no progress bar."""
 
@@ -79,6 +114,8 @@ class EpochLine(Callback):
         self.rows, self.stage, self.echo = [], stage, echo
 
     def after_epoch(self):
+        if skipped_epoch(self.learn):
+            return
         names = self.learn.recorder.metric_names[1:]
         vals = self.learn.recorder.log[1:]
         row = {"epoch": len(self.rows), "stage": self.stage}
@@ -99,11 +136,12 @@ def imbalance_plan(recipe: Recipe, dls):
     return plan(parse_imbalance(recipe.imbalance), labels, len(dls.vocab), label_smoothing=recipe.label_smoothing)
 
 
-def learner(dls, cfg: RunConfig, model=None) -> Learner:
+def learner(dls, cfg: RunConfig, model=None, load_weights: bool = True) -> Learner:
     """A fastai Learner for `cfg.arch` on `dls`: fastai head with dropout `ps`, >= 3 parameter groups, the metric.
 
     `model` replaces the arch's full model and is trained whole (the sweeps' fast path passes a head that reads
-    cached body features); loss, metrics and weight decay are the recipe's either way.
+    cached body features); loss, metrics and weight decay are the recipe's either way. `load_weights=False` skips
+    reading pretrained weights (a resumed run takes every weight from its checkpoint).
     """
     recipe = cfg.recipe
     spec = get_arch(cfg.arch)
@@ -111,7 +149,8 @@ def learner(dls, cfg: RunConfig, model=None) -> Learner:
     if full:
         check_size(cfg.arch, recipe.size)
         set_seed(cfg.seed)
-        model = build_model(cfg.arch, len(dls.vocab), ps=recipe.ps, pretrained=recipe.pretrained, weights=cfg.weights)
+        model = build_model(cfg.arch, len(dls.vocab), ps=recipe.ps, pretrained=recipe.pretrained and load_weights,
+                            weights=cfg.weights if load_weights else None)
         model.body_groups = spec.body_groups
     metric = get_metric(recipe.metric)
     metrics = [metric.fastai()]
@@ -138,8 +177,8 @@ def schedule(cfg: RunConfig) -> list[tuple[str, int, object, bool]]:
     return stages
 
 
-def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None,
-          cbs: tuple = ()) -> tuple[pd.DataFrame, Optional[int]]:
+def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, cbs: tuple = (),
+          checkpoint: Optional[Checkpointer] = None) -> tuple[pd.DataFrame, Optional[int]]:
     """Frozen stage, then the unfrozen stage with discriminative LRs; the best epoch's weights are kept.
 
     Args:
@@ -149,6 +188,8 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None,
         stages: (name, epochs, lr, unfreeze) tuples to run instead of `schedule(cfg)` (the sweeps' fast path runs
             the frozen stage alone).
         cbs: extra callbacks for every stage.
+        checkpoint: saves the training state after every epoch; when it holds a checkpoint, training continues
+            from there (fastai's `start_epoch`) instead of starting over.
 
     Returns:
         The per-epoch history and the index of the best epoch.
@@ -163,14 +204,26 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None,
     keep = KeepBest(monitor)
     lines = EpochLine(echo=progress == "line")
     cbs = [keep, lines, *cbs]
+    es = None
     if recipe.patience:
-        cbs.append(EarlyStoppingCallback(monitor=monitor, comp=np.greater, patience=recipe.patience, reset_on_fit=False))
+        es = EarlyStop(monitor=monitor, comp=np.greater, patience=recipe.patience, reset_on_fit=False)
+        cbs.append(es)
+    if checkpoint is not None:
+        checkpoint.attach(keep, lines, es)
+        cbs.append(checkpoint)
     set_seed(cfg.seed)
-    for stage, n_epochs, lr, unfreeze in (schedule(cfg) if stages is None else stages):
+    for i, (stage, n_epochs, lr, unfreeze) in enumerate(schedule(cfg) if stages is None else stages):
         if unfreeze:
             learn.unfreeze()
         lines.stage = stage
-        learn.fit_one_cycle(n_epochs, lr, cbs=cbs)
+        start = 0
+        if checkpoint is not None:
+            checkpoint.stage = i
+            start = checkpoint.start_epoch(i, n_epochs)
+        if start < n_epochs:  # a resumed run skips the stages and epochs it had finished
+            learn.fit_one_cycle(n_epochs, lr, cbs=cbs, start_epoch=start)
+    if checkpoint is not None and checkpoint.pending:  # every epoch was done before: only the state is left to load
+        checkpoint.restore(learn)
     keep.restore(learn.model)
     return pd.DataFrame(lines.rows), keep.best_epoch
 
@@ -187,8 +240,12 @@ class RunResult:
 
 
 def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Optional[fdata.Items] = None,
-            sweep: Optional[str] = None) -> RunResult:
+            sweep: Optional[str] = None, run_id: Optional[str] = None) -> RunResult:
     """Train one run and store it: the whole flow recipe -> dls -> learner -> train -> predict -> store.
+
+    Every check that can fail (data table, unreadable images, runs folder writable and large enough) happens
+    before training. The run is in the store from the start with status 'running' and a checkpoint after every
+    epoch; Ctrl-C or SIGTERM marks it 'interrupted' and raises `RunInterrupted` (resume with `resume_run`).
 
     Args:
         cfg: the run's config.
@@ -196,6 +253,7 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
         progress: see `train`.
         items: already-read items (saves re-reading the data folder in sweeps).
         sweep: the sweep id this run belongs to, if any.
+        run_id: continue this interrupted run of `store` from its checkpoint instead of starting a new one.
     """
     t0 = time.time()
     recipe = cfg.recipe
@@ -203,11 +261,44 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
     get_metric(recipe.metric)
     store.check_writable()
     items = items if items is not None else fdata.read_items(recipe, cfg.data)
+    items = fdata.check_images(items, cfg.on_bad_image, cache_dir=fdata.cache_home())
     recipe = fdata.resolve_recipe(recipe, items)  # e.g. a size inferred from the images, stored as the run's size
     cfg = dataclasses.replace(cfg, recipe=recipe)
     d = fdata.dls(recipe, items, seed=cfg.seed, sample=cfg.sample)
-    learn = learner(d, cfg)
-    history, best_epoch = train(learn, cfg, progress)
+    resume = read_checkpoint(store.root / run_id / CHECKPOINT) if run_id else None
+    learn = learner(d, cfg, load_weights=resume is None)
+    store.check_writable(_bytes_needed(learn, d, items, recipe))
+    prior = 0.0
+    if run_id:
+        store.claim(run_id)
+        prior = float(store.load(run_id, any_status=True).meta.get("seconds") or 0)
+    rid = run_id or store.begin(cfg.to_dict(), name=cfg.name, sweep=sweep)
+    ckpt = Checkpointer(store.root / rid / CHECKPOINT, resume)
+    try:
+        with interrupt_signals():
+            return _train_and_store(cfg, store, rid, learn, d, items, ckpt, progress, t0 - prior, sweep)
+    except KeyboardInterrupt as e:
+        if _finished(store, rid):  # Ctrl-C in the last instant of saving: the run is complete
+            raise
+        total = sum(n for _, n, _, _ in schedule(cfg))
+        _quietly(store.set_status, rid, "interrupted", seconds=time.time() - t0 + prior, epochs_done=ckpt.epochs_done,
+                 note=f"interrupted ({e or 'Ctrl-C'}) after {ckpt.epochs_done} of {total} epochs")
+        raise RunInterrupted(f"Run {rid} interrupted ({e or 'Ctrl-C'}) after {ckpt.epochs_done} of {total} epochs. "
+                             f"Its state at the end of the last finished epoch is saved in {store.root / rid}. "
+                             f"Continue it with `fastcls resume {rid}"
+                             + (f" --runs-dir {store.root}" if str(store.root) != "runs" else "") + "`.", rid) from None
+    except BaseException as e:
+        if _finished(store, rid):
+            raise
+        _quietly(store.set_status, rid, "failed", seconds=time.time() - t0 + prior, epochs_done=ckpt.epochs_done,
+                 note=f"{type(e).__name__}: {e}")
+        raise
+
+
+def _train_and_store(cfg: RunConfig, store: RunStore, rid: str, learn: Learner, d, items: fdata.Items,
+                     ckpt: Checkpointer, progress: str, t0: float, sweep: Optional[str]) -> RunResult:
+    recipe = cfg.recipe
+    history, best_epoch = train(learn, cfg, progress, checkpoint=ckpt)
     valid_probs, valid_targets = predict_views(learn, d.valid, recipe.tta)
     tdl = fdata.test_dl(d, items)
     test_probs = predict_views(learn, tdl, recipe.tta)[0] if tdl is not None else None
@@ -216,7 +307,8 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
                         items.test["id"].tolist() if has_test else None, test_probs,
                         _encode(items.test["label"], d.vocab) if has_test and "label" in items.test else None)
     return store_run(cfg, store, preds, history, best_epoch, len(d.train_ds), learn.model.state_dict(),
-                     time.time() - t0, learn=learn, sweep=sweep, stats=d.stats)
+                     time.time() - t0, learn=learn, sweep=sweep, stats=d.stats, run_id=rid,
+                     extra={"bad_images": items.bad} if items.bad else None)
 
 
 @dataclass
@@ -249,19 +341,66 @@ def run_metrics(recipe: Recipe, preds: Predictions, best_epoch: Optional[int], n
 
 def store_run(cfg: RunConfig, store: RunStore, preds: Predictions, history: pd.DataFrame, best_epoch: Optional[int],
               n_train: int, weights: dict, seconds: float, learn=None, sweep: Optional[str] = None,
-              kind: str = "train", config_extra: Optional[dict] = None, stats=None) -> RunResult:
+              kind: str = "train", config_extra: Optional[dict] = None, stats=None, run_id: Optional[str] = None,
+              extra: Optional[dict] = None) -> RunResult:
     """Score `preds` and save the run (config, metrics, history, weights, probabilities) atomically in `store`.
 
     `stats` is the data set's own mean/std (normalize='dataset'): predicting later must reuse them (dls(stats=...)).
+    `run_id`: the run started with `store.begin` that these results finish; `extra`: more facts for its meta.json.
     """
     metrics = run_metrics(cfg.recipe, preds, best_epoch, n_train)
     run = RunData(config={**cfg.to_dict(), **(config_extra or {})}, vocab=preds.vocab, valid_probs=preds.valid_probs,
                   valid_targets=preds.valid_targets, valid_ids=preds.valid_ids, metrics=metrics,
                   test_probs=preds.test_probs, test_ids=preds.test_ids, history=history, weights=weights,
                   kind=kind, name=cfg.name, seconds=seconds, sweep=sweep,
-                  extra={"normalize_stats": stats} if stats is not None else {})
-    rid = store.save(run)
+                  extra={**({"normalize_stats": stats} if stats is not None else {}), **(extra or {})})
+    rid = store.finish(run_id, run) if run_id else store.save(run)
     return RunResult(rid, metrics, history, learn, seconds)
+
+
+def resume_run(store: RunStore, ref: str, progress: str = "auto", recipes=(), data: Optional[str] = None,
+               items: Optional[fdata.Items] = None) -> RunResult:
+    """Continue an interrupted (or failed) run from its last checkpoint to the result an uninterrupted run gives.
+
+    Args:
+        store: the run store holding the run.
+        ref: run id, unique id prefix or name.
+        progress: see `train`.
+        recipes: extra recipe folders (when the run's recipe is not built in).
+        data: the data folder, when it moved since the run started.
+        items: already-read items of that data (sweeps).
+    """
+    run = store.load(ref, any_status=True)
+    if run.status == "done":
+        raise FastclsError(f"Run {run.id} is already done; nothing to resume.")
+    cfg = RunConfig.from_dict(run.config, recipes)
+    if data is not None:
+        cfg = dataclasses.replace(cfg, data=str(data))
+    return fit_run(cfg, store, progress, items=items, sweep=run.row.get("sweep"), run_id=run.id)
+
+
+def _bytes_needed(learn: Learner, d, items: fdata.Items, recipe: Recipe) -> int:
+    """Disk a run needs: final weights, a checkpoint (model, best, optimizer moments) written beside the old one
+    while it is replaced, and the stored probabilities; plus a margin."""
+    weights = sum(v.numel() * v.element_size() for v in learn.model.state_dict().values())
+    n_items = len(d.valid_ds) + (len(items.test) if items.test is not None else 0)
+    probs = 4 * (1 + recipe.tta) * n_items * len(d.vocab)
+    return weights * (1 + 2 * 4) + probs + 16 * 2**20
+
+
+def _finished(store: RunStore, rid: str) -> bool:
+    try:
+        return json.loads((store.root / rid / "meta.json").read_text()).get("status") == "done"
+    except (OSError, ValueError):
+        return False
+
+
+def _quietly(fn, *args, **kwargs):
+    """Record a run's status on the way out without hiding the error that brought us here."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001  (the original exception matters more)
+        print(f"fastcls: could not record the run's status: {e}", file=sys.stderr)
 
 
 def _nll(probs: np.ndarray, targets: np.ndarray) -> float:

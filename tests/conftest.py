@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from ._proc import wave  # noqa: F401,E402  (session fixture: real child processes, shared by groups)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may wait on the model hub
 
 ROOT = Path(__file__).resolve().parents[1]
