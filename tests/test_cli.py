@@ -131,13 +131,13 @@ def test_ensemble_cli_stores_a_run_and_writes_a_submission(cli, tmp_path):
         res = cli("train", "digits", arch, *TINY, "--ps", ps, "--name", f"{arch}-{ps}", "--runs-dir", runs)
         assert res.exit_code == 0, res.output
     names = ["simple_cnn-0.1", "simple_cnn-0.5", "seed_cnn64-0.25"]
-    for method in ("mean", "hill"):
+    for method in ("mean", "weighted", "rank", "vote", "hill", "stack"):
         res = cli("ensemble", *names, "--method", method, "--runs-dir", runs, "--submission", tmp_path / f"{method}.csv")
         assert res.exit_code == 0, res.output
         assert "ensemble" in res.stdout and "gain" in res.stdout
         sub = pd.read_csv(tmp_path / f"{method}.csv", dtype=str)
         assert list(sub.columns) == ["id", "label"] and len(sub) == 297
-    assert cli("runs", "--runs-dir", runs).stdout.count("ensemble") >= 2
+    assert cli("runs", "--runs-dir", runs).stdout.count("ensemble") >= 6
     n_before = len(list(runs.iterdir()))
     _assert_clean_error(cli("ensemble", "simple_cnn-0.1", "nope", "--runs-dir", runs), "No run 'nope'")
     _assert_clean_error(cli("ensemble", *names, "--weights", "1,x", "--runs-dir", runs), "--weights must be")
