@@ -60,8 +60,10 @@ def pooled_features(body: torch.nn.Module, pool: torch.nn.Module, dl, n_aug: int
 
 
 def tta_blend(views: np.ndarray, beta: float = 0.25) -> np.ndarray:
-    """fastai's TTA blend: `beta * plain + (1 - beta) * mean(augmented views)`; the plain view when there are none."""
-    views = np.asarray(views)
-    if len(views) == 1:
-        return views[0]
-    return beta * views[0] + (1 - beta) * views[1:].mean(0)
+    """fastai's TTA blend: `beta * plain + (1 - beta) * mean(augmented views)`; the plain view when there are none.
+
+    One implementation serves training, submissions and ensembles: `fastcls.ensemble.tta_blend` (chunked, so
+    memory-mapped views are never copied whole).
+    """
+    from .ensemble import tta_blend as blend
+    return blend(views if hasattr(views, "shape") else np.asarray(views), beta)
