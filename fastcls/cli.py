@@ -58,6 +58,13 @@ Fast = Annotated[Optional[bool], typer.Option("--fast/--full", help="--fast trai
                                               "Default: --fast when --epochs is 0.")]
 Views = Annotated[Optional[int], typer.Option("--views", help="Augmented views of the training set cached for --fast "
                                               "(default: one per frozen epoch).")]
+Imbalance = Annotated[Optional[str], typer.Option("--imbalance", help="Class-imbalance handling, comma-combinable: none, "
+                                                  "weights, focal, oversample, logit-adjust (default: the recipe's).")]
+LabelSmoothing = Annotated[Optional[float], typer.Option("--label-smoothing", help="Label smoothing epsilon in [0, 1) "
+                                                         "(default: the recipe's).")]
+TuneThresholds = Annotated[Optional[bool], typer.Option("--tune-thresholds/--no-tune-thresholds", help="Fit per-class "
+                                                        "offsets for macro-F1 on valid; apply them to the stored "
+                                                        "predictions (default: the recipe's).")]
 
 
 def _cli(fn):
@@ -125,6 +132,9 @@ def make_config(recipe: str, arch: str, *, recipes=(), data=None, seed=42, weigh
     r = get_recipe(recipe, recipes or ())
     get_arch(arch)
     r = r.override(**{k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("imbalance") is not None:
+        from .imbalance import parse_imbalance
+        r = r.override(imbalance=",".join(parse_imbalance(r.imbalance)))  # refused here, before any data is read
     if sample is not None and sample < 2:
         raise FastclsError(f"--sample must be at least 2, got {sample}.")
     if on_bad_image not in ("fail", "skip"):
@@ -141,7 +151,9 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
               freeze_epochs: FreezeEpochs = None, lr: Lr = None, bs: Bs = None, seed: Seed = 42, tta: Tta = None,
               pretrained: Pretrained = None, weights: Weights = None, name: Name = None,
               runs_dir: RunsDir = Path("runs"), sample: Sample = None, quiet: Quiet = False,
-              recipes: RecipeDirs = None, crop: Crop = None, trim: Trim = None, on_bad_image: OnBadImage = "fail"):
+              recipes: RecipeDirs = None, crop: Crop = None, trim: Trim = None, on_bad_image: OnBadImage = "fail",
+              imbalance: Imbalance = None, label_smoothing: LabelSmoothing = None,
+              tune_thresholds: TuneThresholds = None):
     """Train one run and store it (config, metrics, weights, TTA probabilities) in the run store.
 
     Ctrl-C or SIGTERM stops it with its last finished epoch saved; `fastcls resume RUN` continues it.
@@ -152,7 +164,8 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
     cfg = make_config(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample, name=name,
                       on_bad_image=on_bad_image, size=size, ps=ps, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr,
                       bs=bs, tta=tta, pretrained=pretrained, crop=crop or ("trim" if trim else None),
-                      trim=parse_trim(trim) if trim else None)
+                      trim=parse_trim(trim) if trim else None, imbalance=imbalance, label_smoothing=label_smoothing,
+                      tune_thresholds=tune_thresholds)
     store = RunStore(runs_dir)
     res = fit_run(cfg, store, progress="none" if quiet else "auto")
     _print_result(res, store.load(res.run_id).config, runs_dir)  # the recipe may leave the size to the data

@@ -246,7 +246,22 @@ def read_npz(path: Path, recipe: Recipe) -> Items:
         arrays["test"] = t["images"]
         test = pd.DataFrame({"id": [str(i) for i in range(len(t["images"]))], "x": np.arange(len(t["images"])),
                              "src": "test"})
+        if recipe.test_solution and (path / recipe.test_solution).is_file():
+            test["label"] = _npz_solution(path / recipe.test_solution, z.get("classes"), len(test), recipe, path)
     return Items(train, test, arrays, root=path)
+
+
+def _npz_solution(file: Path, classes, n_test: int, recipe: Recipe, path: Path) -> np.ndarray:
+    """True test labels (as names) from a solution npz, for scoring only; indices map through the train classes."""
+    y = _load_npz(file, recipe, path, ["labels"])["labels"]
+    if len(y) != n_test:
+        raise _layout_error(recipe, path, f"{file} has {len(y)} labels for {n_test} test images")
+    if np.issubdtype(y.dtype, np.integer) and classes is not None:
+        if y.min() < 0 or y.max() >= len(classes):
+            raise _layout_error(recipe, path, f"{file} has label index {y.max() if y.max() >= len(classes) else y.min()}"
+                                              f" outside the {len(classes)} classes of {recipe.npz_train}")
+        y = np.asarray(classes)[y]
+    return y.astype(str)
 
 
 @layout("digits")
@@ -668,9 +683,23 @@ def dls(recipe: Recipe, items: Items, seed: int = 42, sample: Optional[int] = No
                       batch_tfms=batch_tfms(recipe, stats))
     from fastai.torch_core import set_seed
     set_seed(seed)
-    out = block.dataloaders(df, bs=recipe.bs, num_workers=num_workers, device="cpu" if not _cuda() else None)
+    kw = dict(bs=recipe.bs, num_workers=num_workers, device="cpu" if not _cuda() else None)
+    wgts = _sample_weights(recipe, df)
+    # fastai's WeightedDL draws the training batches by weight; the validation loader stays plain and in order
+    out = block.dataloaders(df, **kw) if wgts is None else block.weighted_dataloaders(df, wgts, **kw)
     out.items, out.stats = items, stats
     return out
+
+
+def _sample_weights(recipe: Recipe, df: pd.DataFrame) -> Optional[np.ndarray]:
+    """Per-row sampling weights for the imbalance plan's oversampler (valid rows 0: fastai drops them), or None."""
+    from .imbalance import oversample_weights, parse_imbalance
+    if "oversample" not in parse_imbalance(recipe.imbalance):
+        return None
+    train = ~df["is_valid"].to_numpy(bool)
+    wgts = np.zeros(len(df))
+    wgts[train] = oversample_weights(df.loc[train, "label"].to_numpy())
+    return wgts
 
 
 def test_dl(dls_, items: Items):

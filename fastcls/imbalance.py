@@ -22,17 +22,22 @@ Strategies (combine with commas):
   all of the above; the tau grid contains 0, so tuning switches it off where training already rebalanced.
 
 `fit_thresholds` / `apply_offsets` (per-class offsets maximising macro-F1) are a separate post-hoc step for the
-prediction / ensemble code; they are not a training strategy.
+prediction / ensemble code; they are not a training strategy (``--tune-thresholds``, `Recipe.tune_thresholds`).
+
+`fit_posthoc` fits both post-hoc steps on a run's validation predictions and returns a `PostHoc` that applies them
+to any stored views (valid and test) and records what was fitted.
 """
 
 __all__ = [
     "STRATEGIES",
     "ImbalancePlan",
+    "PostHoc",
     "WeightedFocalLoss",
     "WeightedFocalLossFlat",
     "apply_offsets",
     "class_counts",
     "class_weights",
+    "fit_posthoc",
     "fit_thresholds",
     "logit_adjust",
     "loss_func",
@@ -524,3 +529,77 @@ def fit_thresholds(probs, targets, iters: int = 5, grid=None) -> np.ndarray:
     if not offsets.any() or score("macro_f1", y, apply_offsets(p, offsets)) < score("macro_f1", y, p):
         return np.zeros(n_cls)
     return offsets
+
+
+# ------------------------------------------------------------------------------------------- a run's post-hoc steps
+@dataclass(frozen=True)
+class PostHoc:
+    """Post-hoc adjustments fitted on a run's validation predictions (see `fit_posthoc`).
+
+    Attributes:
+        tau: logit-adjustment strength (None: no logit adjustment).
+        prior: training class prior used by the logit adjustment (None without it).
+        offsets: per-class offsets from `fit_thresholds`, applied after the logit adjustment (None: not fitted).
+        metric: the metric both steps were tuned for.
+    """
+
+    tau: Optional[float] = None
+    prior: Optional[np.ndarray] = None
+    offsets: Optional[np.ndarray] = None
+    metric: str = "macro_f1"
+
+    @property
+    def applied(self) -> bool:
+        """Whether any step was fitted (so the stored predictions differ from the model's own)."""
+        return self.tau is not None or self.offsets is not None
+
+    def apply(self, probs) -> np.ndarray:
+        """The adjusted probabilities: one N x C array, or stacked views V x N x C (each view adjusted alike)."""
+        p = _to_numpy(probs)
+        if p.ndim == 3:
+            return np.stack([self.apply(v) for v in p])
+        if self.tau is not None:
+            p = logit_adjust(p, self.prior, self.tau)
+        if self.offsets is not None:
+            p = apply_offsets(p, self.offsets)
+        return p
+
+    def describe(self) -> str:
+        """One line for metrics tables, saying what was fitted where."""
+        steps = ([f"logit-adjust tau={self.tau:g}"] if self.tau is not None else []) + \
+            ([f"thresholds ({int(np.count_nonzero(self.offsets))} classes offset)"] if self.offsets is not None else [])
+        return (f"{' + '.join(steps)}, tuned for {self.metric} on valid: valid scores are in-sample (optimistic), "
+                "test scores are held out; *_raw = before post-hoc")
+
+    def to_dict(self) -> dict:
+        """JSON-able record of the fitted steps (for the run's meta.json)."""
+        return {"tau": self.tau, "prior": None if self.prior is None else [float(v) for v in self.prior],
+                "offsets": None if self.offsets is None else [float(v) for v in self.offsets],
+                "metric": self.metric, "fitted_on": "valid (plain view)"}
+
+
+def fit_posthoc(valid_probs, valid_targets, prior=None, thresholds: bool = False,
+                metric: str = "macro_f1") -> PostHoc:
+    """Fit a run's post-hoc steps on its validation predictions: logit adjustment, then per-class offsets.
+
+    Args:
+        valid_probs: validation probabilities of the plain view, N x C.
+        valid_targets: validation class indices, length N.
+        prior: training class prior (or counts) to tune a logit adjustment for; None skips that step.
+        thresholds: also fit per-class offsets (`fit_thresholds`, macro-F1) on the adjusted probabilities.
+        metric: what `tune_tau` maximises. Macro-F1 by default: on a validation split that is as skewed as the
+            training set, tuning for accuracy would undo the adjustment that a balanced test set rewards.
+
+    Returns:
+        A `PostHoc`; ``apply`` it to every stored view of valid and test.
+    """
+    p = _probs(valid_probs)
+    tau = pr = offsets = None
+    if prior is not None:
+        pr = _to_numpy(prior).astype(np.float64).reshape(-1)
+        pr = pr / pr.sum()
+        tau = tune_tau(p, valid_targets, pr, metric=metric)
+        p = logit_adjust(p, pr, tau)
+    if thresholds:
+        offsets = fit_thresholds(p, valid_targets)
+    return PostHoc(tau=tau, prior=pr, offsets=offsets, metric=metric)

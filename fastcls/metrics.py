@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from .errors import FastclsError, suggest
 
@@ -40,6 +40,13 @@ def _fastai_macro_f1():
     return m
 
 
+def _fastai_balanced_accuracy():
+    from fastai.metrics import BalancedAccuracy
+    m = BalancedAccuracy()
+    m.name = "balanced_accuracy"
+    return m
+
+
 def _macro_f1(y, p):
     return f1_score(y, p, average="macro", zero_division=0)
 
@@ -47,6 +54,8 @@ def _macro_f1(y, p):
 METRICS: dict[str, Metric] = {
     "accuracy": Metric("accuracy", accuracy_score, _fastai_accuracy),
     "macro_f1": Metric("macro_f1", _macro_f1, _fastai_macro_f1),
+    # mean per-class recall: on a skewed validation split, the estimate of accuracy on a balanced test set
+    "balanced_accuracy": Metric("balanced_accuracy", balanced_accuracy_score, _fastai_balanced_accuracy),
 }
 
 

@@ -69,8 +69,11 @@ class Recipe:
     normalize: Literal["imagenet", "dataset", "none"] = "imagenet"
     # -- model and schedule
     metric: str = "accuracy"
+    extra_metrics: tuple = ()  # also scored (valid and test) and stored, e.g. ("macro_f1",)
+    monitor: Optional[str] = None  # picks the best epoch, early stops, tunes post-hoc tau (None: metric)
     archs: tuple = ("resnet18",)
     pretrained: bool = True
+    allow_pretrained: bool = True  # False: from scratch only (e.g. the competition forbade pretrained weights)
     epochs: int = 3
     freeze_epochs: int = 1
     lr: float = 2e-3
@@ -79,8 +82,9 @@ class Recipe:
     bs: int = 64
     wd: Optional[float] = None
     label_smoothing: float = 0.0
-    imbalance: str = "none"
-    patience: Optional[int] = None  # early stopping on the metric (None: off)
+    imbalance: str = "none"  # fastcls.imbalance strategies, comma-combined: "none", "focal,oversample,logit-adjust"
+    tune_thresholds: bool = False  # per-class offsets fitted on valid for macro-F1, applied to the stored predictions
+    patience: Optional[int] = None  # early stopping on the monitored metric (None: off)
     tta: int = 4  # augmented views stored next to the plain prediction
     # -- submission
     sub_id_col: str = "id"
@@ -106,6 +110,9 @@ class Recipe:
         for key, ok, want in checks:
             if not ok:
                 raise FastclsError(f"Recipe {self.name!r}: setting {key!r} must be {want}, got {getattr(self, key)!r}.")
+        if self.pretrained and not self.allow_pretrained:
+            raise FastclsError(f"Recipe {self.name!r} trains from scratch only (allow_pretrained=False: its rules "
+                               "forbid pretrained weights), so --pretrained cannot be used. Drop --pretrained.")
 
     def override(self, **changes) -> "Recipe":
         """A copy with `changes` applied, each checked against the field's declared type."""

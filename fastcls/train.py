@@ -1,7 +1,7 @@
 """One run from recipe to store: learner, frozen + unfrozen schedule, best-epoch tracking, predictions, save."""
 
 __all__ = ["RunConfig", "learner", "schedule", "train", "fit_run", "resume_run", "RunResult", "Predictions",
-           "run_metrics", "store_run", "KeepBest", "EpochLine", "EarlyStop"]
+           "run_metrics", "fit_posthoc_steps", "store_run", "KeepBest", "EpochLine", "EarlyStop"]
 
 import copy
 import dataclasses
@@ -26,6 +26,7 @@ from . import data as fdata
 from .archs import build_model, check_size, get_arch, splitter
 from .checkpoint import Checkpointer, RunInterrupted, interrupt_signals, read_checkpoint, skipped_epoch
 from .errors import FastclsError
+from .imbalance import PostHoc, fit_posthoc, parse_imbalance, plan
 from .metrics import get_metric
 from .predict import predict_views, tta_blend
 from .recipe import Recipe
@@ -44,6 +45,11 @@ class RunConfig:
     sample: Optional[int] = None
     name: Optional[str] = None
     on_bad_image: str = "fail"  # 'fail': refuse to train on unreadable images; 'skip': leave them out
+
+    def __post_init__(self):
+        if self.weights and not self.recipe.allow_pretrained:
+            raise FastclsError(f"Recipe {self.recipe.name!r} trains from scratch only (allow_pretrained=False: its "
+                               f"rules forbid pretrained weights), so --weights {self.weights} cannot be used.")
 
     def to_dict(self) -> dict:
         d = self.recipe.to_dict()
@@ -130,7 +136,6 @@ class EpochLine(Callback):
 
 def imbalance_plan(recipe: Recipe, dls):
     """The imbalance toolkit's plan (loss, sampler weights, post-hoc flag) for the recipe's training items."""
-    from .imbalance import parse_imbalance, plan
     vocab = {v: i for i, v in enumerate(dls.vocab)}
     labels = np.array([vocab[l] for l in dls.train_ds.items["label"]])
     return plan(parse_imbalance(recipe.imbalance), labels, len(dls.vocab), label_smoothing=recipe.label_smoothing)
@@ -152,10 +157,7 @@ def learner(dls, cfg: RunConfig, model=None, load_weights: bool = True) -> Learn
         model = build_model(cfg.arch, len(dls.vocab), ps=recipe.ps, pretrained=recipe.pretrained and load_weights,
                             weights=cfg.weights if load_weights else None)
         model.body_groups = spec.body_groups
-    metric = get_metric(recipe.metric)
-    metrics = [metric.fastai()]
-    if recipe.metric != "accuracy":
-        metrics.insert(0, get_metric("accuracy").fastai())
+    metrics = [get_metric(n).fastai() for n in _metric_names(recipe)]  # the monitored metric last (see `train`)
     learn = Learner(dls, model, loss_func=imbalance_plan(recipe, dls).loss, metrics=metrics,
                     splitter=splitter if full else trainable_params, wd=recipe.wd if recipe.wd is not None else None)
     if full and (recipe.pretrained or cfg.weights):
@@ -258,7 +260,8 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
     t0 = time.time()
     recipe = cfg.recipe
     get_arch(cfg.arch)
-    get_metric(recipe.metric)
+    _metric_names(recipe)  # unknown metrics and a bad imbalance spec fail before the data is read
+    parse_imbalance(recipe.imbalance)
     store.check_writable()
     items = items if items is not None else fdata.read_items(recipe, cfg.data)
     items = fdata.check_images(items, cfg.on_bad_image, cache_dir=fdata.cache_home())
@@ -324,19 +327,46 @@ class Predictions:
     test_targets: Optional[np.ndarray] = None  # true test labels when the data has them (scoring only)
 
 
-def run_metrics(recipe: Recipe, preds: Predictions, best_epoch: Optional[int], n_train: int) -> dict:
-    """Final metrics of a run from its stored predictions: the recipe's metric plain and TTA-blended, valid loss."""
-    metric = get_metric(recipe.metric)
+def run_metrics(recipe: Recipe, preds: Predictions, best_epoch: Optional[int], n_train: int,
+                raw: Optional[Predictions] = None, posthoc: Optional[PostHoc] = None) -> dict:
+    """Final metrics of a run from its stored predictions: each of the recipe's metrics (see `_metric_names`) plain
+    and TTA-blended on valid, and on test where the data has test labels; valid loss.
+
+    With post-hoc steps (`posthoc`, fitted on valid), `preds` are the adjusted predictions and `raw` the model's own:
+    their scores get a `_raw` suffix. Valid scores after a post-hoc step are in-sample (optimistic); test scores are
+    held out.
+    """
+    names = _metric_names(recipe)
     vp, vt = preds.valid_probs, preds.valid_targets
-    metrics = {"metric_name": recipe.metric, recipe.metric: metric(vt, vp[0]),
-               f"{recipe.metric}_tta": metric(vt, tta_blend(vp)), "valid_loss": _nll(vp[0], vt),
-               "best_epoch": best_epoch, "n_train": n_train, "n_valid": len(vt)}
-    if recipe.metric != "accuracy":
-        metrics["accuracy"] = get_metric("accuracy")(vt, vp[0])
-    if preds.test_probs is not None and preds.test_targets is not None:
-        metrics[f"test_{recipe.metric}"] = metric(preds.test_targets, preds.test_probs[0])
-        metrics[f"test_{recipe.metric}_tta"] = metric(preds.test_targets, tta_blend(preds.test_probs))
+    has_test = preds.test_probs is not None and preds.test_targets is not None
+    metrics = {"metric_name": recipe.metric}
+    if posthoc is not None and posthoc.applied:
+        metrics["posthoc"] = posthoc.describe()
+        if posthoc.tau is not None:
+            metrics["logit_adjust_tau"] = posthoc.tau
+    metrics.update(_scores(names, vt, vp))
+    if has_test:
+        metrics.update(_scores(names, preds.test_targets, preds.test_probs, prefix="test_"))
+    if raw is not None:
+        metrics.update(_scores(names, vt, raw.valid_probs, suffix="_raw"))
+        if has_test:
+            metrics.update(_scores(names, raw.test_targets, raw.test_probs, prefix="test_", suffix="_raw"))
+    metrics.update(valid_loss=_nll(vp[0], vt), best_epoch=best_epoch, n_train=n_train, n_valid=len(vt))
     return metrics
+
+
+def fit_posthoc_steps(recipe: Recipe, preds: Predictions, learn=None) -> PostHoc:
+    """The recipe's post-hoc steps (logit adjustment, thresholds) fitted on the valid plain view of `preds`.
+
+    Tau is tuned for the recipe's `monitor` (macro-F1 when it has none); the prior is the learner's training classes.
+    """
+    prior = None
+    if "logit-adjust" in parse_imbalance(recipe.imbalance):
+        if learn is None:
+            raise FastclsError("Logit adjustment needs the training class counts: pass the learner to store_run.")
+        prior = imbalance_plan(recipe, learn.dls).prior
+    return fit_posthoc(preds.valid_probs[0], preds.valid_targets, prior, recipe.tune_thresholds,
+                       metric=recipe.monitor or "macro_f1")
 
 
 def store_run(cfg: RunConfig, store: RunStore, preds: Predictions, history: pd.DataFrame, best_epoch: Optional[int],
@@ -348,7 +378,13 @@ def store_run(cfg: RunConfig, store: RunStore, preds: Predictions, history: pd.D
     `stats` is the data set's own mean/std (normalize='dataset'): predicting later must reuse them (dls(stats=...)).
     `run_id`: the run started with `store.begin` that these results finish; `extra`: more facts for its meta.json.
     """
-    metrics = run_metrics(cfg.recipe, preds, best_epoch, n_train)
+    post = fit_posthoc_steps(cfg.recipe, preds, learn)
+    raw = None
+    if post.applied:  # fitted on valid, applied to every stored view of valid and test
+        test = None if preds.test_probs is None else post.apply(preds.test_probs)
+        raw, preds = preds, dataclasses.replace(preds, valid_probs=post.apply(preds.valid_probs), test_probs=test)
+        extra = {**(extra or {}), "posthoc": post.to_dict()}
+    metrics = run_metrics(cfg.recipe, preds, best_epoch, n_train, raw=raw, posthoc=post)
     run = RunData(config={**cfg.to_dict(), **(config_extra or {})}, vocab=preds.vocab, valid_probs=preds.valid_probs,
                   valid_targets=preds.valid_targets, valid_ids=preds.valid_ids, metrics=metrics,
                   test_probs=preds.test_probs, test_ids=preds.test_ids, history=history, weights=weights,
@@ -401,6 +437,26 @@ def _quietly(fn, *args, **kwargs):
         fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001  (the original exception matters more)
         print(f"fastcls: could not record the run's status: {e}", file=sys.stderr)
+
+
+def _metric_names(recipe: Recipe) -> list:
+    """Metrics a run scores (validated): accuracy, the recipe's metric and extra metrics, the monitored one last."""
+    monitor = recipe.monitor or recipe.metric
+    names = [n for n in dict.fromkeys(["accuracy", recipe.metric, *recipe.extra_metrics]) if n != monitor] + [monitor]
+    for n in names:
+        get_metric(n)
+    return names
+
+
+def _scores(names, y, views, prefix: str = "", suffix: str = "") -> dict:
+    """Each metric on the plain view and on the TTA blend of stacked `views`."""
+    blend = tta_blend(views)
+    out = {}
+    for n in names:
+        m = get_metric(n)
+        out[f"{prefix}{n}{suffix}"] = m(y, views[0])
+        out[f"{prefix}{n}_tta{suffix}"] = m(y, blend)
+    return out
 
 
 def _nll(probs: np.ndarray, targets: np.ndarray) -> float:
