@@ -2,6 +2,7 @@
 
 __all__ = ["Metric", "METRICS", "get_metric", "score"]
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,9 +41,15 @@ def _fastai_macro_f1():
     return m
 
 
+def _balanced_accuracy(y, p):
+    with warnings.catch_warnings():  # a small valid split may lack a predicted class: recall is over true classes
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return balanced_accuracy_score(y, p)
+
+
 def _fastai_balanced_accuracy():
-    from fastai.metrics import BalancedAccuracy
-    m = BalancedAccuracy()
+    from fastai.metrics import skm_to_fastai
+    m = skm_to_fastai(_balanced_accuracy)  # fastai's BalancedAccuracy, without sklearn's warning
     m.name = "balanced_accuracy"
     return m
 
@@ -55,7 +62,7 @@ METRICS: dict[str, Metric] = {
     "accuracy": Metric("accuracy", accuracy_score, _fastai_accuracy),
     "macro_f1": Metric("macro_f1", _macro_f1, _fastai_macro_f1),
     # mean per-class recall: on a skewed validation split, the estimate of accuracy on a balanced test set
-    "balanced_accuracy": Metric("balanced_accuracy", balanced_accuracy_score, _fastai_balanced_accuracy),
+    "balanced_accuracy": Metric("balanced_accuracy", _balanced_accuracy, _fastai_balanced_accuracy),
 }
 
 
