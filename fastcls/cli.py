@@ -65,6 +65,15 @@ LabelSmoothing = Annotated[Optional[float], typer.Option("--label-smoothing", he
 TuneThresholds = Annotated[Optional[bool], typer.Option("--tune-thresholds/--no-tune-thresholds", help="Fit per-class "
                                                         "offsets for macro-F1 on valid; apply them to the stored "
                                                         "predictions (default: the recipe's).")]
+Cache = Annotated[Optional[bool], typer.Option("--cache/--no-cache", help="Read images through the pre-resized image "
+                                               "cache ($FASTCLS_CACHE; default: on for image files > 2x the size).")]
+Workers = Annotated[Optional[int], typer.Option("--workers", min=0, help="DataLoader worker processes (default: 0 on "
+                                                "CPU, where the model needs the cores; cores-1 with a GPU).")]
+Amp = Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision (default: on with a GPU: bf16, or "
+                                             "fp16 where bf16 is unsupported; --amp on CPU runs bf16 autocast).")]
+ChannelsLast = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="Channels-last memory "
+                                                      "format (default: on with a GPU, off on CPU).")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model (slow to start; off by default).")]
 
 
 def _cli(fn):
@@ -124,7 +133,7 @@ def archs_cmd():
 
 
 def make_config(recipe: str, arch: str, *, recipes=(), data=None, seed=42, weights=None, sample=None, name=None,
-                on_bad_image="fail", **overrides):
+                on_bad_image="fail", amp=None, channels_last=None, compile=False, workers=None, **overrides):
     """A validated RunConfig from CLI-style arguments (None means 'the recipe's default')."""
     from .archs import get_arch
     from .recipe import get_recipe
@@ -140,7 +149,7 @@ def make_config(recipe: str, arch: str, *, recipes=(), data=None, seed=42, weigh
     if on_bad_image not in ("fail", "skip"):
         raise FastclsError(f"--on-bad-image must be 'fail' or 'skip', got {on_bad_image!r}.")
     return RunConfig(r, arch, str(data) if data else None, seed, str(weights) if weights else None, sample, name,
-                     on_bad_image)
+                     on_bad_image, amp=amp, channels_last=channels_last, compile=compile, workers=workers)
 
 
 @app.command("train")
@@ -153,7 +162,8 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
               runs_dir: RunsDir = Path("runs"), sample: Sample = None, quiet: Quiet = False,
               recipes: RecipeDirs = None, crop: Crop = None, trim: Trim = None, on_bad_image: OnBadImage = "fail",
               imbalance: Imbalance = None, label_smoothing: LabelSmoothing = None,
-              tune_thresholds: TuneThresholds = None):
+              tune_thresholds: TuneThresholds = None, cache: Cache = None, workers: Workers = None,
+              amp: Amp = None, channels_last: ChannelsLast = None, compile: Compile = False):
     """Train one run and store it (config, metrics, weights, TTA probabilities) in the run store.
 
     Ctrl-C or SIGTERM stops it with its last finished epoch saved; `fastcls resume RUN` continues it.
@@ -162,10 +172,11 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
     from .runs import RunStore
     from .train import fit_run
     cfg = make_config(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample, name=name,
-                      on_bad_image=on_bad_image, size=size, ps=ps, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr,
+                      on_bad_image=on_bad_image, amp=amp, channels_last=channels_last, compile=compile, workers=workers,
+                      size=size, ps=ps, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr,
                       bs=bs, tta=tta, pretrained=pretrained, crop=crop or ("trim" if trim else None),
                       trim=parse_trim(trim) if trim else None, imbalance=imbalance, label_smoothing=label_smoothing,
-                      tune_thresholds=tune_thresholds)
+                      tune_thresholds=tune_thresholds, cache=cache)
     store = RunStore(runs_dir)
     res = fit_run(cfg, store, progress="none" if quiet else "auto")
     _print_result(res, store.load(res.run_id).config, runs_dir)  # the recipe may leave the size to the data
@@ -178,6 +189,21 @@ def _print_result(res, cfg: dict, runs_dir):
                         "ps": cfg["ps"], **{k: v for k, v in m.items() if k != "metric_name"},
                         "seconds": round(res.seconds, 1)}])
     out.print(_table(df.T.reset_index().set_axis(["field", "value"], axis=1), title=f"Run {res.run_id} stored in {runs_dir}"))
+
+
+@app.command("cache")
+@_cli
+def cache_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fastcls recipes`).")],
+              data: Data = None, size: Size = None, recipes: RecipeDirs = None):
+    """Fill the pre-resized image cache: decode, crop and resize every train and test image once, at --size."""
+    from .cache import fill_cache
+    from .data import read_items
+    from .recipe import get_recipe
+    r = get_recipe(recipe, recipes or ())
+    r = r.override(size=size) if size is not None else r
+    st = fill_cache(r, read_items(r, data))
+    out.print(f"{st.total} images at {st.size} px (crop {r.crop}): {st.written} written, {st.hits} already cached. "
+              f"{st.folder} holds {st.bytes / 1e6:.1f} MB.", highlight=False)
 
 
 @app.command("resume")

@@ -5,9 +5,9 @@ so one DataBlock serves folder-per-class data, CSV tables and numpy arrays alike
 """
 
 __all__ = ["Items", "LAYOUTS", "layout", "read_items", "assign_split", "sample_items", "TrimCrop", "CenterSquare",
-           "ImageGetter", "item_tfms", "batch_tfms", "dls", "test_dl", "IMAGE_EXTS", "read_folder_auto",
-           "item_problems", "item_notes", "DataReport", "check_data", "resolve_recipe", "infer_size", "parse_trim",
-           "load_image", "to_rgb", "scan_images", "check_images", "cache_home"]
+           "ImageGetter", "NormalizeInplace", "item_tfms", "batch_tfms", "dls", "default_workers", "test_dl",
+           "IMAGE_EXTS", "read_folder_auto", "item_problems", "item_notes", "DataReport", "check_data", "resolve_recipe",
+           "infer_size", "parse_trim", "load_image", "to_rgb", "scan_images", "check_images", "cache_home"]
 
 import dataclasses
 import os
@@ -22,17 +22,19 @@ from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
-from fastai.data.block import CategoryBlock, DataBlock
-from fastai.data.transforms import ColReader, ColSplitter, IndexSplitter
+from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
+from fastai.data.transforms import ColReader, ColSplitter, IndexSplitter, IntToFloatTensor
 from fastai.vision.augment import Hue, Resize, ResizeMethod, Saturation, aug_transforms
-from fastai.vision.core import PILImage
+from fastai.vision.core import PILImage, TensorImage
 from fastai.vision.data import ImageBlock, imagenet_stats
 from fastai.data.transforms import Normalize
 from fasttransform import Transform
 from PIL import Image, ImageOps
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, train_test_split
 
+from .cache import PresizedDL, pre_resized
 from .errors import FastclsError
+from .hardware import reuse_freed_memory
 from .recipe import Recipe
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -638,6 +640,14 @@ def item_tfms(recipe: Recipe) -> list:
     return tfms
 
 
+class NormalizeInplace(Normalize):
+    """fastai's Normalize, in place: the batch it gets is always a fresh float tensor (made by IntToFloatTensor or
+    the augmentations), and on CPU each new 64x3x224x224 float tensor costs ~40 ms of page faults (measured)."""
+
+    def encodes(self, x: TensorImage):
+        return x.sub_(self.mean).div_(self.std)
+
+
 def batch_tfms(recipe: Recipe, stats=None) -> list:
     """GPU-friendly batch augmentation (train only) and normalisation."""
     tfms = []
@@ -647,9 +657,9 @@ def batch_tfms(recipe: Recipe, stats=None) -> list:
         if recipe.color_jitter:  # torchvision's ColorJitter saturation/hue, as fastai batch transforms
             tfms += [Saturation(max_lighting=recipe.color_jitter), Hue(max_hue=recipe.color_jitter / 2)]
     if recipe.normalize == "imagenet":
-        tfms.append(Normalize.from_stats(*imagenet_stats))
+        tfms.append(NormalizeInplace.from_stats(*imagenet_stats))
     elif recipe.normalize == "dataset" and stats is not None:
-        tfms.append(Normalize.from_stats(*stats))
+        tfms.append(NormalizeInplace.from_stats(*stats))
     return tfms
 
 
@@ -662,12 +672,14 @@ def dataset_stats(items: Items, df: pd.DataFrame, n: int = 512, seed: int = 0):
     return px.mean(0).tolist(), px.std(0).tolist()
 
 
-def dls(recipe: Recipe, items: Items, seed: int = 42, sample: Optional[int] = None, num_workers: int = 0,
+def dls(recipe: Recipe, items: Items, seed: int = 42, sample: Optional[int] = None, num_workers: Optional[int] = None,
         stats=None):
     """fastai DataLoaders for the recipe's items, split reproducibly by `seed`; `sample` takes a stratified subset.
 
     The vocab is the recipe's `classes` when it declares them (their order), else the sorted labels. With
     `normalize='dataset'` the train split's mean/std are used, or `stats` (e.g. a stored run's) when given.
+    Images are cropped and resized once where `fastcls.cache.pre_resized` says so (`out.cached`: "memory",
+    "disk+memory", "disk" or None); `num_workers` None means `default_workers()`.
     """
     recipe = resolve_recipe(recipe, items)
     train = items.train if sample is None else sample_items(items.train, sample, seed)
@@ -677,17 +689,25 @@ def dls(recipe: Recipe, items: Items, seed: int = 42, sample: Optional[int] = No
     else:
         stats = None
     vocab = [str(c) for c in recipe.classes] if recipe.classes else sorted(df["label"].unique().tolist())
-    block = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=vocab, sort=False)),
-                      get_x=ImageGetter(items.arrays, items.blank),
-                      get_y=ColReader("label"), splitter=ColSplitter("is_valid"), item_tfms=item_tfms(recipe),
+    get_x, tfms, cached = pre_resized(recipe, items, [df, items.test], ImageGetter(items.arrays, items.blank),
+                                      item_tfms(recipe))
+    # pre-resized images come as uint8 tensors already: no PIL round trip per item
+    img_block = TransformBlock(batch_tfms=IntToFloatTensor) if cached and "memory" in cached else ImageBlock
+    block = DataBlock(blocks=(img_block, CategoryBlock(vocab=vocab, sort=False)), get_x=get_x,
+                      get_y=ColReader("label"), splitter=ColSplitter("is_valid"), item_tfms=tfms,
                       batch_tfms=batch_tfms(recipe, stats))
     from fastai.torch_core import set_seed
     set_seed(seed)
-    kw = dict(bs=recipe.bs, num_workers=num_workers, device="cpu" if not _cuda() else None)
+    workers = default_workers() if num_workers is None else num_workers
+    if not _cuda():
+        reuse_freed_memory()  # CPU batches: reuse freed heap memory instead of page-faulting fresh pages in
+    kw = dict(bs=recipe.bs, num_workers=workers, device="cpu" if not _cuda() else None)
     wgts = _sample_weights(recipe, df)
-    # fastai's WeightedDL draws the training batches by weight; the validation loader stays plain and in order
-    out = block.dataloaders(df, **kw) if wgts is None else block.weighted_dataloaders(df, wgts, **kw)
-    out.items, out.stats = items, stats
+    if wgts is not None:  # fastai's WeightedDL draws the training batches by weight; valid stays plain and in order
+        out = block.weighted_dataloaders(df, wgts, **kw)
+    else:
+        out = block.dataloaders(df, dl_type=PresizedDL if cached and "memory" in cached else None, **kw)
+    out.items, out.stats, out.cached = items, stats, cached
     return out
 
 
@@ -700,6 +720,12 @@ def _sample_weights(recipe: Recipe, df: pd.DataFrame) -> Optional[np.ndarray]:
     wgts = np.zeros(len(df))
     wgts[train] = oversample_weights(df.loc[train, "label"].to_numpy())
     return wgts
+
+
+def default_workers() -> int:
+    """DataLoader worker processes: 0 on CPU (measured: with 2 cores the model's threads need them), else cores - 1."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, n - 1) if _cuda() and n > 2 else 0
 
 
 def test_dl(dls_, items: Items):

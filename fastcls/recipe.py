@@ -67,6 +67,7 @@ class Recipe:
     max_lighting: float = 0.2
     color_jitter: float = 0.0  # saturation and hue jitter (brightness/contrast come from max_lighting)
     normalize: Literal["imagenet", "dataset", "none"] = "imagenet"
+    cache: Optional[bool] = None  # pre-resized image cache (fastcls.cache); None: on for image files > 2x the size
     # -- model and schedule
     metric: str = "accuracy"
     extra_metrics: tuple = ()  # also scored (valid and test) and stored, e.g. ("macro_f1",)

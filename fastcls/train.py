@@ -9,7 +9,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,7 @@ from . import data as fdata
 from .archs import build_model, check_size, get_arch, splitter
 from .checkpoint import Checkpointer, RunInterrupted, interrupt_signals, read_checkpoint, skipped_epoch
 from .errors import FastclsError
+from .hardware import accelerate
 from .imbalance import PostHoc, fit_posthoc, parse_imbalance, plan
 from .metrics import get_metric
 from .predict import predict_views, tta_blend
@@ -45,6 +46,11 @@ class RunConfig:
     sample: Optional[int] = None
     name: Optional[str] = None
     on_bad_image: str = "fail"  # 'fail': refuse to train on unreadable images; 'skip': leave them out
+    # -- hardware (fastcls.hardware): None = auto (on with a GPU, off on CPU); workers None = data.default_workers()
+    amp: Optional[bool] = None
+    channels_last: Optional[bool] = None
+    compile: Union[bool, str] = False
+    workers: Optional[int] = None
 
     def __post_init__(self):
         if self.weights and not self.recipe.allow_pretrained:
@@ -55,7 +61,8 @@ class RunConfig:
         d = self.recipe.to_dict()
         d["recipe"] = d.pop("name")
         d.update(arch=self.arch, data=self.data, seed=self.seed, weights=self.weights, sample=self.sample,
-                 run_name=self.name, on_bad_image=self.on_bad_image)
+                 run_name=self.name, on_bad_image=self.on_bad_image, amp=self.amp, channels_last=self.channels_last,
+                 compile=self.compile, workers=self.workers)
         return d
 
     @classmethod
@@ -63,7 +70,8 @@ class RunConfig:
         """The config a stored run was trained with (its config.json), for resuming it."""
         from .recipe import Recipe, get_recipe
         d = dict(d)
-        run = {k: d.pop(k, None) for k in ("arch", "data", "seed", "weights", "sample", "run_name", "on_bad_image")}
+        run = {k: d.pop(k, None) for k in ("arch", "data", "seed", "weights", "sample", "run_name", "on_bad_image",
+                                           "amp", "channels_last", "compile", "workers")}
         name = d.pop("recipe")
         fields = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
         values = {k: v for k, v in d.items() if k in fields}
@@ -77,7 +85,8 @@ class RunConfig:
         values.pop("items", None)  # stored by name only; the recipe file provides the function
         recipe = base.override(**{k: v for k, v in values.items() if v != base.to_dict().get(k)})
         return cls(recipe, run["arch"], run["data"], run["seed"] if run["seed"] is not None else 42, run["weights"],
-                   run["sample"], run["run_name"], run["on_bad_image"] or "fail")
+                   run["sample"], run["run_name"], run["on_bad_image"] or "fail", amp=run["amp"],
+                   channels_last=run["channels_last"], compile=run["compile"] or False, workers=run["workers"])
 
 
 class KeepBest(TrackerCallback):
@@ -162,6 +171,7 @@ def learner(dls, cfg: RunConfig, model=None, load_weights: bool = True) -> Learn
                     splitter=splitter if full else trainable_params, wd=recipe.wd if recipe.wd is not None else None)
     if full and (recipe.pretrained or cfg.weights):
         learn.freeze()
+    accelerate(learn, cfg.amp, cfg.channels_last, cfg.compile)
     return learn
 
 
@@ -267,7 +277,7 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
     items = fdata.check_images(items, cfg.on_bad_image, cache_dir=fdata.cache_home())
     recipe = fdata.resolve_recipe(recipe, items)  # e.g. a size inferred from the images, stored as the run's size
     cfg = dataclasses.replace(cfg, recipe=recipe)
-    d = fdata.dls(recipe, items, seed=cfg.seed, sample=cfg.sample)
+    d = fdata.dls(recipe, items, seed=cfg.seed, sample=cfg.sample, num_workers=cfg.workers)
     resume = read_checkpoint(store.root / run_id / CHECKPOINT) if run_id else None
     learn = learner(d, cfg, load_weights=resume is None)
     store.check_writable(_bytes_needed(learn, d, items, recipe))
@@ -311,7 +321,8 @@ def _train_and_store(cfg: RunConfig, store: RunStore, rid: str, learn: Learner, 
                         _encode(items.test["label"], d.vocab) if has_test and "label" in items.test else None)
     return store_run(cfg, store, preds, history, best_epoch, len(d.train_ds), learn.model.state_dict(),
                      time.time() - t0, learn=learn, sweep=sweep, stats=d.stats, run_id=rid,
-                     extra={"bad_images": items.bad} if items.bad else None)
+                     extra={**({"bad_images": items.bad} if items.bad else {}), "accel": learn.accel,
+                            "image_cache": d.cached})
 
 
 @dataclass

@@ -26,6 +26,15 @@ def shared_data(name: str) -> Path:
     return p
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _image_cache(tmp_path_factory):
+    """Keep the pre-resized image cache (fastcls.cache) out of the user's home folder during tests."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FASTCLS_CACHE", str(tmp_path_factory.mktemp("image-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture
 def runner():
     return CliRunner()
