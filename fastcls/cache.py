@@ -253,6 +253,9 @@ def use_cache(recipe: Recipe, items, n_probe: int = 16) -> bool:
         return False
     if recipe.cache is not None:
         return recipe.cache
+    if recipe.size is None:  # left to the data
+        from .data import resolve_recipe
+        recipe = resolve_recipe(recipe, items)
     xs = items.train["x"]
     idx = np.linspace(0, len(xs) - 1, num=min(n_probe, len(xs))).astype(int)
     areas = []
