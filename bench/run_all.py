@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -276,6 +277,9 @@ def gather() -> dict:
     return found
 
 
+_FIGURE = re.compile(r"seconds|ratio|speedup|faster|best|accuracy|f1|loss|error|gain", re.I)
+
+
 def _flat(d, prefix=""):
     """Nested JSON -> (key path, value) rows for figures of unknown shape: scalars and short lists of scalars; per-row
     tables (lists of objects) are left to their own benchmark's output."""
@@ -329,7 +333,8 @@ def table(res: dict) -> str:
                      f"speedup {fmt(ar['speedup'], 'x', 1)} |")
     for name, d in res.get("gathered", {}).items():
         for k, v in _flat(d):
-            lines.append(f"| {name} (bench/results/{name}.json) | {k} | {v} |")
+            if _FIGURE.search(k.rsplit(".", 1)[-1]) and ".features." not in k:  # the figures, not the set-up details
+                lines.append(f"| {name} (bench/results/{name}.json; its settings there) | {k} | {v} |")
     if "gathered" in res and not res["gathered"]:
         lines.append("| sweep, ensemble | - | bench/results/sweep.json and ensemble.json not present yet |")
     return "\n".join(lines)
@@ -346,7 +351,14 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--quick", action="store_true", help="overhead: only the three main variants")
     p.add_argument("--out", default=str(RESULTS / "perf.json"))
+    p.add_argument("--show", metavar="JSON", help="print the table of an earlier run's JSON (re-gathering the other "
+                                                  "benchmarks' figures) and exit")
     args = p.parse_args(argv)
+    if args.show:
+        res = json.loads(Path(args.show).read_text())
+        res["gathered"] = gather()
+        print(table(res))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = set(args.only.split(","))

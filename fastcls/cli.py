@@ -65,8 +65,9 @@ LabelSmoothing = Annotated[Optional[float], typer.Option("--label-smoothing", he
 TuneThresholds = Annotated[Optional[bool], typer.Option("--tune-thresholds/--no-tune-thresholds", help="Fit per-class "
                                                         "offsets for macro-F1 on valid; apply them to the stored "
                                                         "predictions (default: the recipe's).")]
-Cache = Annotated[Optional[bool], typer.Option("--cache/--no-cache", help="Read images through the pre-resized image "
-                                               "cache ($FASTCLS_CACHE; default: on for image files > 2x the size).")]
+Cache = Annotated[Optional[bool], typer.Option("--cache/--no-cache", help="Pre-resized images: the disk cache "
+                                               "($FASTCLS_CACHE; default: on for image files > 2x the size) and one "
+                                               "in-memory copy when it fits in 1 GiB; --no-cache turns both off.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", min=0, help="DataLoader worker processes (default: 0 on "
                                                 "CPU, where the model needs the cores; cores-1 with a GPU).")]
 Amp = Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision (default: on with a GPU: bf16, or "

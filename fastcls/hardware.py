@@ -5,8 +5,8 @@ mixed precision and channels-last are on with a CUDA GPU and off on CPU; compile
 
 Decisions, measured on the 2-core development CPU (Xeon with AVX-512 but neither AMX nor AVX512-BF16):
 - `amp=True` on CPU is allowed and runs bfloat16 autocast (the only autocast dtype torch supports well on CPU;
-  fastai's `MixedPrecision` only knows CUDA, hence `CpuBF16`). It was 3.6x slower than float32 for resnet18 at 64 px
-  on that CPU, so it is never on by default there; on CPUs with AMX it can pay off.
+  fastai's `MixedPrecision` only knows CUDA, hence `CpuBF16`). A resnet18 step at 64 px took 2.4x the CPU time of
+  float32 on that CPU, so it is never on by default there; on CPUs with AMX it can pay off.
 - On a GPU, `amp` uses bfloat16 where the GPU supports it (no loss scaling needed), float16 with fastai's gradient
   scaler otherwise.
 - `compile` uses `nn.Module.compile` (in place, so parameter names, the splitter and saved weights are unchanged).
