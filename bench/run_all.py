@@ -277,7 +277,7 @@ def gather() -> dict:
     return found
 
 
-_FIGURE = re.compile(r"seconds|ratio|speedup|faster|best|accuracy|f1|loss|error|gain", re.I)
+_FIGURE = re.compile(r"seconds|_s$|ratio|speedup|faster|best|accuracy|f1|loss|error|gain|score|goal", re.I)
 
 
 def _flat(d, prefix=""):
@@ -289,6 +289,9 @@ def _flat(d, prefix=""):
     elif isinstance(d, list):
         if len(d) <= 12 and all(not isinstance(v, (dict, list)) for v in d):
             yield prefix, ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in d)
+        elif all(isinstance(v, dict) and "method" in v for v in d):  # one result per method (the ensemble's)
+            for v in d:
+                yield from _flat({k: x for k, x in v.items() if k != "method"}, f"{prefix}[{v['method']}]")
     else:
         yield prefix, f"{d:.4g}" if isinstance(d, float) else str(d)
 
