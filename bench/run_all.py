@@ -194,7 +194,8 @@ def cache(args) -> dict:
     if not data.exists():
         return {"skipped": f"{data} is absent"}
     os.environ["FASTCLS_CACHE"] = tempfile.mkdtemp(prefix="fastcls-bench-cache-")  # a truly cold cache to start
-    base = Recipe(name="simpsons-bench", layout="folder", train_dir="train/simpsons_dataset", test_dir="testset/testset",
+    base = Recipe(name="simpsons-bench", layout="folder", train_dir="train/simpsons_dataset",
+                  test_dir="testset/testset",
                   size=224, bs=64, split="random")
     items = read_items(base, data)
     budget = fastcls.cache.MEMORY_BUDGET
@@ -233,7 +234,8 @@ def cache(args) -> dict:
         base_epoch = [e for _, e, _ in res["no cache (decode every epoch)"]]
         case = {"cold run (fills the cache)": None if cold is None else {"start_s": cold[0], "epoch_s": cold[1]}}
         for k, v in res.items():
-            case[k] = {"kind": v[0][2], "start_s": spread([b for b, _, _ in v]), "epoch_s": spread([e for _, e, _ in v]),
+            case[k] = {"kind": v[0][2], "start_s": spread([b for b, _, _ in v]),
+                       "epoch_s": spread([e for _, e, _ in v]),
                        "epoch_speedup": spread([a / e for a, (_, e, _) in zip(base_epoch, v)])}
         out["cases"]["batch augmentation " + ("on" if aug else "off")] = case
     d = dls(base.override(cache=False), items, seed=0, num_workers=0)
@@ -247,7 +249,8 @@ def arrays(args) -> dict:
     from fastcls.recipe import Recipe
     items, source = overhead_data(20, 64)
     r = Recipe(name="arrays", layout="npz", split="given", size=args.size, bs=64, aug=False)
-    d = {k: dls(r.override(cache=c), items, seed=0, num_workers=0) for k, c in (("per item", False), ("presized", None))}
+    d = {k: dls(r.override(cache=c), items, seed=0, num_workers=0)
+         for k, c in (("per item", False), ("presized", None))}
     assert d["per item"].cached is None and d["presized"].cached == "memory"
     t0 = time.perf_counter()
     dls(r, items, seed=0, num_workers=0)
@@ -332,7 +335,8 @@ def table(res: dict) -> str:
     if ar:
         what = f"data epoch, {ar['data']} arrays in memory, {ar['size']} px ({ar['images']} images)"
         lines.append(f"| {what} | per item (PIL, every epoch) | {fmt(ar['images_per_s']['per item'], ' img/s', 0)} |")
-        lines.append(f"| {what} | presized once, batches sliced (PresizedDL) | {fmt(ar['images_per_s']['presized'], ' img/s', 0)}; "
+        lines.append(f"| {what} | presized once, batches sliced (PresizedDL) | "
+                     f"{fmt(ar['images_per_s']['presized'], ' img/s', 0)}; "
                      f"speedup {fmt(ar['speedup'], 'x', 1)} |")
     for name, d in res.get("gathered", {}).items():
         for k, v in _flat(d):

@@ -14,7 +14,8 @@ Entries are written to a temporary file and renamed into place, so concurrent re
 runs) see either nothing or a whole entry. The root is `images/` under `$FASTCLS_CACHE`, else `~/.cache/fastcls/images`.
 """
 
-__all__ = ["cache_root", "cache_settings", "CachedImageGetter", "PresizedArrays", "PresizedDL", "use_cache", "pre_resized",
+__all__ = ["cache_root", "cache_settings", "CachedImageGetter", "PresizedArrays", "PresizedDL", "use_cache",
+           "pre_resized",
            "fill_cache", "CacheStats", "MEMORY_BUDGET"]
 
 import hashlib
@@ -311,7 +312,8 @@ def fill_cache(recipe: Recipe, items, root: Optional[Path] = None, threads: Opti
         try:
             get._store(path, np.asarray(get.make(row)))
         except OSError as e:
-            raise FastclsError(f"Cannot cache image {row['x']}: {e}. Check the file, or remove it from the data.") from None
+            raise FastclsError(f"Cannot cache image {row['x']}: {e}. Check the file, or remove it from the "
+                               "data.") from None
         return False
 
     with ThreadPoolExecutor(threads or os.cpu_count() or 1) as ex:

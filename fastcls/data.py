@@ -6,8 +6,9 @@ so one DataBlock serves folder-per-class data, CSV tables and numpy arrays alike
 
 __all__ = ["Items", "LAYOUTS", "layout", "read_items", "assign_split", "sample_items", "TrimCrop", "CenterSquare",
            "ImageGetter", "NormalizeInplace", "item_tfms", "batch_tfms", "dls", "default_workers", "test_dl",
-           "IMAGE_EXTS", "read_folder_auto", "item_problems", "item_notes", "DataReport", "check_data", "resolve_recipe",
-           "infer_size", "parse_trim", "load_image", "to_rgb", "scan_images", "check_images", "cache_home"]
+           "IMAGE_EXTS", "read_folder_auto", "item_problems", "item_notes", "DataReport", "check_data",
+           "resolve_recipe", "infer_size", "parse_trim", "load_image", "to_rgb", "scan_images", "check_images",
+           "cache_home"]
 
 import dataclasses
 import os

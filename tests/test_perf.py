@@ -26,7 +26,8 @@ def make_photos(root, classes=("cat", "dog"), n=6, test=3, size=(72, 48)):
     for c in classes:
         (root / "train" / c).mkdir(parents=True)
         for i in range(n):
-            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / "train" / c / f"{i}.png")
+            img = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(img).save(root / "train" / c / f"{i}.png")
     (root / "test").mkdir()
     for i in range(test):
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / "test" / f"t{i}.jpg")
@@ -134,7 +135,8 @@ def test_cache_key_separates_sizes_and_crops(tmp_path, cache_dir):
     root = make_photos(tmp_path / "data", n=2, test=0)
     base = Recipe(name="p", layout="folder", test_dir=None, size=16)
     items = read_items(base, root)
-    variants = [base, base.override(size=24), base.override(crop="center"), base.override(crop="trim", trim=(2, 0, 0, 0)),
+    variants = [base, base.override(size=24), base.override(crop="center"),
+                base.override(crop="trim", trim=(2, 0, 0, 0)),
                 base.override(crop="trim", trim=(4, 0, 0, 0))]
     folders = set()
     for r in variants:
