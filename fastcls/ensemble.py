@@ -38,7 +38,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from .errors import FastclsError, suggest
-from .metrics import get_metric
+from .metrics import COUNT_METRICS, get_metric
 from .runs import RunData, RunStore, StoredRun
 
 METHODS = ("mean", "weighted", "rank", "vote", "hill", "stack")
@@ -48,25 +48,6 @@ _CHUNK = 16384  # rows per block: keeps temporaries of a (rows, classes) block s
 _SUM_TOL = 1e-3  # same tolerance as the store's own check when a run is saved
 
 
-# -- metrics on label counts ----------------------------------------------------------------------------------------
-# Accuracy and macro-F1 are functions of per-class (true positives, predicted counts, true counts), so a search step
-# or a bootstrap resample only needs bincounts, not a call to sklearn. Both agree with the registry's sklearn
-# definitions (tests check this); other registry metrics fall back to calling the metric on full label arrays.
-
-def _accuracy_counts(tp, npred, ntrue):
-    return tp.sum(-1) / np.maximum(ntrue.sum(-1), 1)
-
-
-def _macro_f1_counts(tp, npred, ntrue):
-    denom = npred + ntrue  # = 2tp + fp + fn; sklearn averages over classes present in targets or predictions
-    present = denom > 0
-    f1 = np.where(present, 2.0 * tp / np.maximum(denom, 1), 0.0)
-    return f1.sum(-1) / np.maximum(present.sum(-1), 1)
-
-
-_COUNT_METRICS: dict[str, Callable] = {"accuracy": _accuracy_counts, "macro_f1": _macro_f1_counts}
-
-
 class _LabelScorer:
     """Scores predicted labels against fixed targets, optionally on a subset of rows (`mask`); for count metrics
     also from (true positive, predicted) counts per class."""
@@ -74,7 +55,7 @@ class _LabelScorer:
     def __init__(self, metric: str, targets: np.ndarray, n_classes: int, mask: Optional[np.ndarray] = None):
         self.name, self.metric = metric, get_metric(metric)
         self.sign = 1.0 if self.metric.higher_is_better else -1.0
-        self.counts_fn = _COUNT_METRICS.get(metric)
+        self.counts_fn = COUNT_METRICS.get(metric)
         self.y, self.C, self.mask = np.asarray(targets, dtype=np.int64), n_classes, mask
         self.ntrue = np.bincount(self._rows(self.y), minlength=n_classes).astype(np.float64)
 
@@ -873,7 +854,7 @@ def paired_bootstrap(targets, a, b, metric: str, n_boot: int = 1000, seed: int =
     if n_boot <= 0:
         return gain, float("nan"), float("nan")
     rng = np.random.default_rng([seed, 20040704])
-    N, fn = len(y), _COUNT_METRICS.get(metric)
+    N, fn = len(y), COUNT_METRICS.get(metric)
     if fn is None:  # any other registry metric: plain row resampling
         boot = np.empty(n_boot)
         for i in range(n_boot):

@@ -58,7 +58,7 @@ from fastai.losses import BaseLoss, CrossEntropyLossFlat, LabelSmoothingCrossEnt
 from torch import nn
 
 from .errors import FastclsError, suggest
-from .metrics import get_metric, score
+from .metrics import get_metric, macro_f1_from_counts, score
 
 STRATEGIES = ("none", "weights", "focal", "oversample", "logit-adjust")
 _CONFLICTS = [
@@ -428,16 +428,9 @@ def apply_offsets(probs, offsets) -> np.ndarray:
     return _reweight(p, b)
 
 
-def _macro_f1_from_counts(tp, pred, support) -> np.ndarray:
-    """Macro-F1 like sklearn's (average over classes present in targets or predictions), over leading axes."""
-    denom = pred + support  # = 2tp + fp + fn
-    f1 = np.where(denom > 0, 2.0 * tp / np.maximum(denom, 1), 0.0)
-    return f1.sum(-1) / np.maximum((denom > 0).sum(-1), 1)
-
-
 def _macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
     tp = np.bincount(y[y == pred], minlength=n_classes)
-    return float(_macro_f1_from_counts(tp, np.bincount(pred, minlength=n_classes),
+    return float(macro_f1_from_counts(tp, np.bincount(pred, minlength=n_classes),
                                        np.bincount(y, minlength=n_classes)))
 
 
@@ -509,7 +502,7 @@ def fit_thresholds(probs, targets, iters: int = 5, grid=None) -> np.ndarray:
             tp = np.bincount(k[hit], minlength=n_cls) - cum_tp
             pred[:, c] = cum_k.sum(1)
             tp[:, c] = np.bincount(first[y == c], minlength=n_g + 1)[:n_g].cumsum()
-            scores = _macro_f1_from_counts(tp, pred, support)
+            scores = macro_f1_from_counts(tp, pred, support)
             g = prefer[np.argmax(scores[prefer])]
             if scores[g] > cur + 1e-12 and v[g] != offsets[c]:
                 offsets[c], cur, changed = v[g], float(scores[g]), True

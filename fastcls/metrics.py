@@ -1,6 +1,7 @@
 """Competition metrics: one registry serves training (fastai metric objects) and stored-probability scoring."""
 
-__all__ = ["Metric", "METRICS", "get_metric", "score"]
+__all__ = ["Metric", "METRICS", "COUNT_METRICS", "get_metric", "score", "accuracy_from_counts",
+           "macro_f1_from_counts"]
 
 import warnings
 from dataclasses import dataclass
@@ -77,3 +78,24 @@ def get_metric(name: str) -> Metric:
 def score(name: str, y_true, probs) -> float:
     """Score probabilities (N x C) or labels with the registered metric `name`."""
     return get_metric(name)(y_true, probs)
+
+
+# -- the same metrics from label counts ----------------------------------------------------------------------------
+# Accuracy and macro-F1 are functions of per-class (true positives, predicted counts, true counts), so a search step
+# or a bootstrap resample only needs bincounts, not a call to sklearn. Both agree with the registry's sklearn
+# definitions (tests check this); both work over leading axes (many candidates at once).
+
+def accuracy_from_counts(tp, npred, ntrue) -> np.ndarray:
+    """Accuracy from per-class true positives, predicted counts and true counts (last axis: classes)."""
+    return tp.sum(-1) / np.maximum(ntrue.sum(-1), 1)
+
+
+def macro_f1_from_counts(tp, npred, ntrue) -> np.ndarray:
+    """Macro-F1 like sklearn's (average over classes present in targets or predictions) from per-class counts."""
+    denom = npred + ntrue  # = 2tp + fp + fn
+    present = denom > 0
+    f1 = np.where(present, 2.0 * tp / np.maximum(denom, 1), 0.0)
+    return f1.sum(-1) / np.maximum(present.sum(-1), 1)
+
+
+COUNT_METRICS: dict[str, Callable] = {"accuracy": accuracy_from_counts, "macro_f1": macro_f1_from_counts}
