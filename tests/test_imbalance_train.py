@@ -7,6 +7,7 @@ written in the quickdraw npz layout, so they run everywhere; the recipe test use
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from fastai.callback.data import WeightedDL
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
@@ -256,6 +257,13 @@ def test_quickdraw_trains_on_real_data_and_scores_both_metrics(cli, tmp_path):
         assert m[name] == pytest.approx(score(name, run.valid_targets, run.valid_probs[0]), abs=1e-6)
     assert "macro_f1" in run.history.columns, "macro-F1 is also reported per epoch"
     assert run.config["imbalance"] == get_recipe("quickdraw").imbalance
+    sub = tmp_path / "sub.csv"
+    res = cli("submit", run.id, "--out", sub, "--runs-dir", runs)
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(sub, dtype=str)
+    assert list(df.columns) == ["Id", "Category"] and df["Id"].tolist() == [str(i) for i in range(3000)]
+    assert run.test_probs.shape[0] == 1, "--tta 0: the plain view only, which the submission uses"
+    assert df["Category"].tolist() == [run.vocab[i] for i in np.asarray(run.test_probs[0]).argmax(1)]
 
 
 def test_quickdraw_refuses_pretrained_weights(cli, tmp_path):
