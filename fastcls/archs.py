@@ -7,7 +7,7 @@ A model is `nn.Sequential(body, head)`: the body returns a feature map, the head
 
 __all__ = ["ArchSpec", "ARCHS", "register_arch", "get_arch", "build_model", "build_body", "make_head", "split_head",
            "check_size", "splitter", "SimpleCNN", "fc_head", "resolve_weights", "weights_dir", "read_weights",
-           "match_body", "add_weights", "list_weights"]
+           "match_body", "add_weights", "list_weights", "drop_path_rate"]
 
 import os
 import pickle
@@ -145,7 +145,7 @@ def _missing_weights_msg(spec: ArchSpec, d: Path, why: str) -> str:
             f"by FASTCLS_WEIGHTS), pass --weights FILE, or train from scratch with --no-pretrained.")
 
 
-def _body(spec: ArchSpec, source) -> nn.Module:
+def _body(spec: ArchSpec, source, drop_path: float = 0.0) -> nn.Module:
     if spec.factory is not None:
         body = spec.factory()
         if isinstance(source, Path):
@@ -153,19 +153,33 @@ def _body(spec: ArchSpec, source) -> nn.Module:
         return body
     import timm
     kw = dict(num_classes=0, global_pool="")
+    if drop_path:
+        kw["drop_path_rate"] = drop_path
     if source is None or isinstance(source, Path):
-        body = timm.create_model(spec.timm_name, pretrained=False, **kw)
+        body = _create(spec.timm_name, False, kw)
         if isinstance(source, Path):  # loaded here, strictly: timm's own file loading ignores missing keys
             body.load_state_dict(match_body(read_weights(source), body, spec, source))
         return body
     offline = not _hub_reachable()
     try:
         with _hub_offline(offline):  # offline: only timm's local cache is tried, instead of ~50 s of retries
-            return timm.create_model(spec.timm_name, pretrained=True, **kw)
+            return _create(spec.timm_name, True, kw)
     except Exception as e:  # timm raises many kinds (hub offline, connection, missing file): all mean "not here"
         why = "the model hub is unreachable and timm's cache has no copy" if offline else \
             f"downloading them through timm failed ({type(e).__name__})"
         raise FastclsError(_missing_weights_msg(spec, weights_dir(), why)) from None
+
+
+def _create(timm_name: str, pretrained: bool, kw: dict) -> nn.Module:
+    """timm.create_model; an arch without stochastic depth is built without its `drop_path_rate`."""
+    import timm
+    try:
+        return timm.create_model(timm_name, pretrained=pretrained, **kw)
+    except TypeError as e:
+        if "drop_path_rate" not in str(e):
+            raise
+        return timm.create_model(timm_name, pretrained=pretrained, **{k: v for k, v in kw.items()
+                                                                       if k != "drop_path_rate"})
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -296,10 +310,19 @@ def check_size(arch: str, size: Optional[int]):
                            f"Use --size {spec.min_size} or more.")
 
 
-def build_body(arch: str, pretrained: bool = False, weights=None) -> nn.Module:
-    """The feature-map body of `arch` (pretrained weights resolved as in `build_model`); has `num_features`."""
+def build_body(arch: str, pretrained: bool = False, weights=None, drop_path: float = 0.0) -> nn.Module:
+    """The feature-map body of `arch` (pretrained weights resolved as in `build_model`); has `num_features`.
+
+    `drop_path` is timm's stochastic depth rate, for the archs whose timm model takes one (`supports_drop_path`).
+    """
     spec = get_arch(arch)
-    return _body(spec, resolve_weights(spec, pretrained, weights))
+    return _body(spec, resolve_weights(spec, pretrained, weights), drop_path)
+
+
+def drop_path_rate(model: nn.Module) -> float:
+    """The largest stochastic-depth rate among `model`'s timm DropPath layers (0.0: the model has none)."""
+    from timm.layers import DropPath
+    return max((float(m.drop_prob) for m in model.modules() if isinstance(m, DropPath)), default=0.0)
 
 
 def make_head(arch: str, nf: int, n_out: int, ps: float) -> nn.Module:
@@ -323,9 +346,11 @@ def split_head(head: nn.Module) -> tuple[nn.Sequential, nn.Sequential]:
     return nn.Sequential(*mods[:cut]), nn.Sequential(*mods[cut:])
 
 
-def build_model(arch: str, n_out: int, ps: float = 0.5, pretrained: bool = False, weights=None) -> nn.Sequential:
-    """`nn.Sequential(body, head)` for `arch` with its head (fastai's unless the arch has its own, dropout `ps`)."""
-    body = build_body(arch, pretrained, weights)
+def build_model(arch: str, n_out: int, ps: float = 0.5, pretrained: bool = False, weights=None,
+                drop_path: float = 0.0) -> nn.Sequential:
+    """`nn.Sequential(body, head)` for `arch` with its head (fastai's unless the arch has its own, dropout `ps`) and
+    stochastic depth `drop_path` where the arch has it."""
+    body = build_body(arch, pretrained, weights, drop_path)
     return nn.Sequential(body, make_head(arch, body.num_features, n_out, ps))
 
 

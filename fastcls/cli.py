@@ -75,6 +75,17 @@ Amp = Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed preci
 ChannelsLast = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="Channels-last memory "
                                                       "format (default: on with a GPU, off on CPU).")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model (slow to start; off by default).")]
+# k-fold, students, probes (fastcls.cv, fastcls.student, fastcls.probe)
+Folds = Annotated[Optional[int], typer.Option("--folds", help="K-fold: one run per fold plus a parent 'cv' run holding "
+                                              "the out-of-fold valid and fold-averaged test probabilities "
+                                              "(stratified; grouped where the recipe splits by group).")]
+Fold = Annotated[Optional[int], typer.Option("--fold", help="With --folds: train only this fold (0..K-1); the cv run "
+                                             "is stored once every fold is.")]
+Runs = Annotated[list[str], typer.Argument(help="Run ids, unique id prefixes or names (a cv or ensemble run too).")]
+StudentArch = Annotated[Optional[str], typer.Option("--arch", help="The student's architecture (default: the first "
+                                                    "teacher run's).")]
+DropPath = Annotated[Optional[float], typer.Option("--drop-path", help="Stochastic depth rate of the student (timm "
+                                                   "archs that have it; default: the recipe's, 0.1 for pseudo-label).")]
 
 
 def _cli(fn):
@@ -164,10 +175,12 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
               recipes: RecipeDirs = None, crop: Crop = None, trim: Trim = None, on_bad_image: OnBadImage = "fail",
               imbalance: Imbalance = None, label_smoothing: LabelSmoothing = None,
               tune_thresholds: TuneThresholds = None, cache: Cache = None, workers: Workers = None,
-              amp: Amp = None, channels_last: ChannelsLast = None, compile: Compile = False):
+              amp: Amp = None, channels_last: ChannelsLast = None, compile: Compile = False, folds: Folds = None,
+              fold: Fold = None):
     """Train one run and store it (config, metrics, weights, TTA probabilities) in the run store.
 
     Ctrl-C or SIGTERM stops it with its last finished epoch saved; `fastcls resume RUN` continues it.
+    With --folds K: one run per fold and a parent 'cv' run with the out-of-fold predictions.
     """
     from .data import parse_trim
     from .runs import RunStore
@@ -179,6 +192,16 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
                       trim=parse_trim(trim) if trim else None, imbalance=imbalance, label_smoothing=label_smoothing,
                       tune_thresholds=tune_thresholds, cache=cache)
     store = RunStore(runs_dir)
+    if fold is not None and folds is None:
+        raise FastclsError("--fold K needs --folds N (the number of folds K belongs to).")
+    if folds is not None:
+        from .cv import run_cv
+        res = run_cv(cfg, store, folds, fold, progress="none" if quiet else "auto")
+        title = (f"cv run {res.run_id} ({res.cv_id}) stored in {runs_dir}" if res.run_id else
+                 f"{res.cv_id}: {sum(r is not None for r in res.fold_runs)} of {folds} folds stored; the cv run is "
+                 "stored once every fold is")
+        out.print(_table(res.table, title=title))
+        return
     res = fit_run(cfg, store, progress="none" if quiet else "auto")
     _print_result(res, store.load(res.run_id).config, runs_dir)  # the recipe may leave the size to the data
 

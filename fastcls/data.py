@@ -4,7 +4,7 @@ Every layout is read into the same `Items` table (one row per image: `id`, `x`, 
 so one DataBlock serves folder-per-class data, CSV tables and numpy arrays alike.
 """
 
-__all__ = ["Items", "LAYOUTS", "layout", "read_items", "assign_split", "sample_items", "TrimCrop", "CenterSquare",
+__all__ = ["Items", "LAYOUTS", "layout", "read_items", "assign_split", "assign_folds", "sample_items", "TrimCrop", "CenterSquare",
            "ImageGetter", "NormalizeInplace", "item_tfms", "batch_tfms", "dls", "default_workers", "test_dl",
            "IMAGE_EXTS", "read_folder_auto", "item_problems", "item_notes", "DataReport", "check_data",
            "resolve_recipe", "infer_size", "parse_trim", "load_image", "to_rgb", "scan_images", "check_images",
@@ -31,7 +31,8 @@ from fastai.vision.data import ImageBlock, imagenet_stats
 from fastai.data.transforms import Normalize
 from fasttransform import Transform
 from PIL import Image, ImageOps
-from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import (GroupShuffleSplit, KFold, StratifiedGroupKFold, StratifiedKFold,
+                                     train_test_split)
 
 from .cache import PresizedDL, pre_resized
 from .errors import FastclsError
@@ -568,6 +569,38 @@ def assign_split(train: pd.DataFrame, recipe: Recipe, seed: int) -> pd.DataFrame
     return df
 
 
+def assign_folds(train: pd.DataFrame, recipe: Recipe, k: int, seed: int) -> np.ndarray:
+    """The fold (0..k-1) of each row of `train`: stratified by label, grouped when the recipe splits by group.
+
+    Depends only on the rows (labels, groups), `k` and `seed`, never on the arch, so every arch's folds agree and
+    their out-of-fold predictions can be ensembled or stacked. A recipe with a given split is folded over all rows.
+    """
+    if k < 2:
+        raise FastclsError(f"--folds must be at least 2, got {k}.")
+    if len(train) < k:
+        raise FastclsError(f"Recipe {recipe.name!r}: {len(train)} training items, too few for {k} folds.")
+    idx, y = np.arange(len(train)), train["label"].astype(str).to_numpy()
+    with warnings.catch_warnings():  # classes rarer than k: sklearn warns and spreads them as it can
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        if recipe.split == "group":
+            if "group" not in train:
+                raise FastclsError(f"Recipe {recipe.name!r} splits by group but its items have no group column.")
+            n_groups = train["group"].nunique()
+            if n_groups < k:
+                raise FastclsError(f"Recipe {recipe.name!r}: its items make only {n_groups} groups "
+                                   f"({recipe.group_col or 'group'}), fewer than --folds {k}; no group may cross "
+                                   f"folds. Use --folds {n_groups} or fewer.")
+            splits = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(idx, y, train["group"])
+        elif pd.Series(y).value_counts().min() >= 2:
+            splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(idx, y)
+        else:  # a class with one item cannot be stratified
+            splits = KFold(n_splits=k, shuffle=True, random_state=seed).split(idx)
+        fold = np.full(len(train), -1, dtype=np.int64)
+        for i, (_, held) in enumerate(splits):
+            fold[held] = i
+    return fold
+
+
 def sample_items(train: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     """A stratified subset of `n` training items (every class kept where n allows), for quick checks."""
     if n >= len(train):
@@ -674,17 +707,21 @@ def dataset_stats(items: Items, df: pd.DataFrame, n: int = 512, seed: int = 0):
 
 
 def dls(recipe: Recipe, items: Items, seed: int = 42, sample: Optional[int] = None, num_workers: Optional[int] = None,
-        stats=None):
+        stats=None, fold: Optional[tuple] = None):
     """fastai DataLoaders for the recipe's items, split reproducibly by `seed`; `sample` takes a stratified subset.
 
     The vocab is the recipe's `classes` when it declares them (their order), else the sorted labels. With
     `normalize='dataset'` the train split's mean/std are used, or `stats` (e.g. a stored run's) when given.
     Images are cropped and resized once where `fastcls.cache.pre_resized` says so (`out.cached`: "memory",
-    "disk+memory", "disk" or None); `num_workers` None means `default_workers()`.
+    "disk+memory", "disk" or None); `num_workers` None means `default_workers()`. `fold=(k, K)` validates on fold
+    k of `assign_folds(..., K, seed)` instead of the recipe's split.
     """
     recipe = resolve_recipe(recipe, items)
     train = items.train if sample is None else sample_items(items.train, sample, seed)
-    df = assign_split(train, recipe, seed).reset_index(drop=True)
+    if fold is None:
+        df = assign_split(train, recipe, seed).reset_index(drop=True)
+    else:
+        df = train.reset_index(drop=True).assign(is_valid=assign_folds(train, recipe, fold[1], seed) == fold[0])
     if recipe.normalize == "dataset":
         stats = stats if stats is not None else dataset_stats(items, df[~df["is_valid"]])
     else:

@@ -79,6 +79,7 @@ class Recipe:
     freeze_epochs: int = 1
     lr: float = 2e-3
     ps: float = 0.5
+    drop_path: float = 0.0  # stochastic depth (timm's drop_path_rate) for archs that have it; others ignore it
     ps_grid: tuple = (0.1, 0.2, 0.4, 0.6)
     bs: int = 64
     wd: Optional[float] = None
@@ -96,7 +97,7 @@ class Recipe:
 
     def __post_init__(self):
         checks = [("size", self.size is None or self.size > 0, "a positive number of pixels (or None: inferred)"),
-                  ("ps", 0 <= self.ps < 1, "in [0, 1)"),
+                  ("ps", 0 <= self.ps < 1, "in [0, 1)"), ("drop_path", 0 <= self.drop_path < 1, "in [0, 1)"),
                   ("valid_pct", 0 < self.valid_pct < 1, "in (0, 1)"), ("epochs", self.epochs >= 0, ">= 0"),
                   ("freeze_epochs", self.freeze_epochs >= 0, ">= 0"), ("lr", self.lr > 0, "> 0"),
                   ("bs", self.bs > 0, "> 0"), ("tta", self.tta >= 0, ">= 0"),

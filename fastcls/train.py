@@ -51,6 +51,9 @@ class RunConfig:
     channels_last: Optional[bool] = None
     compile: Union[bool, str] = False
     workers: Optional[int] = None
+    # -- k-fold (fastcls.cv): validate on fold `fold` of `folds` (fastcls.data.assign_folds) instead of the split
+    fold: Optional[int] = None
+    folds: Optional[int] = None
 
     def __post_init__(self):
         if self.weights and not self.recipe.allow_pretrained:
@@ -63,6 +66,8 @@ class RunConfig:
         d.update(arch=self.arch, data=self.data, seed=self.seed, weights=self.weights, sample=self.sample,
                  run_name=self.name, on_bad_image=self.on_bad_image, amp=self.amp, channels_last=self.channels_last,
                  compile=self.compile, workers=self.workers)
+        if self.folds:
+            d.update(fold=self.fold, folds=self.folds)
         return d
 
     @classmethod
@@ -71,7 +76,7 @@ class RunConfig:
         from .recipe import Recipe, get_recipe
         d = dict(d)
         run = {k: d.pop(k, None) for k in ("arch", "data", "seed", "weights", "sample", "run_name", "on_bad_image",
-                                           "amp", "channels_last", "compile", "workers")}
+                                           "amp", "channels_last", "compile", "workers", "fold", "folds")}
         name = d.pop("recipe")
         fields = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
         values = {k: v for k, v in d.items() if k in fields}
@@ -86,7 +91,8 @@ class RunConfig:
         recipe = base.override(**{k: v for k, v in values.items() if v != base.to_dict().get(k)})
         return cls(recipe, run["arch"], run["data"], run["seed"] if run["seed"] is not None else 42, run["weights"],
                    run["sample"], run["run_name"], run["on_bad_image"] or "fail", amp=run["amp"],
-                   channels_last=run["channels_last"], compile=run["compile"] or False, workers=run["workers"])
+                   channels_last=run["channels_last"], compile=run["compile"] or False, workers=run["workers"],
+                   fold=run["fold"], folds=run["folds"])
 
 
 class KeepBest(TrackerCallback):
@@ -164,7 +170,7 @@ def learner(dls, cfg: RunConfig, model=None, load_weights: bool = True) -> Learn
         check_size(cfg.arch, recipe.size)
         set_seed(cfg.seed)
         model = build_model(cfg.arch, len(dls.vocab), ps=recipe.ps, pretrained=recipe.pretrained and load_weights,
-                            weights=cfg.weights if load_weights else None)
+                            weights=cfg.weights if load_weights else None, drop_path=recipe.drop_path)
         model.body_groups = spec.body_groups
     metrics = [get_metric(n).fastai() for n in _metric_names(recipe)]  # the monitored metric last (see `train`)
     learn = Learner(dls, model, loss_func=imbalance_plan(recipe, dls).loss, metrics=metrics,
@@ -252,7 +258,8 @@ class RunResult:
 
 
 def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Optional[fdata.Items] = None,
-            sweep: Optional[str] = None, run_id: Optional[str] = None) -> RunResult:
+            sweep: Optional[str] = None, run_id: Optional[str] = None, kind: str = "train",
+            extra: Optional[dict] = None, cbs: tuple = ()) -> RunResult:
     """Train one run and store it: the whole flow recipe -> dls -> learner -> train -> predict -> store.
 
     Every check that can fail (data table, unreadable images, runs folder writable and large enough) happens
@@ -266,6 +273,9 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
         items: already-read items (saves re-reading the data folder in sweeps).
         sweep: the sweep id this run belongs to, if any.
         run_id: continue this interrupted run of `store` from its checkpoint instead of starting a new one.
+        kind: the run's kind in the store (e.g. 'pseudo' for a noisy-student round).
+        extra: more facts for the run's meta.json (e.g. how many pseudo-labels it used).
+        cbs: extra fastai callbacks for training (e.g. `fastcls.student`'s soft targets).
     """
     t0 = time.time()
     recipe = cfg.recipe
@@ -277,7 +287,8 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
     items = fdata.check_images(items, cfg.on_bad_image, cache_dir=fdata.cache_home())
     recipe = fdata.resolve_recipe(recipe, items)  # e.g. a size inferred from the images, stored as the run's size
     cfg = dataclasses.replace(cfg, recipe=recipe)
-    d = fdata.dls(recipe, items, seed=cfg.seed, sample=cfg.sample, num_workers=cfg.workers)
+    d = fdata.dls(recipe, items, seed=cfg.seed, sample=cfg.sample, num_workers=cfg.workers,
+                  fold=(cfg.fold, cfg.folds) if cfg.folds else None)
     resume = read_checkpoint(store.root / run_id / CHECKPOINT) if run_id else None
     learn = learner(d, cfg, load_weights=resume is None)
     store.check_writable(_bytes_needed(learn, d, items, recipe))
@@ -285,11 +296,12 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
     if run_id:
         store.claim(run_id)
         prior = float(store.load(run_id, any_status=True).meta.get("seconds") or 0)
-    rid = run_id or store.begin(cfg.to_dict(), name=cfg.name, sweep=sweep)
+    rid = run_id or store.begin(cfg.to_dict(), name=cfg.name, kind=kind, sweep=sweep)
     ckpt = Checkpointer(store.root / rid / CHECKPOINT, resume)
     try:
         with interrupt_signals():
-            return _train_and_store(cfg, store, rid, learn, d, items, ckpt, progress, t0 - prior, sweep)
+            return _train_and_store(cfg, store, rid, learn, d, items, ckpt, progress, t0 - prior, sweep, kind, extra,
+                                    cbs)
     except KeyboardInterrupt as e:
         if _finished(store, rid):  # Ctrl-C in the last instant of saving: the run is complete
             raise
@@ -309,9 +321,10 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
 
 
 def _train_and_store(cfg: RunConfig, store: RunStore, rid: str, learn: Learner, d, items: fdata.Items,
-                     ckpt: Checkpointer, progress: str, t0: float, sweep: Optional[str]) -> RunResult:
+                     ckpt: Checkpointer, progress: str, t0: float, sweep: Optional[str], kind: str = "train",
+                     extra: Optional[dict] = None, cbs: tuple = ()) -> RunResult:
     recipe = cfg.recipe
-    history, best_epoch = train(learn, cfg, progress, checkpoint=ckpt)
+    history, best_epoch = train(learn, cfg, progress, checkpoint=ckpt, cbs=cbs)
     valid_probs, valid_targets = predict_views(learn, d.valid, recipe.tta)
     tdl = fdata.test_dl(d, items)
     test_probs = predict_views(learn, tdl, recipe.tta)[0] if tdl is not None else None
@@ -320,9 +333,9 @@ def _train_and_store(cfg: RunConfig, store: RunStore, rid: str, learn: Learner, 
                         items.test["id"].tolist() if has_test else None, test_probs,
                         _encode(items.test["label"], d.vocab) if has_test and "label" in items.test else None)
     return store_run(cfg, store, preds, history, best_epoch, len(d.train_ds), learn.model.state_dict(),
-                     time.time() - t0, learn=learn, sweep=sweep, stats=d.stats, run_id=rid,
+                     time.time() - t0, learn=learn, sweep=sweep, stats=d.stats, run_id=rid, kind=kind,
                      extra={**({"bad_images": items.bad} if items.bad else {}), "accel": learn.accel,
-                            "image_cache": d.cached})
+                            "image_cache": d.cached, **(extra or {})})
 
 
 @dataclass
