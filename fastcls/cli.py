@@ -317,6 +317,66 @@ def check_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
     out.print("OK: the data folder matches the recipe.")
 
 
+@app.command("pseudo-label")
+@_cli
+def pseudo_label_cmd(runs: Runs,
+                     threshold: Annotated[float, typer.Option("--threshold", help="A test item is pseudo-labelled "
+                                                              "when the teacher's top probability is >= this.")] = 0.9,
+                     rounds: Annotated[int, typer.Option("--rounds", help="Student generations; each student "
+                                                         "teaches the next round.")] = 1,
+                     arch: StudentArch = None, drop_path: DropPath = 0.1, epochs: Epochs = None, lr: Lr = None,
+                     ps: Ps = None, name: Name = None, data: Data = None, runs_dir: RunsDir = Path("runs"),
+                     quiet: Quiet = False, recipes: RecipeDirs = None):
+    """Noisy student: teacher runs' stored test probabilities pseudo-label the confident test items; a student
+    trains on them with noise (augmentation, dropout, stochastic depth); each round is a stored run."""
+    from .runs import RunStore
+    from .student import pseudo_label
+    res = pseudo_label(RunStore(runs_dir), runs, threshold, rounds, arch, drop_path, "none" if quiet else "auto",
+                       recipes or (), data, name, epochs=epochs, lr=lr, ps=ps)
+    out.print(_table(res.table, title=f"Noisy-student rounds stored in {runs_dir} (threshold {threshold})"))
+
+
+@app.command("distill")
+@_cli
+def distill_cmd(runs: Runs, arch: Annotated[str, typer.Option("--arch", help="The student's architecture.")],
+                temperature: Annotated[float, typer.Option("--temperature", help="Softening temperature T of the "
+                                                           "soft targets (the KL term is scaled by T^2).")] = 2.0,
+                alpha: Annotated[float, typer.Option("--alpha", help="Weight of the soft-target term; 1 - alpha "
+                                                     "weighs the hard-label cross-entropy.")] = 0.5,
+                unlabeled: Annotated[bool, typer.Option("--unlabeled", help="Also train on the test items with the "
+                                                        "teachers' soft targets (no hard label).")] = False,
+                epochs: Epochs = None, lr: Lr = None, ps: Ps = None, name: Name = None, data: Data = None,
+                runs_dir: RunsDir = Path("runs"), quiet: Quiet = False, recipes: RecipeDirs = None):
+    """Distil stored runs (a cv run's out-of-fold probabilities, an ensemble...) into one student run; no teacher
+    model is loaded. The table compares teacher and student."""
+    from .runs import RunStore
+    from .student import distill
+    res = distill(RunStore(runs_dir), runs, arch, temperature, alpha, unlabeled, "none" if quiet else "auto",
+                  recipes or (), data, name, epochs=epochs, lr=lr, ps=ps)
+    out.print(_table(res.table, title=f"Student {res.run_ids[0]} stored in {runs_dir} (T={temperature}, "
+                                      f"alpha={alpha}, soft targets on {res.table.attrs['soft_train_items']} train "
+                                      f"and {res.table.attrs['soft_test_items']} test items)"))
+
+
+@app.command("probe")
+@_cli
+def probe_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fastcls recipes`).")],
+              arch: Annotated[str, typer.Argument(help="Architecture whose frozen body gives the features.")],
+              clf: Annotated[str, typer.Option("--clf", help="logreg, lda or hgb.")] = "logreg",
+              views: Views = None, data: Data = None, size: Size = None, tta: Tta = None, seed: Seed = 42,
+              pretrained: Pretrained = None, weights: Weights = None, name: Name = None, sample: Sample = None,
+              runs_dir: RunsDir = Path("runs"), quiet: Quiet = False, recipes: RecipeDirs = None):
+    """Fit a scikit-learn classifier on the frozen body's pooled features (the sweeps' feature cache) and store
+    it as a run with valid and test probabilities."""
+    from .probe import probe_run
+    from .runs import RunStore
+    cfg = make_config(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample, name=name,
+                      size=size, tta=tta, pretrained=pretrained)
+    store = RunStore(runs_dir)
+    res = probe_run(cfg, store, clf, views or 1, "none" if quiet else "auto")
+    _print_result(res, store.load(res.run_id).config, runs_dir)
+
+
 @app.command("ensemble")
 @_cli
 def ensemble_cmd(runs: Annotated[list[str], typer.Argument(help="Runs to combine: ids, unique id prefixes or names "

@@ -22,7 +22,8 @@ accumulated member by member.
 """
 
 __all__ = ["METHODS", "BETA_GRID", "Combiner", "EnsembleResult", "ensemble", "combine", "fit_combiner",
-           "cross_val_combine", "kfold_indices", "tta_blend", "choose_beta", "paired_bootstrap"]
+           "cross_val_combine", "kfold_indices", "tta_blend", "choose_beta", "paired_bootstrap", "check_runs",
+           "aligned_probs"]
 
 import time
 from dataclasses import dataclass, field
@@ -988,11 +989,9 @@ class _Lazy(Sequence):
         return self.fn(i)
 
 
-def _load_members(store: RunStore, refs: Sequence[str]):
-    """Load and cross-check the runs; returns (members, runs, metric, targets, valid_ids, test_ids or None)."""
-    if not refs:
-        raise FastclsError("No runs to ensemble: give at least one run id or name (list them with `fastcls runs`).")
-    runs = [store.load(r) for r in refs]
+def check_runs(runs: Sequence[StoredRun]) -> tuple[str, list, str]:
+    """(recipe, vocab, metric) that the stored `runs` share; a clear error when their recipe, vocab (classes and
+    their order) or metric differ, before any probabilities are combined."""
     ref = runs[0]
     recipe, vocab = ref.config.get("recipe"), list(ref.vocab)
     metric = ref.config.get("metric") or ref.metrics.get("metric_name")
@@ -1018,6 +1017,40 @@ def _load_members(store: RunStore, refs: Sequence[str]):
     if metric is None:
         raise FastclsError(f"Run {_run_label(ref)} records no metric (config 'metric' or metrics 'metric_name').")
     get_metric(metric)
+    return recipe, vocab, metric
+
+
+def aligned_probs(runs: Sequence[StoredRun], split: str = "test", beta: float = 0.25) -> tuple[list, np.ndarray]:
+    """The mean over `runs` of their TTA-blended stored probabilities on `split` ('test' or 'valid'), rows aligned
+    by item id to the first run: (item ids, (N, C) probabilities). For teachers (`fastcls.student`).
+
+    Raises:
+        FastclsError: the runs differ in recipe, vocab or metric (`check_runs`); a run has no probabilities on
+            `split`; the runs hold different items; stored probabilities that are not finite rows summing to 1.
+    """
+    check_runs(runs)
+    name = "validation" if split == "valid" else "test"
+    for run in runs:
+        if getattr(run, f"{split}_probs") is None:
+            raise FastclsError(f"Run {_run_label(run)} has no stored {name} probabilities (its data had no "
+                               f"{name} items), so it cannot teach. Give runs trained on data with {name} items.")
+    ref_ids = [str(i) for i in getattr(runs[0], f"{split}_ids")]
+    probs = []
+    for run in runs:
+        ids = [str(i) for i in getattr(run, f"{split}_ids")]
+        order = _alignment(ref_ids, ids, run, runs[0], name)
+        plain, aug = _checked_views(run, name, getattr(run, f"{split}_probs"), lambda: ids, order)
+        probs.append(_blend(plain, aug, beta))
+    return ref_ids, combine(probs, "mean")
+
+
+def _load_members(store: RunStore, refs: Sequence[str]):
+    """Load and cross-check the runs; returns (members, runs, metric, targets, valid_ids, test_ids or None)."""
+    if not refs:
+        raise FastclsError("No runs to ensemble: give at least one run id or name (list them with `fastcls runs`).")
+    runs = [store.load(r) for r in refs]
+    ref = runs[0]
+    recipe, vocab, metric = check_runs(runs)
     ref_ids = [str(i) for i in ref.valid_ids]
     targets = np.asarray(ref.valid_targets, dtype=np.int64)
     with_test = all(r.test_probs is not None for r in runs)
