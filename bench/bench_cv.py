@@ -91,7 +91,8 @@ def main():
     # the ensemble run stores no test score: score its test probabilities like the runs'
     from fastcls.metrics import get_metric
     from fastcls.train import _encode
-    y = _encode(items.test.set_index(items.test["id"].astype(str)).loc[ens.test_ids, "label"], store.load(one.run_id).vocab)
+    test = items.test.set_index(items.test["id"].astype(str))
+    y = _encode(test.loc[ens.test_ids, "label"], store.load(one.run_id).vocab)
     ens_row = {"what": "3-run ensemble (mean; ps 0.25, 0.1, 0.5)", "run": ens.run_id, "kind": "ensemble",
                "test_macro_f1": get_metric("macro_f1")(y, ens.test_probs), "test_macro_f1_tta": None,
                "valid_macro_f1": None, "n_valid": len(ens.valid_ids), "seconds": round(time.time() - t, 1)}

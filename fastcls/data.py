@@ -4,8 +4,8 @@ Every layout is read into the same `Items` table (one row per image: `id`, `x`, 
 so one DataBlock serves folder-per-class data, CSV tables and numpy arrays alike.
 """
 
-__all__ = ["Items", "LAYOUTS", "layout", "read_items", "assign_split", "assign_folds", "sample_items", "TrimCrop", "CenterSquare",
-           "ImageGetter", "NormalizeInplace", "item_tfms", "batch_tfms", "dls", "default_workers", "test_dl",
+__all__ = ["Items", "LAYOUTS", "layout", "read_items", "assign_split", "assign_folds", "sample_items", "TrimCrop",
+           "CenterSquare", "ImageGetter", "NormalizeInplace", "item_tfms", "batch_tfms", "dls", "default_workers", "test_dl",
            "IMAGE_EXTS", "read_folder_auto", "item_problems", "item_notes", "DataReport", "check_data",
            "resolve_recipe", "infer_size", "parse_trim", "load_image", "to_rgb", "scan_images", "check_images",
            "cache_home"]
