@@ -28,6 +28,7 @@ from fastai.callback.core import Callback
 from fastai.learner import SkipToEpoch
 
 from ._faults import fault
+from .distributed import bare_model
 from .errors import FastclsError, RunInterrupted  # noqa: F401  (RunInterrupted: re-exported)
 from .runs import write_atomic
 
@@ -222,7 +223,8 @@ class Checkpointer(Callback):
     # -- state
     def save(self):
         learn, keep = self.learn, self.keep
-        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in learn.model.state_dict().items()}
+        model = bare_model(learn.model)  # DDP (several processes) prefixes every key with 'module.'
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         if keep.best_state is not None:
             tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in keep.best_state.items()})
         opt_t, opt_m = optimizer_state(learn.opt)
@@ -250,7 +252,7 @@ class Checkpointer(Callback):
         self.pending = False
         t, m = self.resume["tensors"], self.resume["meta"]
         dev = next(learn.model.parameters()).device
-        learn.model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+        bare_model(learn.model).load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
         best = {k[5:]: v.to(dev) for k, v in t.items() if k.startswith("best.")}
         keep = self.keep
         keep.best_state = best or None

@@ -86,6 +86,17 @@ StudentArch = Annotated[Optional[str], typer.Option("--arch", help="The student'
                                                     "teacher run's).")]
 DropPath = Annotated[Optional[float], typer.Option("--drop-path", help="Stochastic depth rate of the student (timm "
                                                    "archs that have it; default: the recipe's, 0.1 for pseudo-label).")]
+# executors: where independent trials (sweep points, folds) run
+Executor = Annotated[str, typer.Option("--executor", help="'local': trials one after another here; 'ray': each trial "
+                                       "a Ray task (pip install fastcls[ray]), results stored by this process.")]
+Address = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (e.g. auto, HOST:6379, "
+                                                "ray://HOST:10001); default $RAY_ADDRESS, else a local instance.")]
+GpusPerTrial = Annotated[Optional[float], typer.Option("--gpus-per-trial", help="GPUs each Ray trial reserves "
+                                                       "(fractions share one; default 0).")]
+Distributed = Annotated[bool, typer.Option("--distributed", help="Require several processes for this one run (started by "
+                                            "`accelerate launch` or `torchrun`; only rank 0 stores and prints).")]
+CpusPerTrial = Annotated[Optional[float], typer.Option("--cpus-per-trial", help="CPUs each Ray trial reserves "
+                                                       "(default 1).")]
 
 
 def _cli(fn):
@@ -176,12 +187,14 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
               imbalance: Imbalance = None, label_smoothing: LabelSmoothing = None,
               tune_thresholds: TuneThresholds = None, cache: Cache = None, workers: Workers = None,
               amp: Amp = None, channels_last: ChannelsLast = None, compile: Compile = False, folds: Folds = None,
-              fold: Fold = None):
+              fold: Fold = None, distributed: Distributed = False):
     """Train one run and store it (config, metrics, weights, TTA probabilities) in the run store.
 
     Ctrl-C or SIGTERM stops it with its last finished epoch saved; `fastcls resume RUN` continues it.
-    With --folds K: one run per fold and a parent 'cv' run with the out-of-fold predictions.
+    With --folds K: one run per fold and a parent 'cv' run with the out-of-fold predictions. Under
+    `accelerate launch` / `torchrun` the run trains on every process (fastai's distrib_ctx); rank 0 stores it.
     """
+    from . import distributed as fdist
     from .data import parse_trim
     from .runs import RunStore
     from .train import fit_run
@@ -191,6 +204,8 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
                       bs=bs, tta=tta, pretrained=pretrained, crop=crop or ("trim" if trim else None),
                       trim=parse_trim(trim) if trim else None, imbalance=imbalance, label_smoothing=label_smoothing,
                       tune_thresholds=tune_thresholds, cache=cache)
+    if distributed:
+        fdist.check_launched()
     store = RunStore(runs_dir)
     if fold is not None and folds is None:
         raise FastclsError("--fold K needs --folds N (the number of folds K belongs to).")
@@ -203,6 +218,8 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
         out.print(_table(res.table, title=title))
         return
     res = fit_run(cfg, store, progress="none" if quiet else "auto")
+    if not fdist.is_main():  # the other ranks trained into a scratch store; rank 0 reports the stored run
+        return
     _print_result(res, store.load(res.run_id).config, runs_dir)  # the recipe may leave the size to the data
 
 
@@ -457,12 +474,12 @@ def _print_sweep(rec: dict, table, runs_dir: Path):
     out.print(f"results: {folder / 'results.csv'}   record: {folder / 'sweep.json'}")
 
 
-def _sweep(plan, runs_dir: Path, quiet: bool):
+def _sweep(plan, runs_dir: Path, quiet: bool, executor=None):
     """Run a planned sweep, print its table, and fail (exit 2) when trials failed."""
     from .runs import RunStore
     from .sweep import run_sweep
     try:
-        res = run_sweep(plan, RunStore(runs_dir), progress="none" if quiet else "auto")
+        res = run_sweep(plan, RunStore(runs_dir), progress="none" if quiet else "auto", executor=executor)
     except KeyboardInterrupt:
         err.print(f"Sweep {plan.id} interrupted. Run the same command again to resume: finished trials are kept, "
                   "the interrupted one continues from its last finished epoch (full path) or starts again (fast "
@@ -490,16 +507,20 @@ def sweep_dropout_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (s
                       epochs: Epochs = None, freeze_epochs: FreezeEpochs = None, lr: Lr = None, bs: Bs = None,
                       seed: Seed = 42, tta: Tta = None, pretrained: Pretrained = None, weights: Weights = None,
                       runs_dir: RunsDir = Path("runs"), sample: Sample = None, quiet: Quiet = False,
-                      recipes: RecipeDirs = None, crop: Crop = None, trim: Trim = None):
+                      recipes: RecipeDirs = None, crop: Crop = None, trim: Trim = None,
+                      executor: Executor = "local", address: Address = None, gpus_per_trial: GpusPerTrial = None,
+                      cpus_per_trial: CpusPerTrial = None):
     """One run per head dropout value (a resumable sweep), a table with the best marked, and a plot of metric vs ps."""
     from .data import parse_trim
+    from .executors import get_executor
     from .sweep import parse_values, plan_sweep
+    ex = get_executor(executor, address, gpus_per_trial, cpus_per_trial)
     base = make_config(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample,
                        size=size, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, bs=bs, tta=tta,
                        pretrained=pretrained, crop=crop or ("trim" if trim else None),
                        trim=parse_trim(trim) if trim else None)
     grid = {"ps": parse_values("ps", ps) if ps else base.recipe.ps_grid}
-    _sweep(plan_sweep(base, [arch], grid, fast=fast, views=views), runs_dir, quiet)
+    _sweep(plan_sweep(base, [arch], grid, fast=fast, views=views), runs_dir, quiet, ex)
 
 
 @app.command("sweep")
@@ -515,11 +536,15 @@ def sweep_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
               fast: Fast = None, views: Views = None, data: Data = None, epochs: Epochs = None,
               freeze_epochs: FreezeEpochs = None, bs: Bs = None, seed: Seed = 42, tta: Tta = None,
               pretrained: Pretrained = None, weights: Weights = None, runs_dir: RunsDir = Path("runs"),
-              sample: Sample = None, quiet: Quiet = False, recipes: RecipeDirs = None, trim: Trim = None):
+              sample: Sample = None, quiet: Quiet = False, recipes: RecipeDirs = None, trim: Trim = None,
+              executor: Executor = "local", address: Address = None, gpus_per_trial: GpusPerTrial = None,
+              cpus_per_trial: CpusPerTrial = None):
     """A grid over archs and train options (every combination a run), validated before anything trains."""
     from .data import parse_trim
+    from .executors import get_executor
     from .recipe import get_recipe
     from .sweep import parse_values, plan_sweep
+    ex = get_executor(executor, address, gpus_per_trial, cpus_per_trial)
     archs = _list(arch) or list(get_recipe(recipe, recipes or ()).archs)
     base = make_config(recipe, archs[0], recipes=recipes, data=data, seed=seed, weights=weights, sample=sample,
                        epochs=epochs, freeze_epochs=freeze_epochs, bs=bs, tta=tta, pretrained=pretrained,
@@ -527,7 +552,7 @@ def sweep_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
     for a in archs[1:]:
         make_config(recipe, a, recipes=recipes)  # an unknown arch fails here, before anything trains
     grid = {k: parse_values(k, v) for k, v in (("ps", ps), ("size", size), ("lr", lr), ("crop", crop)) if v}
-    _sweep(plan_sweep(base, archs, grid, fast=fast, views=views), runs_dir, quiet)
+    _sweep(plan_sweep(base, archs, grid, fast=fast, views=views), runs_dir, quiet, ex)
 
 
 @app.command("sweeps")

@@ -316,13 +316,17 @@ class RunStore:
     def save(self, run: RunData) -> str:
         """Write a finished `run` atomically and index it; returns the new run id."""
         _check_run(run)
-        self.check_writable()
-        self._repair()
 
         def fill(tmp, rid):
             _write_run_files(tmp, run)
             _write_json(tmp / "meta.json", self._meta(rid, run.name, run.kind, "done", run.config, run.seconds,
                                                       run.sweep, run.parent, run.extra))
+        return self._commit(fill)
+
+    def _commit(self, fill) -> str:
+        """Create a finished run folder through `fill(tmp_folder, run_id)` (see `_create`), then index it."""
+        self.check_writable()
+        self._repair()
         rid, lock = self._create(fill)
         try:
             self._index(self.root / rid)
@@ -330,6 +334,38 @@ class RunStore:
             (self.root / rid / LOCK).unlink(missing_ok=True)
             _unlock(lock)
         return rid
+
+    def import_run(self, files: dict) -> str:
+        """Store a finished run made in another store (a cluster worker's private one), from its folder's files.
+
+        Args:
+            files: file name -> bytes, as `run_files` returns them; every file lands atomically in a new run folder
+                here, under a new id (meta.json keeps the worker's id as `imported_from`), and is then indexed.
+
+        Returns:
+            The run's id in this store.
+        """
+        meta = json.loads(files.get("meta.json") or b"null")
+        if not isinstance(meta, dict) or meta.get("status") != "done" or "config.json" not in files:
+            raise FastclsError("The run to import is not a finished run (it needs config.json and a meta.json with "
+                               "status 'done'); nothing was stored.")
+        bad = [n for n in files if n != Path(n).name or n.startswith(".") or n in (CHECKPOINT, LOCK)]
+        if bad:
+            raise FastclsError(f"The run to import has files that a run folder never holds: {', '.join(bad)}; "
+                               "nothing was stored.")
+
+        def fill(tmp, rid):
+            for name, data in files.items():
+                if name != "meta.json":
+                    write_atomic(tmp / name, lambda p, data=data: p.write_bytes(data))
+            _write_json(tmp / "meta.json", {**meta, "id": rid, "imported_from": meta.get("id")})
+        return self._commit(fill)
+
+    def run_files(self, rid: str) -> dict:
+        """The files of the finished run `rid` (name -> bytes), for `import_run` into another store."""
+        path = self.root / rid
+        return {p.name: p.read_bytes() for p in sorted(path.iterdir())
+                if p.is_file() and not p.name.startswith(".") and p.name != CHECKPOINT}
 
     def begin(self, config: dict, name: Optional[str] = None, kind: str = "train", sweep: Optional[str] = None,
               parent: Optional[str] = None) -> str:

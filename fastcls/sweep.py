@@ -25,12 +25,13 @@ import typing
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import pandas as pd
 
 from .archs import build_body, check_size, make_head
 from .errors import FastclsError, suggest
+from .executors import EXECUTORS, LocalExecutor  # noqa: F401  (re-exported: they lived here)
 from .metrics import get_metric
 from .recipe import Recipe
 from .train import RunConfig, schedule
@@ -207,24 +208,6 @@ def _preflight(plan: SweepPlan, n_out: int):
         check_dropout(arch, body.num_features, n_out, [t.cfg.recipe.ps for t in trials])
 
 
-# -- executors -------------------------------------------------------------------------------------------------------
-class LocalExecutor:
-    """Runs the trials one after another in this process. A cluster executor offers the same `map`."""
-
-    name = "local"
-
-    def map(self, fn: Callable, trials: Iterable[Trial]):
-        """Yield (trial, result, error) per trial; an exception fails that trial only, Ctrl-C stops the sweep."""
-        for t in trials:
-            try:
-                yield t, fn(t), None
-            except Exception as e:  # noqa: BLE001 - recorded on the trial and reported; the other trials go on
-                yield t, None, e
-
-
-EXECUTORS = {"local": LocalExecutor}
-
-
 # -- the sweep record ----------------------------------------------------------------------------------------------
 def sweep_dir(root, sweep_id: str) -> Path:
     """The folder of sweep `sweep_id` in the run store at `root`."""
@@ -276,7 +259,7 @@ def run_sweep(plan: SweepPlan, store, progress: str = "auto", executor=None, ite
         plan: from `plan_sweep`.
         store: the `RunStore`; trials are stored as runs tagged with `plan.id`.
         progress: see `fastcls.train.train`.
-        executor: runs the trials (default `LocalExecutor()`).
+        executor: runs the trials (default `LocalExecutor()`; see `fastcls.executors`).
         items: already-read items (default: read from the recipe's data).
 
     Returns:
@@ -309,28 +292,41 @@ def run_sweep(plan: SweepPlan, store, progress: str = "auto", executor=None, ite
             t.update(status="done", run_id=stored[t["name"]])
     _write_json(path, record)
     features, keys = {}, {}
+    executor = executor or LocalExecutor()
+    remote = getattr(executor, "remote", False)
 
-    def trial_fn(trial: Trial):
+    def load_features(trial: Trial):
+        """The trial's feature set: computed once (or read from the store's cache), one set in memory at a time
+        here; every set the trials need when they run elsewhere (they are shipped to the workers with `work`)."""
+        key = keys[trial.index]
+        if key not in features:
+            t0 = time.time()
+            fs, body = cached_features(trial.cfg, items, plan.views, store.root / FEATURE_CACHE, progress, key)
+            if not remote:
+                features.clear()  # trials are grouped by feature set
+            features[key] = (fs, body)
+            record["features"][key] = {"cached": fs.from_cache, "seconds": round(time.time() - t0, 2),
+                                       "extract_seconds": round(fs.seconds, 2)}
+        return features[key]
+
+    resumable = {} if remote else stopped  # a worker's private store holds no checkpoint: those trials start again
+
+    def start(trial: Trial):
         rec = record["trials"][trial.index]
         rec.update(status="running", error=None, started=_now())
         record["updated"] = _now()
         _write_json(path, record)
         if progress != "none":
             print(f"[{plan.id}] trial {trial.index + 1}/{len(plan.trials)}: {trial.key}", flush=True)
+
+    def work(trial: Trial, into):
+        """Train one trial into the store `into` (the real one, or a remote worker's private one)."""
         if plan.mode == "full":
-            if trial.cfg.name in stopped:  # Ctrl-C'd earlier: continue from its checkpoint
-                return resume_run(store, stopped[trial.cfg.name], progress, items=items)
-            return fit_run(trial.cfg, store, progress, items=items, sweep=plan.id)
-        key = keys[trial.index]
-        if key not in features:
-            t0 = time.time()
-            fs, body = cached_features(trial.cfg, items, plan.views, store.root / FEATURE_CACHE, progress, key)
-            features.clear()  # one feature set in memory at a time (trials are grouped by it)
-            features[key] = (fs, body)
-            record["features"][key] = {"cached": fs.from_cache, "seconds": round(time.time() - t0, 2),
-                                       "extract_seconds": round(fs.seconds, 2)}
-        fs, body = features[key]
-        return fit_head_run(trial.cfg, store, fs, body, progress, sweep=plan.id)
+            if trial.cfg.name in resumable:  # Ctrl-C'd earlier: continue from its checkpoint
+                return resume_run(into, resumable[trial.cfg.name], progress, items=items)
+            return fit_run(trial.cfg, into, progress, items=items, sweep=plan.id)
+        fs, body = load_features(trial)
+        return fit_head_run(trial.cfg, into, fs, body, progress, sweep=plan.id)
 
     todo = [t for t in trials if record["trials"][t.index]["status"] != "done"]
     trained = 0
@@ -339,9 +335,12 @@ def run_sweep(plan: SweepPlan, store, progress: str = "auto", executor=None, ite
         keys = {t.index: feature_key(t.cfg, items, plan.views, fingerprint) for t in todo}
         first = {k: i for i, k in reversed(list(enumerate(keys.values())))}
         todo.sort(key=lambda t: first[keys[t.index]])
-    executor = executor or LocalExecutor()
+        if remote:
+            for t in todo:
+                load_features(t)
+    results = executor.map(work, todo, store=store, on_start=start)
     try:
-        for trial, res, error in executor.map(trial_fn, todo):
+        for trial, res, error in results:
             rec = record["trials"][trial.index]
             if error is None:
                 rec.update(status="done", run_id=res.run_id, error=None)
@@ -352,6 +351,7 @@ def run_sweep(plan: SweepPlan, store, progress: str = "auto", executor=None, ite
             record["updated"] = _now()
             _write_json(path, record)
     except BaseException:  # Ctrl-C (a kill -9 skips this; the next run then ignores the stale 'running' mark)
+        getattr(results, "close", lambda: None)()  # a cluster executor cancels the trials still running
         for rec in record["trials"]:
             if rec["status"] == "running":
                 rec["status"] = "interrupted"

@@ -24,6 +24,7 @@ from fastcore.basics import noop
 
 from . import data as fdata
 from .archs import build_model, check_size, get_arch, splitter
+from . import distributed as fdist
 from .checkpoint import Checkpointer, RunInterrupted, interrupt_signals, read_checkpoint, skipped_epoch
 from .errors import FastclsError
 from .hardware import accelerate
@@ -109,7 +110,7 @@ class KeepBest(TrackerCallback):
             return
         super().after_epoch()
         if self.new_best:
-            self.best_state = copy.deepcopy(self.learn.model.state_dict())
+            self.best_state = copy.deepcopy(fdist.bare_model(self.learn.model).state_dict())
             self.best_epoch = self.global_epoch
         self.global_epoch += 1
 
@@ -278,6 +279,8 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
         cbs: extra fastai callbacks for training (e.g. `fastcls.student`'s soft targets).
     """
     t0 = time.time()
+    store = fdist.rank_store(store)  # several processes (accelerate launch): only rank 0 writes to the real store
+    progress = progress if fdist.is_main() else "none"
     recipe = cfg.recipe
     get_arch(cfg.arch)
     _metric_names(recipe)  # unknown metrics and a bad imbalance spec fail before the data is read
@@ -324,7 +327,8 @@ def _train_and_store(cfg: RunConfig, store: RunStore, rid: str, learn: Learner, 
                      ckpt: Checkpointer, progress: str, t0: float, sweep: Optional[str], kind: str = "train",
                      extra: Optional[dict] = None, cbs: tuple = ()) -> RunResult:
     recipe = cfg.recipe
-    history, best_epoch = train(learn, cfg, progress, checkpoint=ckpt, cbs=cbs)
+    with fdist.distrib(learn):
+        history, best_epoch = train(learn, cfg, progress, checkpoint=ckpt, cbs=cbs)
     valid_probs, valid_targets = predict_views(learn, d.valid, recipe.tta)
     tdl = fdata.test_dl(d, items)
     test_probs = predict_views(learn, tdl, recipe.tta)[0] if tdl is not None else None
