@@ -198,14 +198,14 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
     from .data import parse_trim
     from .runs import RunStore
     from .train import fit_run
+    if distributed:
+        fdist.check_launched()
     cfg = make_config(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample, name=name,
                       on_bad_image=on_bad_image, amp=amp, channels_last=channels_last, compile=compile, workers=workers,
                       size=size, ps=ps, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr,
                       bs=bs, tta=tta, pretrained=pretrained, crop=crop or ("trim" if trim else None),
                       trim=parse_trim(trim) if trim else None, imbalance=imbalance, label_smoothing=label_smoothing,
                       tune_thresholds=tune_thresholds, cache=cache)
-    if distributed:
-        fdist.check_launched()
     store = RunStore(runs_dir)
     if fold is not None and folds is None:
         raise FastclsError("--fold K needs --folds N (the number of folds K belongs to).")

@@ -339,6 +339,7 @@ def _train_and_store(cfg: RunConfig, store: RunStore, rid: str, learn: Learner, 
     return store_run(cfg, store, preds, history, best_epoch, len(d.train_ds), learn.model.state_dict(),
                      time.time() - t0, learn=learn, sweep=sweep, stats=d.stats, run_id=rid, kind=kind,
                      extra={**({"bad_images": items.bad} if items.bad else {}), "accel": learn.accel,
+                            **({"processes": fdist.world_size()} if fdist.world_size() > 1 else {}),
                             "image_cache": d.cached, **(extra or {})})
 
 
