@@ -30,6 +30,7 @@ _EXPORTS = {
     "predict": ["predict_views", "tta_blend"],
     "sweep": ["plan_sweep", "run_sweep", "list_sweeps", "load_sweep", "sweep_table"],
     "features": ["cached_features", "fit_head_run"],
+    "executors": ["LocalExecutor", "RayExecutor"],
     "report": ["confusion", "lr_find", "per_class", "plot_batch", "plot_confusion", "plot_history", "plot_lr_find",
                "plot_per_class", "plot_sweep", "plot_top_losses", "run_config", "save_figure", "top_losses",
                "write_report"],
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # explicit imports for editors and type checkers ("go to defi
     from .errors import FastclsError, RunInterrupted
     from .predict import predict_views, tta_blend
     from .recipe import Recipe, find_recipes, get_recipe
+    from .executors import LocalExecutor, RayExecutor
     from .features import cached_features, fit_head_run
     from .report import (confusion, lr_find, per_class, plot_batch, plot_confusion, plot_history, plot_lr_find,
                          plot_per_class, plot_sweep, plot_top_losses, run_config, save_figure, top_losses,

@@ -22,6 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # 4 full-path trials (TINY: 16 px, 1 epoch on 200 digits)
 SWEEP = ["sweep", "digits", "--arch", "simple_cnn", "--ps", "0,0.2,0.4,0.6", "--full", *TINY]
+# the fast path: the driver extracts the features once, the workers train the heads (2 frozen epochs, 2 views)
+FAST = ["sweep-dropout", "digits", "simple_cnn", "--ps", "0,0.5", "--epochs", "0", "--freeze-epochs", "2", "--size",
+        "16", "--bs", "32", "--sample", "200", "--tta", "1", "--no-pretrained", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +69,20 @@ def test_a_sweep_on_ray_stores_the_runs_the_local_executor_stores(cli, local_ray
     # running it again trains nothing: the imported runs are the sweep's
     res = cli(*SWEEP, "--runs-dir", remote, "--executor", "ray")
     assert res.exit_code == 0 and "0 trial(s) trained now, 4 already" in res.stdout
+
+
+def test_a_fast_sweep_on_ray_trains_the_heads_on_the_drivers_features(cli, local_ray, tmp_path):
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    assert cli(*FAST, "--runs-dir", local).exit_code == 0
+    res = cli(*FAST, "--runs-dir", remote, "--executor", "ray")
+    assert res.exit_code == 0, res.output
+    assert len(list((remote / "cache" / "features").glob("*.npz"))) == 1, "features cached by the driver"
+    a, b = RunStore(local), RunStore(remote)
+    assert set(b.leaderboard()["kind"]) == {"fast"} and len(b.leaderboard()) == 2
+    for name in a.leaderboard()["name"]:
+        ra, rb = a.load(name), b.load(name)
+        assert ra.config == rb.config
+        np.testing.assert_allclose(rb.valid_probs, ra.valid_probs, atol=1e-4)
 
 
 def test_a_failing_trial_is_retried_once_then_reported(local_ray, tmp_path):
