@@ -93,8 +93,9 @@ Address = Annotated[Optional[str], typer.Option("--address", help="Ray cluster a
                                                 "ray://HOST:10001); default $RAY_ADDRESS, else a local instance.")]
 GpusPerTrial = Annotated[Optional[float], typer.Option("--gpus-per-trial", help="GPUs each Ray trial reserves "
                                                        "(fractions share one; default 0).")]
-Distributed = Annotated[bool, typer.Option("--distributed", help="Require several processes for this one run (started by "
-                                            "`accelerate launch` or `torchrun`; only rank 0 stores and prints).")]
+Distributed = Annotated[bool, typer.Option("--distributed", help="Require several processes for this one run "
+                                            "(started by `accelerate launch` or `torchrun`; only rank 0 stores and "
+                                            "prints).")]
 CpusPerTrial = Annotated[Optional[float], typer.Option("--cpus-per-trial", help="CPUs each Ray trial reserves "
                                                        "(default 1).")]
 

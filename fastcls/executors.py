@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-from .errors import FastclsError
+from .errors import FastclsError, suggest
 
 
 class LocalExecutor:
@@ -176,8 +176,8 @@ def get_executor(name: str = "local", address: Optional[str] = None, gpus_per_tr
         FastclsError: an unknown executor, or a Ray option given with the local executor.
     """
     if name not in EXECUTORS:
-        from .errors import suggest
-        raise FastclsError(f"Unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}.{suggest(name, EXECUTORS)}")
+        raise FastclsError(f"Unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}."
+                           + suggest(name, EXECUTORS))
     if name == "local":
         given = [o for o, v in (("--address", address), ("--gpus-per-trial", gpus_per_trial),
                                 ("--cpus-per-trial", cpus_per_trial)) if v is not None]
