@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fastcls.data import read_items  # noqa: E402
-from fastcls.executors import LocalExecutor, RayExecutor  # noqa: E402
+from fastcls.executors import LocalExecutor, RayExecutor, run_one  # noqa: E402
 from fastcls.recipe import get_recipe  # noqa: E402
 from fastcls.runs import RunStore  # noqa: E402
 from fastcls.sweep import plan_sweep, run_sweep  # noqa: E402
@@ -93,9 +93,8 @@ def main(argv=None):
             for t in plan.trials:
                 t = replace(t, cfg=replace(t.cfg, name=f"overhead-{t.index}"))
                 t0 = time.perf_counter()
-                [(_, res, err)] = list(ex.map(fn, [t], store=store))
+                res = run_one(ex, fn, t, store)
                 wall = time.perf_counter() - t0
-                assert err is None, err
                 over[name].append(wall - store.load(res.run_id).row["seconds"])
             print(f"overhead per trial {name:5s}: " + ", ".join(f"{x:.2f}" for x in over[name]) + " s", flush=True)
     ray.shutdown()

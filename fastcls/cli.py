@@ -93,11 +93,11 @@ Address = Annotated[Optional[str], typer.Option("--address", help="Ray cluster a
                                                 "ray://HOST:10001); default $RAY_ADDRESS, else a local instance.")]
 GpusPerTrial = Annotated[Optional[float], typer.Option("--gpus-per-trial", help="GPUs each Ray trial reserves "
                                                        "(fractions share one; default 0).")]
+CpusPerTrial = Annotated[Optional[float], typer.Option("--cpus-per-trial", help="CPUs each Ray trial reserves "
+                                                       "(default 1).")]
 Distributed = Annotated[bool, typer.Option("--distributed", help="Require several processes for this one run "
                                             "(started by `accelerate launch` or `torchrun`; only rank 0 stores and "
                                             "prints).")]
-CpusPerTrial = Annotated[Optional[float], typer.Option("--cpus-per-trial", help="CPUs each Ray trial reserves "
-                                                       "(default 1).")]
 
 
 def _cli(fn):
@@ -188,19 +188,26 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
               imbalance: Imbalance = None, label_smoothing: LabelSmoothing = None,
               tune_thresholds: TuneThresholds = None, cache: Cache = None, workers: Workers = None,
               amp: Amp = None, channels_last: ChannelsLast = None, compile: Compile = False, folds: Folds = None,
-              fold: Fold = None, distributed: Distributed = False):
+              fold: Fold = None, distributed: Distributed = False, executor: Executor = "local",
+              address: Address = None, gpus_per_trial: GpusPerTrial = None, cpus_per_trial: CpusPerTrial = None):
     """Train one run and store it (config, metrics, weights, TTA probabilities) in the run store.
 
     Ctrl-C or SIGTERM stops it with its last finished epoch saved; `fastcls resume RUN` continues it.
-    With --folds K: one run per fold and a parent 'cv' run with the out-of-fold predictions. Under
+    With --folds K: one run per fold and a parent 'cv' run with the out-of-fold predictions (--executor ray: each
+    fold a Ray task). Under
     `accelerate launch` / `torchrun` the run trains on every process (fastai's distrib_ctx); rank 0 stores it.
     """
     from . import distributed as fdist
     from .data import parse_trim
+    from .executors import get_executor
     from .runs import RunStore
     from .train import fit_run
     if distributed:
         fdist.check_launched()
+    ex = get_executor(executor, address, gpus_per_trial, cpus_per_trial)
+    if folds is None and ex.remote:
+        raise FastclsError("--executor ray runs the folds of --folds K as Ray tasks; add --folds K, or train this "
+                           "one run here (for one run on several GPUs see --distributed).")
     cfg = make_config(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample, name=name,
                       on_bad_image=on_bad_image, amp=amp, channels_last=channels_last, compile=compile, workers=workers,
                       size=size, ps=ps, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr,
@@ -212,7 +219,7 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
         raise FastclsError("--fold K needs --folds N (the number of folds K belongs to).")
     if folds is not None:
         from .cv import run_cv
-        res = run_cv(cfg, store, folds, fold, progress="none" if quiet else "auto")
+        res = run_cv(cfg, store, folds, fold, progress="none" if quiet else "auto", executor=ex)
         title = (f"cv run {res.run_id} ({res.cv_id}) stored in {runs_dir}" if res.run_id else
                  f"{res.cv_id}: {sum(r is not None for r in res.fold_runs)} of {folds} folds stored; the cv run is "
                  "stored once every fold is")
@@ -344,13 +351,18 @@ def pseudo_label_cmd(runs: Runs,
                                                          "teaches the next round.")] = 1,
                      arch: StudentArch = None, drop_path: DropPath = 0.1, epochs: Epochs = None, lr: Lr = None,
                      ps: Ps = None, name: Name = None, data: Data = None, runs_dir: RunsDir = Path("runs"),
-                     quiet: Quiet = False, recipes: RecipeDirs = None):
+                     quiet: Quiet = False, recipes: RecipeDirs = None, executor: Executor = "local",
+                     address: Address = None, gpus_per_trial: GpusPerTrial = None,
+                     cpus_per_trial: CpusPerTrial = None):
     """Noisy student: teacher runs' stored test probabilities pseudo-label the confident test items; a student
-    trains on them with noise (augmentation, dropout, stochastic depth); each round is a stored run."""
+    trains on them with noise (augmentation, dropout, stochastic depth); each round is a stored run (--executor ray:
+    each round's student a Ray task)."""
+    from .executors import get_executor
     from .runs import RunStore
     from .student import pseudo_label
+    ex = get_executor(executor, address, gpus_per_trial, cpus_per_trial)
     res = pseudo_label(RunStore(runs_dir), runs, threshold, rounds, arch, drop_path, "none" if quiet else "auto",
-                       recipes or (), data, name, epochs=epochs, lr=lr, ps=ps)
+                       recipes or (), data, name, executor=ex, epochs=epochs, lr=lr, ps=ps)
     out.print(_table(res.table, title=f"Noisy-student rounds stored in {runs_dir} (threshold {threshold})"))
 
 

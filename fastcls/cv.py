@@ -11,8 +11,8 @@ their validation items and ensemble or stack out of fold. A cv's id (`cv_id`) is
 runs are named after it, so the same command run again reuses the folds already stored (an interrupted fold
 continues from its checkpoint), and `--fold K` trains one fold: the parent is stored once all folds are.
 
-Folds run through an executor with the sweeps' `map(fn, trials)` interface (`fastcls.sweep.EXECUTORS`); each fold
-is `fit_fold(trial, store, ...)`, a plain function of the trial's `RunConfig`.
+Folds run through an executor (`fastcls.executors`: here one after another, or each a Ray task); each fold is
+`fit_fold(trial, store, ...)`, a plain function of the trial's `RunConfig` and the store it trains into.
 """
 
 __all__ = ["CVResult", "cv_id", "plan_folds", "fit_fold", "run_cv", "assemble_cv"]
@@ -30,7 +30,8 @@ import pandas as pd
 from . import data as fdata
 from .errors import FastclsError
 from .runs import RunData, RunStore
-from .sweep import LocalExecutor, Trial
+from .executors import LocalExecutor
+from .sweep import Trial
 from .train import Predictions, RunConfig, RunResult, _encode, fit_run, resume_run, run_metrics
 
 
@@ -100,7 +101,8 @@ def run_cv(cfg: RunConfig, store: RunStore, k: int = 5, fold: Optional[int] = No
         k: number of folds.
         fold: train only this fold (0..k-1).
         progress: see `fastcls.train.train`.
-        executor: runs the folds (`map(fn, trials)`, default `fastcls.sweep.LocalExecutor()`).
+        executor: runs the folds (default `LocalExecutor()`; `fastcls.executors.RayExecutor` runs each as a Ray
+            task, and the driver stores the fold runs).
         items: already-read items.
 
     Returns:
@@ -118,7 +120,9 @@ def run_cv(cfg: RunConfig, store: RunStore, k: int = 5, fold: Optional[int] = No
     cid = cv_id(cfg, k)
     executor = executor or LocalExecutor()
     failed = []
-    for trial, res, error in executor.map(partial(fit_fold, store=store, progress=progress, items=items), trials):
+    if getattr(executor, "remote", False):  # a worker's private store holds no fold: skip the stored ones here
+        trials = [t for t in trials if not _stored(store, t.cfg.name)]
+    for trial, res, error in executor.map(partial(fit_fold, progress=progress, items=items), trials, store=store):
         if error is not None:
             failed.append(f"fold {trial.index}: {error if isinstance(error, FastclsError) else repr(error)}")
         elif progress != "none":

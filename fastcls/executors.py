@@ -12,7 +12,7 @@ their run store and a `fn(trial, store)` that trains into the store it is given 
   (finished ones are already stored). Ray is an optional extra (`pip install fastcls[ray]`), imported only here.
 """
 
-__all__ = ["LocalExecutor", "RayExecutor", "EXECUTORS", "get_executor"]
+__all__ = ["LocalExecutor", "RayExecutor", "EXECUTORS", "get_executor", "run_one"]
 
 import os
 import tempfile
@@ -166,6 +166,14 @@ def _cause(ray, e: Exception) -> Exception:
 
 
 EXECUTORS = {"local": LocalExecutor, "ray": RayExecutor}
+
+
+def run_one(executor, fn: Callable, trial, store):
+    """Run one `fn(trial, store)` through `executor` (None: here) and return its result; its error is raised."""
+    [(_, res, error)] = list((executor or LocalExecutor()).map(fn, [trial], store=store))
+    if error is not None:
+        raise error
+    return res
 
 
 def get_executor(name: str = "local", address: Optional[str] = None, gpus_per_trial: Optional[float] = None,

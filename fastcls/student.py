@@ -18,6 +18,7 @@ __all__ = ["StudentResult", "teacher_config", "pseudo_label", "distill", "distil
 import dataclasses
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -30,6 +31,7 @@ from . import data as fdata
 from .archs import drop_path_rate, get_arch
 from .ensemble import aligned_probs
 from .errors import FastclsError
+from .executors import run_one
 from .metrics import get_metric
 from .recipe import Recipe
 from .runs import RunStore, StoredRun
@@ -100,7 +102,8 @@ def _check_test_ids(items: fdata.Items, ids: list, what: str):
 
 def pseudo_label(store: RunStore, refs: list, threshold: float = 0.9, rounds: int = 1, arch: Optional[str] = None,
                  drop_path: Optional[float] = 0.1, progress: str = "auto", recipes=(), data=None,
-                 name: Optional[str] = None, items: Optional[fdata.Items] = None, **overrides) -> StudentResult:
+                 name: Optional[str] = None, items: Optional[fdata.Items] = None, executor=None,
+                 **overrides) -> StudentResult:
     """Noisy-student rounds: pseudo-label the test items the teacher is sure of, train a noisy student, repeat.
 
     Args:
@@ -114,6 +117,8 @@ def pseudo_label(store: RunStore, refs: list, threshold: float = 0.9, rounds: in
         recipes: extra recipe folders; data: the data folder (default: the teacher's).
         name: run names are `<name>-r<round>` (default 'pseudo-<first teacher id>').
         items: already-read items.
+        executor: trains each round's student (default: here; `fastcls.executors.RayExecutor`: a Ray task, e.g. on
+            a GPU machine of a cluster, stored by this process).
         overrides: recipe settings for the student (e.g. epochs, lr, ps); None keeps the teacher's.
 
     Returns:
@@ -155,9 +160,9 @@ def pseudo_label(store: RunStore, refs: list, threshold: float = 0.9, rounds: in
         train = pd.concat([split, _test_rows(items, ids, sel, labels)], ignore_index=True)
         scfg, sitems = _given(cfg, items, train, f"{base}-r{r}")
         teacher = run_ids[-1:] or [run.id for run in runs]
-        res = fit_run(scfg, store, progress, items=sitems, kind="pseudo", extra={"pseudo": {
+        res = run_one(executor, partial(fit_run, progress=progress, items=sitems, kind="pseudo", extra={"pseudo": {
             "round": r, "teachers": teacher, "threshold": threshold, **counts, "split": cfg.recipe.split,
-            "sample": cfg.sample}})
+            "sample": cfg.sample}}), scfg, store)
         run_ids.append(res.run_id)
         student = store.load(res.run_id)
         ids_s, probs = aligned_probs([student], "test")

@@ -85,6 +85,30 @@ def test_a_fast_sweep_on_ray_trains_the_heads_on_the_drivers_features(cli, local
         np.testing.assert_allclose(rb.valid_probs, ra.valid_probs, atol=1e-4)
 
 
+def test_folds_and_pseudo_label_on_ray_are_stored_by_the_driver(cli, local_ray, tmp_path):
+    from fastcls.ensemble import tta_blend
+    folds = ["train", "digits", "simple_cnn", *TINY, "--sample", "60", "--folds", "2"]
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    assert cli(*folds, "--runs-dir", local).exit_code == 0
+    res = cli(*folds, "--runs-dir", remote, "--executor", "ray")
+    assert res.exit_code == 0, res.output
+    a, b = RunStore(local), RunStore(remote)
+    cv_a, cv_b = (s.load(s.leaderboard(kind="cv")["id"].iloc[0]) for s in (a, b))
+    assert cv_a.name == cv_b.name and cv_a.valid_ids == cv_b.valid_ids
+    np.testing.assert_allclose(cv_b.valid_probs, cv_a.valid_probs, atol=1e-4)
+    fold_runs = [b.load(r) for r in cv_b.config["fold_runs"]]
+    assert all(r.meta["imported_from"] and r.row["parent"] == cv_b.id for r in fold_runs)
+    # one noisy-student round of the cv run, trained on a Ray worker
+    conf = tta_blend(cv_b.test_probs).max(1)
+    thr = float(np.quantile(conf, 0.5))
+    res = cli("pseudo-label", cv_b.id, "--threshold", thr, "--runs-dir", remote, "--quiet", "--executor", "ray")
+    assert res.exit_code == 0, res.output
+    [student] = [b.load(i) for i in b.leaderboard(kind="pseudo")["id"]]
+    assert student.meta["imported_from"] and student.meta["pseudo"]["pseudo"] == int((conf >= thr).sum())
+    res = cli("train", "digits", "simple_cnn", *TINY, "--runs-dir", remote, "--executor", "ray")
+    assert res.exit_code == 2 and "add --folds K" in res.stderr
+
+
 def test_a_failing_trial_is_retried_once_then_reported(local_ray, tmp_path):
     def fn(trial):
         with open(tmp_path / trial, "a") as f:  # one letter per attempt (the workers share this file system)
