@@ -23,8 +23,8 @@ from fastai.torch_core import set_seed, trainable_params
 from fastcore.basics import noop
 
 from . import data as fdata
-from .archs import build_model, check_size, get_arch, splitter
 from . import distributed as fdist
+from .archs import build_model, check_size, get_arch, splitter
 from .checkpoint import Checkpointer, RunInterrupted, interrupt_signals, read_checkpoint, skipped_epoch
 from .errors import FastclsError
 from .hardware import accelerate
