@@ -494,9 +494,11 @@ def _sweep(plan, runs_dir: Path, quiet: bool, executor=None):
     try:
         res = run_sweep(plan, RunStore(runs_dir), progress="none" if quiet else "auto", executor=executor)
     except KeyboardInterrupt:
+        local = executor is None or getattr(executor, "name", "local") == "local"
+        where = ("the interrupted one continues from its last finished epoch (full path) or starts again (fast path)"
+                 if local else "unfinished trials start again (their checkpoints were on the workers)")
         err.print(f"Sweep {plan.id} interrupted. Run the same command again to resume: finished trials are kept, "
-                  "the interrupted one continues from its last finished epoch (full path) or starts again (fast "
-                  "path).", highlight=False)
+                  f"{where}.", highlight=False)
         raise typer.Exit(130)
     done = sum(t["status"] == "done" for t in res.record["trials"])
     out.print(f"Sweep {plan.id}: {res.trained} trial(s) trained now, {done - res.trained} already in {runs_dir}.")

@@ -160,6 +160,7 @@ def test_an_interrupted_sweep_resumes_without_retraining_finished_trials(cli, fa
     monkeypatch.setattr(module, "train", first)
     res = cli(*args)
     assert res.exit_code == 130 and first.calls == 2 and "Run the same command again to resume" in res.stderr
+    assert "continues from its last finished epoch" in res.stderr, "the local executor's checkpoints are here"
     store = RunStore(runs)
     sweep_dir = next(p for p in (runs / "sweeps").iterdir()
                      if json.loads((p / "sweep.json").read_text())["status"] == "interrupted")
