@@ -25,7 +25,14 @@ def start(args, **env) -> subprocess.Popen:
     """Start `python -m fastcls ARGS` (or `python -c CODE` when args[0] == '-c')."""
     cmd = [sys.executable] + (list(args) if args[0] == "-c" else ["-m", "fastcls", *map(str, args)])
     return subprocess.Popen(cmd, cwd=ROOT, env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_default_sigint if os.name == "posix" else None)
+
+
+def _default_sigint():
+    """Children take Ctrl-C as a terminal would deliver it, even when this test run was started in the background:
+    a shell starts background jobs with SIGINT ignored, children inherit that, and Python then never raises
+    KeyboardInterrupt (the SIGINT test would wait forever)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run(args, timeout=300, **env) -> subprocess.CompletedProcess:
