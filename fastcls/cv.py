@@ -71,6 +71,18 @@ def _stored(store: RunStore, name: str, status: str = "done") -> Optional[str]:
     return hits["id"].iloc[0] if len(hits) else None
 
 
+def _parent_of(store: RunStore, fold_runs: list) -> Optional[str]:
+    """The finished cv run every one of `fold_runs` already points to (their index `parent`), or None."""
+    parents = {store.resolve(r).get("parent") for r in fold_runs}
+    if len(parents) != 1 or None in parents:
+        return None
+    (parent,) = parents
+    try:
+        return parent if store.resolve(parent).get("status") == "done" else None
+    except FastclsError:  # a parent since deleted
+        return None
+
+
 def fit_fold(trial: Trial, store: RunStore, progress: str = "auto", items: Optional[fdata.Items] = None) -> RunResult:
     """Train one fold run (a normal run validated on fold `trial.cfg.fold`), or reuse it when it is stored.
 
@@ -134,9 +146,10 @@ def run_cv(cfg: RunConfig, store: RunStore, k: int = 5, fold: Optional[int] = No
     fold_runs = [_stored(store, n) for n in names]
     if any(r is None for r in fold_runs):
         return CVResult(cid, None, fold_runs, _table(store, fold_runs, None), {})
-    parent = _stored(store, cid)
-    if parent is None:
-        parent = assemble_cv(store, fold_runs, replace(cfg, recipe=recipe, fold=None, folds=k), items, name=cid)
+    parent = _parent_of(store, fold_runs)
+    if parent is None:  # named --name if given, else its cv id (the folds keep their cv-id names: that finds them)
+        parent = assemble_cv(store, fold_runs, replace(cfg, recipe=recipe, fold=None, folds=k), items,
+                             name=cfg.name or cid)
     return CVResult(cid, parent, fold_runs, _table(store, fold_runs, parent), store.load(parent).metrics)
 
 

@@ -111,9 +111,15 @@ def test_single_fold_then_the_rest_builds_the_parent(tmp_path):
     assert res.exit_code == 0, res.output
     assert len(_rows(runs, kind="cv")) == 0 and len(_rows(runs)) == 1
     assert "1 of 2 folds stored" in res.output
-    res = _cli("train", "digits", "simple_cnn", *TINY, "--sample", "60", "--folds", "2", "--runs-dir", runs)
+    res = _cli("train", "digits", "simple_cnn", *TINY, "--sample", "60", "--folds", "2", "--name", "my-cv",
+               "--runs-dir", runs)
     assert res.exit_code == 0, res.output
     assert len(_rows(runs)) == 3 and len(_rows(runs, kind="cv")) == 1  # fold 1 was reused, not trained again
+    assert _rows(runs, kind="cv")["name"].tolist() == ["my-cv"], "--name names the cv run"
+    assert RunStore(runs).load("my-cv").config["folds"] == 2
+    res = _cli("train", "digits", "simple_cnn", *TINY, "--sample", "60", "--folds", "2", "--runs-dir", runs)
+    assert res.exit_code == 0, res.output
+    assert len(_rows(runs)) == 3, "the same folds again: the stored cv run is found, not stored twice"
 
 
 def test_fold_errors(tmp_path):
