@@ -311,6 +311,9 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
         total = sum(n for _, n, _, _ in schedule(cfg))
         _quietly(store.set_status, rid, "interrupted", seconds=time.time() - t0 + prior, epochs_done=ckpt.epochs_done,
                  note=f"interrupted ({e or 'Ctrl-C'}) after {ckpt.epochs_done} of {total} epochs")
+        if kind in REBUILT_BY:
+            raise RunInterrupted(f"Run {rid} interrupted ({e or 'Ctrl-C'}) after {ckpt.epochs_done} of {total} "
+                                 f"epochs. {_rebuild_hint(kind)}", rid) from None
         raise RunInterrupted(f"Run {rid} interrupted ({e or 'Ctrl-C'}) after {ckpt.epochs_done} of {total} epochs. "
                              f"Its state at the end of the last finished epoch is saved in {store.root / rid}. "
                              f"Continue it with `fastcls resume {rid}"
@@ -423,6 +426,16 @@ def store_run(cfg: RunConfig, store: RunStore, preds: Predictions, history: pd.D
     return RunResult(rid, metrics, history, learn, seconds)
 
 
+# kinds of run whose training set only the command that made them can rebuild (from their teachers' stored
+# probabilities): `resume` would read the recipe's own data instead and train something else
+REBUILT_BY = {"pseudo": "fastcls pseudo-label", "distill": "fastcls distill"}
+
+
+def _rebuild_hint(kind: str) -> str:
+    return (f"It is a {kind} student: its training set (the teachers' pseudo-labels or soft targets) is built by "
+            f"`{REBUILT_BY[kind]}`, so run that command again (the student trains from the start).")
+
+
 def resume_run(store: RunStore, ref: str, progress: str = "auto", recipes=(), data: Optional[str] = None,
                items: Optional[fdata.Items] = None) -> RunResult:
     """Continue an interrupted (or failed) run from its last checkpoint to the result an uninterrupted run gives.
@@ -438,6 +451,8 @@ def resume_run(store: RunStore, ref: str, progress: str = "auto", recipes=(), da
     run = store.load(ref, any_status=True)
     if run.status == "done":
         raise FastclsError(f"Run {run.id} is already done; nothing to resume.")
+    if run.kind in REBUILT_BY:
+        raise FastclsError(f"Run {run.id} cannot be resumed. {_rebuild_hint(run.kind)}")
     cfg = RunConfig.from_dict(run.config, recipes)
     if data is not None:
         cfg = dataclasses.replace(cfg, data=str(data))

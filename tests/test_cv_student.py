@@ -270,3 +270,28 @@ def test_probe_stores_a_run_that_ensembles(cv_store, clf):
 def test_probe_bad_classifier(tmp_path):
     res = _cli("probe", "digits", "simple_cnn", "--clf", "svm", "--runs-dir", tmp_path)
     assert res.exit_code == 2 and "logreg, lda, hgb" in res.output
+
+
+@pytest.mark.parametrize("kind, command", [("pseudo", "fastcls pseudo-label"), ("distill", "fastcls distill")])
+def test_an_interrupted_student_is_not_resumed_from_the_recipes_data(tmp_path, kind, command):
+    store = RunStore(tmp_path / "runs")
+    rid = store.begin(make_config("digits", "simple_cnn").to_dict(), kind=kind)
+    store.set_status(rid, "interrupted", note="interrupted (Ctrl-C) after 1 of 2 epochs")
+    res = _cli("resume", rid, "--runs-dir", store.root)
+    assert res.exit_code == 2 and "cannot be resumed" in res.output and command in res.output
+    assert store.resolve(rid)["status"] == "interrupted", "the refusal changes nothing in the store"
+
+
+def test_ctrl_c_in_a_student_points_to_its_command(tmp_path, monkeypatch):
+    import fastcls.train as ftrain
+    from fastcls.errors import RunInterrupted
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ftrain, "train", interrupted)
+    cfg = make_config("digits", "simple_cnn", size=16, epochs=1, sample=60, tta=0, pretrained=False)
+    store = RunStore(tmp_path / "runs")
+    with pytest.raises(RunInterrupted, match="built by `fastcls pseudo-label`") as e:
+        ftrain.fit_run(cfg, store, progress="none", kind="pseudo")
+    assert "fastcls resume" not in str(e.value)
+    assert store.leaderboard(status="interrupted")["kind"].tolist() == ["pseudo"]
