@@ -31,8 +31,10 @@ from . import data as fdata
 from .errors import FastclsError
 from .runs import RunData, RunStore
 from .executors import LocalExecutor
+from .imbalance import PostHoc
 from .sweep import Trial
-from .train import Predictions, RunConfig, RunResult, _encode, fit_run, resume_run, run_metrics
+from .train import (Predictions, RunConfig, RunResult, _encode, fit_run, resume_run, run_metrics,
+                    with_posthoc)
 
 
 @dataclass
@@ -158,10 +160,14 @@ def assemble_cv(store: RunStore, fold_runs: list, cfg: RunConfig, items: fdata.I
     """Store the parent cv run of `fold_runs` (fold i's run at position i) and link the folds to it.
 
     Validation probabilities: each training item's held-out prediction, in item order (every item exactly once);
-    test probabilities: the mean over folds, view by view. Returns the parent's run id.
+    test probabilities: the mean over folds, view by view. Both are built from each fold model's own probabilities
+    (a fold's post-hoc steps, fitted on its own validation labels, are undone first: kept, they would make the
+    out-of-fold scores in-sample); the recipe's post-hoc steps are then fitted once on the whole out-of-fold set, and
+    the cv run's `*_raw` metrics are the folds' own. Returns the parent's run id.
     """
     t0 = time.time()
     runs = [store.load(r) for r in fold_runs]
+    own = [PostHoc.from_dict(r.meta.get("posthoc")) for r in runs]  # each fold's fitted steps, to undo
     vocab = list(runs[0].vocab)
     for r in runs[1:]:
         if list(r.vocab) != vocab:
@@ -173,14 +179,14 @@ def assemble_cv(store: RunStore, fold_runs: list, cfg: RunConfig, items: fdata.I
     probs = np.full((V, len(ids), len(vocab)), np.nan, dtype=np.float32)
     targets = np.full(len(ids), -1, dtype=np.int64)
     seen = np.zeros(len(ids), dtype=np.int64)
-    for r in runs:
+    for r, post in zip(runs, own):
         rows = [pos.get(str(i)) for i in r.valid_ids]
         if any(p is None for p in rows):
             extra = [i for i, p in zip(r.valid_ids, rows) if p is None]
             raise FastclsError(f"Fold run {r.id} validated on items that are not in the data now (e.g. {extra[0]!r}); "
                                "the data changed since the folds were trained. Train the folds again.")
         rows = np.asarray(rows)
-        probs[:, rows] = r.valid_probs[:V]
+        probs[:, rows] = post.undo(r.valid_probs[:V]) if post.applied else r.valid_probs[:V]
         targets[rows] = r.valid_targets
         seen[rows] += 1
     if (seen != 1).any():
@@ -192,23 +198,27 @@ def assemble_cv(store: RunStore, fold_runs: list, cfg: RunConfig, items: fdata.I
         test_ids = [str(i) for i in runs[0].test_ids]
         Vt = min(r.test_probs.shape[0] for r in runs)
         test_probs = np.zeros((Vt, len(test_ids), len(vocab)), dtype=np.float64)
-        for r in runs:
+        for r, post in zip(runs, own):
             if [str(i) for i in r.test_ids] != test_ids:
                 raise FastclsError(f"Fold runs {runs[0].id} and {r.id} list different test items.")
-            test_probs += r.test_probs[:Vt]
+            test_probs += post.undo(r.test_probs[:Vt]) if post.applied else r.test_probs[:Vt]
         test_probs = (test_probs / len(runs)).astype(np.float32)
     test_targets = None
     if test_ids is not None and items.test is not None and "label" in items.test:
         test_targets = _encode(items.test["label"], vocab)
     preds = Predictions(vocab, ids, probs, targets, test_ids, test_probs, test_targets)
-    metrics = run_metrics(cfg.recipe, preds, None, len(ids))
+    # the out-of-fold targets are every training item once: their class counts are the training prior
+    preds, raw, post = with_posthoc(cfg.recipe, preds, prior=np.bincount(targets, minlength=len(vocab)))
+    metrics = run_metrics(cfg.recipe, preds, None, len(ids), raw=raw, posthoc=post)
     metrics["fold_metrics"] = [r.metrics.get(cfg.recipe.monitor or cfg.recipe.metric) for r in runs]
-    rid = store.save(RunData(config={**cfg.to_dict(), "fold_runs": list(fold_runs)}, vocab=vocab, valid_probs=probs,
-                             valid_targets=targets, valid_ids=ids, metrics=metrics, test_probs=test_probs,
+    rid = store.save(RunData(config={**cfg.to_dict(), "fold_runs": list(fold_runs)}, vocab=vocab,
+                             valid_probs=preds.valid_probs, valid_targets=targets, valid_ids=ids, metrics=metrics,
+                             test_probs=preds.test_probs,
                              test_ids=test_ids, kind="cv", name=name, seconds=sum(float(r.meta.get("seconds") or 0)
                                                                                for r in runs) + time.time() - t0,
                              extra={"cv": {"folds": len(runs), "fold_runs": list(fold_runs),
-                                           "valid_probs": "out-of-fold", "test_probs": "mean over folds"}}))
+                                           "valid_probs": "out-of-fold", "test_probs": "mean over folds"},
+                                    **({"posthoc": post.to_dict()} if post.applied else {})}))
     for r in runs:
         store.set_status(r.id, "done", parent=rid)
     return rid

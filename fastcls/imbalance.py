@@ -557,6 +557,27 @@ class PostHoc:
             p = apply_offsets(p, self.offsets)
         return p
 
+    def undo(self, probs) -> np.ndarray:
+        """The model's own probabilities back from adjusted ones (`apply` is a per-class reweighting: invertible up
+        to the clipping of zero probabilities); one N x C array or stacked views V x N x C."""
+        p = _to_numpy(probs)
+        if p.ndim == 3:
+            return np.stack([self.undo(v) for v in p])
+        if self.offsets is not None:
+            p = apply_offsets(p, -np.asarray(self.offsets, dtype=np.float64))
+        if self.tau is not None:
+            p = logit_adjust(p, self.prior, -self.tau)
+        return p
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "PostHoc":
+        """The steps a run recorded with `to_dict` (its meta.json `posthoc`); an empty PostHoc for None."""
+        if not d:
+            return cls()
+        arr = (lambda v: None if v is None else np.asarray(v, dtype=np.float64))
+        return cls(tau=d.get("tau"), prior=arr(d.get("prior")), offsets=arr(d.get("offsets")),
+                   metric=d.get("metric", "macro_f1"))
+
     def describe(self) -> str:
         """One line for metrics tables, saying what was fitted where."""
         steps = ([f"logit-adjust tau={self.tau:g}"] if self.tau is not None else []) + \

@@ -1,7 +1,7 @@
 """One run from recipe to store: learner, frozen + unfrozen schedule, best-epoch tracking, predictions, save."""
 
 __all__ = ["RunConfig", "learner", "schedule", "train", "fit_run", "resume_run", "RunResult", "Predictions",
-           "run_metrics", "fit_posthoc_steps", "store_run", "KeepBest", "EpochLine", "EarlyStop"]
+           "run_metrics", "fit_posthoc_steps", "with_posthoc", "store_run", "KeepBest", "EpochLine", "EarlyStop"]
 
 import copy
 import dataclasses
@@ -387,18 +387,32 @@ def run_metrics(recipe: Recipe, preds: Predictions, best_epoch: Optional[int], n
     return metrics
 
 
-def fit_posthoc_steps(recipe: Recipe, preds: Predictions, learn=None) -> PostHoc:
+def fit_posthoc_steps(recipe: Recipe, preds: Predictions, learn=None, prior=None) -> PostHoc:
     """The recipe's post-hoc steps (logit adjustment, thresholds) fitted on the valid plain view of `preds`.
 
-    Tau is tuned for the recipe's `monitor` (macro-F1 when it has none); the prior is the learner's training classes.
+    Tau is tuned for the recipe's `monitor` (macro-F1 when it has none); the prior is `prior` (class counts or
+    frequencies) or else the learner's training classes.
     """
-    prior = None
-    if "logit-adjust" in parse_imbalance(recipe.imbalance):
+    if "logit-adjust" not in parse_imbalance(recipe.imbalance):
+        prior = None
+    elif prior is None:
         if learn is None:
             raise FastclsError("Logit adjustment needs the training class counts: pass the learner to store_run.")
         prior = imbalance_plan(recipe, learn.dls).prior
     return fit_posthoc(preds.valid_probs[0], preds.valid_targets, prior, recipe.tune_thresholds,
                        metric=recipe.monitor or "macro_f1")
+
+
+def with_posthoc(recipe: Recipe, preds: Predictions, learn=None, prior=None):
+    """The recipe's post-hoc steps fitted on valid and applied to every stored view of valid and test.
+
+    Returns (adjusted predictions, the model's own predictions or None when no step applies, the `PostHoc`).
+    """
+    post = fit_posthoc_steps(recipe, preds, learn, prior)
+    if not post.applied:
+        return preds, None, post
+    test = None if preds.test_probs is None else post.apply(preds.test_probs)
+    return dataclasses.replace(preds, valid_probs=post.apply(preds.valid_probs), test_probs=test), preds, post
 
 
 def store_run(cfg: RunConfig, store: RunStore, preds: Predictions, history: pd.DataFrame, best_epoch: Optional[int],
@@ -410,11 +424,8 @@ def store_run(cfg: RunConfig, store: RunStore, preds: Predictions, history: pd.D
     `stats` is the data set's own mean/std (normalize='dataset'): predicting later must reuse them (dls(stats=...)).
     `run_id`: the run started with `store.begin` that these results finish; `extra`: more facts for its meta.json.
     """
-    post = fit_posthoc_steps(cfg.recipe, preds, learn)
-    raw = None
-    if post.applied:  # fitted on valid, applied to every stored view of valid and test
-        test = None if preds.test_probs is None else post.apply(preds.test_probs)
-        raw, preds = preds, dataclasses.replace(preds, valid_probs=post.apply(preds.valid_probs), test_probs=test)
+    preds, raw, post = with_posthoc(cfg.recipe, preds, learn)
+    if post.applied:
         extra = {**(extra or {}), "posthoc": post.to_dict()}
     metrics = run_metrics(cfg.recipe, preds, best_epoch, n_train, raw=raw, posthoc=post)
     run = RunData(config={**cfg.to_dict(), **(config_extra or {})}, vocab=preds.vocab, valid_probs=preds.valid_probs,

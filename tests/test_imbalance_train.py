@@ -14,7 +14,8 @@ from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 
 from fastcls import data as fdata
 from fastcls.errors import FastclsError
-from fastcls.imbalance import PostHoc, WeightedFocalLossFlat, apply_offsets, class_weights, logit_adjust, tune_tau
+from fastcls.imbalance import (PostHoc, WeightedFocalLossFlat, apply_offsets, class_weights, fit_posthoc, logit_adjust,
+                               tune_tau)
 from fastcls.metrics import score
 from fastcls.predict import predict_views
 from fastcls.recipe import get_recipe
@@ -180,6 +181,36 @@ def test_posthoc_applies_to_every_stored_view():
     for v, o in zip(views, out):
         np.testing.assert_allclose(o, apply_offsets(logit_adjust(v, post.prior, 0.7), post.offsets), atol=1e-6)
     np.testing.assert_array_equal(PostHoc().apply(views), views)
+    back = PostHoc.from_dict(json.loads(json.dumps(post.to_dict()))).undo(out)  # as a run's meta.json records it
+    np.testing.assert_allclose(back, views, atol=1e-5)
+
+
+def test_cv_run_fits_posthoc_once_on_the_out_of_fold_set(cli, longtail, tmp_path):
+    """Each fold's post-hoc steps are fitted on its own validation labels; the cv run undoes them (its out-of-fold
+    rows are the fold models' own probabilities) and fits the recipe's steps once on the whole out-of-fold set."""
+    runs = tmp_path / "runs"
+    res = cli("train", "quickdraw", "simple_cnn", "--data", longtail, *TINY_QD, "--folds", "2",
+              "--imbalance", "logit-adjust", "--tune-thresholds", "--runs-dir", runs)
+    assert res.exit_code == 0, res.output
+    store = RunStore(runs)
+    board = store.leaderboard(status=None)
+    cv = store.load(board[board["kind"] == "cv"]["id"].iloc[0])
+    post = PostHoc.from_dict(cv.meta["posthoc"])
+    assert post.applied and post.offsets is not None and "macro_f1_raw" in cv.metrics
+    own = post.undo(cv.valid_probs)  # the out-of-fold set before the cv run's own steps
+    pos = {str(i): n for n, i in enumerate(cv.valid_ids)}
+    for rid in cv.config["fold_runs"]:
+        fold = store.load(rid)
+        assert fold.meta.get("posthoc"), "each fold fitted its own steps"
+        rows = [pos[str(i)] for i in fold.valid_ids]
+        fold_own = PostHoc.from_dict(fold.meta["posthoc"]).undo(fold.valid_probs)
+        np.testing.assert_allclose(own[:, rows], fold_own, atol=1e-4)
+    y = np.asarray(cv.valid_targets)
+    refit = fit_posthoc(own[0], y, prior=np.bincount(y, minlength=len(cv.vocab)), thresholds=True,
+                        metric=get_recipe("quickdraw").monitor)  # the steps fitted once, on every item out of fold
+    assert post.tau == pytest.approx(refit.tau) and np.allclose(post.offsets, refit.offsets)
+    np.testing.assert_allclose(cv.valid_probs, refit.apply(own), atol=1e-5)
+    assert cv.metrics["macro_f1_raw"] == pytest.approx(score("macro_f1", y, own[0]), abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
