@@ -103,9 +103,14 @@ Distributed = Annotated[bool, typer.Option("--distributed", help="Require severa
 def _cli(fn):
     """Turn a FastclsError into one clear paragraph on stderr and exit status 2, with no traceback (an interrupted
     run: its message, status 130)."""
+    name = fn.__name__.removesuffix("_cmd").replace("_", "-")
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            if name != "train" or kwargs.get("folds") is not None:  # under a launcher only one plain run splits
+                from .distributed import check_single
+                check_single(name if name != "train" else "train --folds")
             return fn(*args, **kwargs)
         except FastclsError as e:
             err.print(f"[bold red]Error:[/] {e}", highlight=False)

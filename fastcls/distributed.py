@@ -10,15 +10,15 @@ each process reads its share of every batch (`DistributedDL`), metrics are gathe
 writes to the run store and prints; the other ranks write their checkpoints into a throwaway store of their own.
 """
 
-__all__ = ["world_size", "rank", "is_main", "rank_store", "distrib", "bare_model", "check_launched"]
+__all__ = ["world_size", "rank", "is_main", "rank_store", "distrib", "bare_model", "check_launched", "check_single"]
 
 import os
 import tempfile
 from contextlib import contextmanager
 
-import torch
-
 from .errors import FastclsError
+
+# torch is imported where it is used: the CLI asks world_size() before every command, also the ones without torch
 
 
 def world_size() -> int:
@@ -42,6 +42,16 @@ def check_launched():
         raise FastclsError("--distributed trains one run on several processes, but this process was not started by "
                            "a launcher (WORLD_SIZE is unset or 1). Run `accelerate launch --num_processes N -m fastcls "
                            "train ...` or `torchrun --nproc_per_node N -m fastcls train ...`.")
+
+
+def check_single(what: str):
+    """Refuse `what` under a multi-process launcher: only one plain `fastcls train` run is split across processes;
+    anything else would run once per process (several copies written to the store, or ranks out of step)."""
+    if world_size() > 1:
+        raise FastclsError(f"`fastcls {what}` runs in one process, but this one was started by a launcher "
+                           f"(WORLD_SIZE={world_size()}, rank {rank()}). Only `fastcls train RECIPE ARCH` without "
+                           "--folds trains one run across processes; run this command without accelerate launch / "
+                           "torchrun (folds and sweeps scale out with --executor ray instead).")
 
 
 def rank_store(store):
@@ -73,6 +83,7 @@ def distrib(learn):
     except ImportError:
         raise FastclsError("Training on several processes needs accelerate, which is not installed. Install it with "
                            "`pip install fastcls[distributed]`.") from None
+    import torch
     if torch.cuda.is_available():
         with learn.distrib_ctx():
             yield learn
@@ -86,6 +97,7 @@ def distrib(learn):
 
 def _gloo_trainer():
     """fastai's DistributedTrainer with loaders whose batch order is broadcast over gloo (CPU tensors)."""
+    import torch
     from fastai.distributed import DistributedDL, DistributedTrainer
 
     class GlooDL(DistributedDL):
@@ -102,4 +114,5 @@ def _gloo_trainer():
 
 def bare_model(model):
     """The model inside a DistributedDataParallel wrapper (whose state_dict keys carry a 'module.' prefix)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    from torch.nn.parallel import DistributedDataParallel
+    return model.module if isinstance(model, DistributedDataParallel) else model

@@ -47,3 +47,15 @@ def test_distributed_outside_a_launcher_is_refused(cli, tmp_path, monkeypatch):
     res = cli("train", "digits", "simple_cnn", *TINY, "--runs-dir", tmp_path, "--distributed")
     assert res.exit_code == 2 and "accelerate launch --num_processes" in res.stderr
     assert not (tmp_path / "index.sqlite").exists()
+
+
+@pytest.mark.parametrize("args", [["train", "digits", "simple_cnn", "--folds", "2"], ["resume", "x"],
+                                  ["pseudo-label", "x"], ["distill", "x", "--arch", "simple_cnn"],
+                                  ["ensemble", "x", "y"], ["sweep-dropout", "digits", "simple_cnn"]])
+def test_only_one_plain_train_runs_under_a_launcher(cli, tmp_path, monkeypatch, args):
+    """Anything else would run once per process: several copies in the store, or ranks out of step."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    res = cli(*args, "--runs-dir", tmp_path / "runs")
+    assert res.exit_code == 2 and "runs in one process" in res.stderr and "WORLD_SIZE=2" in res.stderr
+    assert not (tmp_path / "runs").exists()
