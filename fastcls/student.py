@@ -137,6 +137,8 @@ def pseudo_label(store: RunStore, refs: list, threshold: float = 0.9, rounds: in
     ids, probs = aligned_probs(runs, "test")  # every teacher check before any data is read
     cfg = _student_config(store, refs, arch, recipes, data, {**overrides, "drop_path": drop_path})
     items = items if items is not None else fdata.read_items(cfg.recipe, cfg.data)
+    # the teachers split what was left after the image check: the same rows give the same validation split
+    items = fdata.check_images(items, cfg.on_bad_image, cache_dir=fdata.cache_home())
     _check_test_ids(items, ids, f"teacher {runs[0].id}")
     vocab = list(runs[0].vocab)
     split = _split_items(cfg, items)
@@ -297,6 +299,8 @@ def distill(store: RunStore, refs: list, arch: str, temperature: float = 2.0, al
         aligned_probs(runs, "test")  # raises: which teacher has no test probabilities
     cfg = _student_config(store, refs, arch, recipes, data, overrides)
     items = items if items is not None else fdata.read_items(cfg.recipe, cfg.data)
+    # the teachers split what was left after the image check: the same rows give the same validation split
+    items = fdata.check_images(items, cfg.on_bad_image, cache_dir=fdata.cache_home())
     vocab = list(runs[0].vocab)
     split = _split_items(cfg, items)
     soft = dict(zip(valid_ids, valid_probs))
@@ -337,7 +341,7 @@ def _compare(runs, student: StoredRun, valid_ids, valid_probs, test_ids, test_pr
     s_ids = [str(i) for i in student.valid_ids]
     both = [n for n, i in enumerate(s_ids) if i in pos]
     y = np.asarray(student.valid_targets)[both]
-    s_valid = student.valid_probs[0][both]
+    s_valid = aligned_probs([student], "valid")[1][both]  # the TTA blend, like the teachers' (and test) columns
     t_valid = valid_probs[[pos[s_ids[n]] for n in both]]
     teacher = {"model": "teacher", "runs": ", ".join(r.id for r in runs), "items": len(both),
                metric: m(y, t_valid) if both else None}
