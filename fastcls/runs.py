@@ -346,10 +346,12 @@ class RunStore:
             The run's id in this store.
         """
         meta = json.loads(files.get("meta.json") or b"null")
-        if not isinstance(meta, dict) or meta.get("status") != "done" or "config.json" not in files:
-            raise FastclsError("The run to import is not a finished run (it needs config.json and a meta.json with "
-                               "status 'done'); nothing was stored.")
-        bad = [n for n in files if n != Path(n).name or n.startswith(".") or n in (CHECKPOINT, LOCK)]
+        needed = ("config.json", "metrics.json", "vocab.json", "valid_probs.npy", "valid_targets.npy", "valid_ids.json")
+        missing = [n for n in needed if n not in files]
+        if not isinstance(meta, dict) or meta.get("status") != "done" or missing:
+            raise FastclsError("The run to import is not a finished run (it needs a meta.json with status 'done'"
+                               + (f", and lacks {', '.join(missing)}" if missing else "") + "); nothing was stored.")
+        bad = [repr(n) for n in files if not n or n != Path(n).name or n.startswith(".") or n in (CHECKPOINT, LOCK)]
         if bad:
             raise FastclsError(f"The run to import has files that a run folder never holds: {', '.join(bad)}; "
                                "nothing was stored.")

@@ -157,8 +157,9 @@ def test_import_run_stores_a_copy_under_a_new_id_and_refuses_foreign_files(tmp_p
     run = dst.load(new)
     assert new != rid and run.meta["imported_from"] == rid and run.name == "r1"
     np.testing.assert_array_equal(run.valid_probs, src.load(rid).valid_probs)
-    for bad in ({**files, "../escape": b"x"}, {**files, ".lock": b""},
-                {k: v for k, v in files.items() if k != "config.json"}):
+    for bad in ({**files, "../escape": b"x"}, {**files, ".lock": b""}, {**files, "": b"x"},
+                {k: v for k, v in files.items() if k != "config.json"},
+                {k: v for k, v in files.items() if k in ("meta.json", "config.json")}):  # no predictions
         with pytest.raises(FastclsError, match="nothing was stored"):
             dst.import_run(bad)
     assert len(dst.leaderboard()) == 1 and not (tmp_path / "escape").exists()
