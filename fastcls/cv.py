@@ -148,10 +148,11 @@ def run_cv(cfg: RunConfig, store: RunStore, k: int = 5, fold: Optional[int] = No
     fold_runs = [_stored(store, n) for n in names]
     if any(r is None for r in fold_runs):
         return CVResult(cid, None, fold_runs, _table(store, fold_runs, None), {})
-    parent = _parent_of(store, fold_runs)
-    if parent is None:  # named --name if given, else its cv id (the folds keep their cv-id names: that finds them)
-        parent = assemble_cv(store, fold_runs, replace(cfg, recipe=recipe, fold=None, folds=k), items,
-                             name=cfg.name or cid)
+    with store.exclusive(cid):  # folds finishing at once in two processes (--fold K each) store one cv run
+        parent = _parent_of(store, fold_runs)
+        if parent is None:  # named --name if given, else its cv id (the folds keep their cv-id names: that finds them)
+            parent = assemble_cv(store, fold_runs, replace(cfg, recipe=recipe, fold=None, folds=k), items,
+                                 name=cfg.name or cid)
     return CVResult(cid, parent, fold_runs, _table(store, fold_runs, parent), store.load(parent).metrics)
 
 

@@ -16,7 +16,7 @@ import socket
 import sqlite3
 import subprocess
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
@@ -207,6 +207,21 @@ class RunStore:
         with closing(self._connect()) as con, con:
             con.execute(f"INSERT OR REPLACE INTO runs ({', '.join(_COLUMNS)}) "
                         f"VALUES ({', '.join('?' * len(_COLUMNS))})", [row[c] for c in _COLUMNS])
+
+    @contextmanager
+    def exclusive(self, key: str):
+        """Hold the store-wide lock `key` (blocking) while checking for and then creating a run that several processes
+        may try to create at once (e.g. the cv run of folds trained in parallel). A no-op without fcntl."""
+        if fcntl is None:
+            yield
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / f".{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
     def check_writable(self, need_bytes: int = 0):
         """Fail before any training when the runs folder cannot be written or its disk has less than `need_bytes`."""

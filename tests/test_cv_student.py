@@ -1,6 +1,8 @@
 """K-fold with OOF parent runs, noisy-student pseudo-labels, distillation from stored probabilities, probes."""
 
+import contextlib
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -295,3 +297,30 @@ def test_ctrl_c_in_a_student_points_to_its_command(tmp_path, monkeypatch):
         ftrain.fit_run(cfg, store, progress="none", kind="pseudo")
     assert "fastcls resume" not in str(e.value)
     assert store.leaderboard(status="interrupted")["kind"].tolist() == ["pseudo"]
+
+
+def test_the_cv_run_is_assembled_under_a_store_lock(tmp_path, monkeypatch):
+    """Two processes finishing the last folds at once (`--fold K` each) must not both store a cv run: the check for
+    a stored cv run and its assembly run under the store lock named by the cv id."""
+    fcntl = pytest.importorskip("fcntl")
+    runs = tmp_path / "runs"
+    store = RunStore(runs)
+    held = []
+    real = RunStore.exclusive
+
+    def spy(self, key):
+        held.append(key)
+        with real(self, key):
+            fd = os.open(self.root / f".{key}.lock", os.O_RDWR)
+            with pytest.raises(BlockingIOError):  # another process would wait here
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.close(fd)
+            yield
+    monkeypatch.setattr(RunStore, "exclusive", contextlib.contextmanager(spy))
+    res = _cli("train", "digits", "simple_cnn", *TINY, "--sample", "60", "--folds", "2", "--runs-dir", runs)
+    assert res.exit_code == 0, res.output
+    [cv_id] = held
+    assert cv_id.startswith("cv-") and store.load(cv_id).kind == "cv"
+    fd = os.open(runs / f".{cv_id}.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released afterwards
+    os.close(fd)
