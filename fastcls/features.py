@@ -20,7 +20,6 @@ import hashlib
 import itertools
 import json
 import os
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from . import data as fdata
 from .archs import build_body, get_arch, make_head, resolve_weights, split_head
 from .errors import FastclsError
 from .predict import pooled_features
+from .runs import write_atomic
 from .train import Predictions, RunConfig, RunResult, _encode, learner, store_run, train
 
 FEATURE_FORMAT = 1
@@ -175,13 +175,11 @@ def _save(fs: FeatureSet, path: Path):
             "seconds": fs.seconds}
     arrays = {k: getattr(fs, k) for k in _ARRAYS if getattr(fs, k) is not None}
     arrays.update({f"bn:{k}": v for k, v in (fs.bn_stats or {}).items()})
-    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp.npz")
-    try:
-        np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    def write(p):
+        with open(p, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
+            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+    write_atomic(path, write)
 
 
 def _load(path: Path) -> Optional[FeatureSet]:

@@ -31,6 +31,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .errors import FastclsError
 from .recipe import Recipe, recipe_from_config
+from .runs import write_atomic
 
 DPI = 100
 PANEL_PX = 200  # one image of a grid, in pixels (2 inches at DPI)
@@ -458,8 +459,7 @@ def sweep_plot(table: pd.DataFrame, x: str, metric: str, path, groups: Sequence[
     if fig is None:
         return None
     path = Path(path)
-    tmp = save_figure(fig, path.with_name(f".{path.stem}.tmp.png"))
-    tmp.replace(path)
+    write_atomic(path, lambda p: save_figure(fig, p))
     return path
 
 
@@ -680,9 +680,7 @@ def _write_page(folder: Path, title: str, head: str, sections: list) -> Path:
     """`folder/index.html`, written under a temporary name and renamed."""
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body>{head}{''.join(sections)}</body></html>")
-    tmp = folder / ".index.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(folder / "index.html")
+    write_atomic(folder / "index.html", lambda p: p.write_text(page, encoding="utf-8"))
     return folder / "index.html"
 
 

@@ -5,7 +5,7 @@ written last, so a crash never leaves a half run: either the folder and the row 
 Arrays are plain `.npy` files (memory-mappable, no pickle); weights are safetensors.
 """
 
-__all__ = ["RunData", "StoredRun", "RunStore", "new_run_id", "environment_info", "write_atomic", "STATUSES",
+__all__ = ["RunData", "StoredRun", "RunStore", "new_run_id", "environment_info", "write_atomic", "write_json", "STATUSES",
            "CHECKPOINT"]
 
 import json
@@ -275,7 +275,7 @@ class RunStore:
                 _remove_stray_files(path)
                 meta.update(status="interrupted", note="the process writing this run stopped without saving "
                                                        "(killed or crashed); resume it from its last checkpoint")
-                _write_json(path / "meta.json", meta)
+                write_json(path / "meta.json", meta)
                 self._index(path)
             finally:
                 _unlock(fd)
@@ -334,7 +334,7 @@ class RunStore:
 
         def fill(tmp, rid):
             _write_run_files(tmp, run)
-            _write_json(tmp / "meta.json", self._meta(rid, run.name, run.kind, "done", run.config, run.seconds,
+            write_json(tmp / "meta.json", self._meta(rid, run.name, run.kind, "done", run.config, run.seconds,
                                                       run.sweep, run.parent, run.extra))
         return self._commit(fill)
 
@@ -375,7 +375,7 @@ class RunStore:
             for name, data in files.items():
                 if name != "meta.json":
                     write_atomic(tmp / name, lambda p, data=data: p.write_bytes(data))
-            _write_json(tmp / "meta.json", {**meta, "id": rid, "imported_from": meta.get("id")})
+            write_json(tmp / "meta.json", {**meta, "id": rid, "imported_from": meta.get("id")})
         return self._commit(fill)
 
     def run_files(self, rid: str) -> dict:
@@ -395,8 +395,8 @@ class RunStore:
         self._repair()
 
         def fill(tmp, rid):
-            _write_json(tmp / "config.json", config)
-            _write_json(tmp / "meta.json", self._meta(rid, name, kind, "running", config, sweep=sweep, parent=parent))
+            write_json(tmp / "config.json", config)
+            write_json(tmp / "meta.json", self._meta(rid, name, kind, "running", config, sweep=sweep, parent=parent))
         rid, lock = self._create(fill)
         self._locks[rid] = lock
         self._index(self.root / rid)
@@ -427,7 +427,7 @@ class RunStore:
         path = self.root / rid
         meta = _read_json(path / "meta.json") or {}
         meta.update(info, status=status)
-        _write_json(path / "meta.json", meta)
+        write_json(path / "meta.json", meta)
         self._index(path)
         if status != "running":
             self.release(rid)
@@ -444,7 +444,7 @@ class RunStore:
         _write_run_files(path, run)
         fault("finish-files")
         meta.update(status="done", seconds=run.seconds, note=None, **environment_info(), **run.extra)
-        _write_json(path / "meta.json", meta)
+        write_json(path / "meta.json", meta)
         fault("finish-meta")
         self._index(path)
         (path / CHECKPOINT).unlink(missing_ok=True)
@@ -477,6 +477,11 @@ class RunStore:
                                + (f"Continue it with `fastcls resume {row['id']}`." if row["status"] != "running"
                                   else "Wait for it to finish."))
         return StoredRun(path, row)
+
+    def find(self, name: str, status: str = "done") -> Optional[str]:
+        """The id of the newest run named `name` with `status`, or None (no error: for "is it stored yet?")."""
+        rows = self._rows("WHERE name = ? AND status = ?", (name, status))
+        return rows[0]["id"] if rows else None
 
     def leaderboard(self, recipe: Optional[str] = None, sort: str = "metric", kind: Optional[str] = None,
                     sweep: Optional[str] = None, status: Optional[str] = "done") -> pd.DataFrame:
@@ -553,7 +558,8 @@ def write_atomic(path, write: Callable[[Path], None]):
         raise
 
 
-def _write_json(path: Path, obj):
+def write_json(path: Path, obj):
+    """`obj` as JSON at `path`, atomically (numpy values, paths, tuples and sets as JSON types)."""
     write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=1, default=_json_default)))
 
 
@@ -568,12 +574,12 @@ def _write_run_files(folder: Path, run: RunData):
     """Every file of a finished run except meta.json, each written atomically."""
     for fname, obj in (("config.json", run.config), ("metrics.json", run.metrics), ("vocab.json", list(run.vocab)),
                        ("valid_ids.json", [str(i) for i in run.valid_ids])):
-        _write_json(folder / fname, obj)
+        write_json(folder / fname, obj)
     _write_npy(folder / "valid_probs.npy", np.ascontiguousarray(run.valid_probs, dtype=np.float32))
     _write_npy(folder / "valid_targets.npy", np.asarray(run.valid_targets, dtype=np.int64))
     if run.test_probs is not None:
         _write_npy(folder / "test_probs.npy", np.ascontiguousarray(run.test_probs, dtype=np.float32))
-        _write_json(folder / "test_ids.json", [str(i) for i in run.test_ids])
+        write_json(folder / "test_ids.json", [str(i) for i in run.test_ids])
     if run.history is not None:
         write_atomic(folder / "history.csv", lambda p: run.history.to_csv(p, index=False))
     if run.weights is not None:

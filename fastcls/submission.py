@@ -10,8 +10,6 @@ temporary name and renamed, so an interrupted write never leaves half a submissi
 __all__ = ["write_submission", "submission_for_run", "submission_ids", "submission_frame", "recipe_from_config",
            "neutralise"]
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +18,7 @@ import pandas as pd
 
 from .errors import FastclsError
 from .recipe import Recipe, recipe_from_config  # noqa: F401  (recipe_from_config: re-exported, it lived here)
+from .runs import write_atomic
 
 # a spreadsheet runs a cell starting with one of these as a formula (CSV injection)
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -119,14 +118,7 @@ def write_submission(recipe: Recipe, test_ids, probs, vocab, path, data=None) ->
     df = submission_frame(recipe, test_ids, probs, vocab, data)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            df.to_csv(f, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda p: df.to_csv(p, index=False))
     return df
 
 

@@ -18,8 +18,6 @@ __all__ = ["Trial", "SweepPlan", "SweepResult", "LocalExecutor", "EXECUTORS", "p
 import hashlib
 import itertools
 import json
-import os
-import secrets
 import time
 import typing
 from dataclasses import dataclass, field, replace
@@ -34,6 +32,7 @@ from .errors import FastclsError, suggest
 from .executors import EXECUTORS, LocalExecutor  # noqa: F401  (re-exported: they lived here)
 from .metrics import get_metric
 from .recipe import Recipe
+from .runs import write_json
 from .train import RunConfig, schedule
 
 SWEEPS = "sweeps"
@@ -218,17 +217,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _write_json(path: Path, obj):
-    """Write JSON under a temporary name and rename it into place, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1, default=str))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _new_record(plan: SweepPlan) -> dict:
     r = plan.base.recipe
     return {"id": plan.id, "recipe": r.name, "mode": plan.mode, "views": plan.views if plan.mode == "fast" else None,
@@ -290,7 +278,7 @@ def run_sweep(plan: SweepPlan, store, progress: str = "auto", executor=None, ite
     for t in record["trials"]:
         if t["name"] in stored:
             t.update(status="done", run_id=stored[t["name"]])
-    _write_json(path, record)
+    write_json(path, record)
     features, keys = {}, {}
     executor = executor or LocalExecutor()
     remote = getattr(executor, "remote", False)
@@ -315,7 +303,7 @@ def run_sweep(plan: SweepPlan, store, progress: str = "auto", executor=None, ite
         rec = record["trials"][trial.index]
         rec.update(status="running", error=None, started=_now())
         record["updated"] = _now()
-        _write_json(path, record)
+        write_json(path, record)
         if progress != "none":
             print(f"[{plan.id}] trial {trial.index + 1}/{len(plan.trials)}: {trial.key}", flush=True)
 
@@ -349,14 +337,14 @@ def run_sweep(plan: SweepPlan, store, progress: str = "auto", executor=None, ite
                 msg = str(error) if isinstance(error, FastclsError) else f"{type(error).__name__}: {error}"
                 rec.update(status="failed", error=msg)
             record["updated"] = _now()
-            _write_json(path, record)
+            write_json(path, record)
     except BaseException:  # Ctrl-C (a kill -9 skips this; the next run then ignores the stale 'running' mark)
         getattr(results, "close", lambda: None)()  # a cluster executor cancels the trials still running
         for rec in record["trials"]:
             if rec["status"] == "running":
                 rec["status"] = "interrupted"
         record.update(status="interrupted", updated=_now())
-        _write_json(path, record)
+        write_json(path, record)
         raise
     failed = [r for r in record["trials"] if r["status"] == "failed"]
     record["status"] = "failed" if failed else "done"
@@ -364,7 +352,7 @@ def run_sweep(plan: SweepPlan, store, progress: str = "auto", executor=None, ite
     table.to_csv(folder / "results.csv", index=False)
     plot = _plot(record, table, folder)
     record.update(best=_best(record, table), results="results.csv", plot=plot.name if plot else None, updated=_now())
-    _write_json(path, record)
+    write_json(path, record)
     return SweepResult(record, table, folder, plot, trained)
 
 
