@@ -67,12 +67,6 @@ def plan_folds(cfg: RunConfig, k: int, only: Optional[int] = None) -> list[Trial
             for i in range(k) if only is None or i == only]
 
 
-def _stored(store: RunStore, name: str, status: str = "done") -> Optional[str]:
-    rows = store.leaderboard(sort="newest", status=status)
-    hits = rows[rows["name"] == name]
-    return hits["id"].iloc[0] if len(hits) else None
-
-
 def _parent_of(store: RunStore, fold_runs: list) -> Optional[str]:
     """The finished cv run every one of `fold_runs` already points to (their index `parent`), or None."""
     parents = {store.resolve(r).get("parent") for r in fold_runs}
@@ -90,11 +84,11 @@ def fit_fold(trial: Trial, store: RunStore, progress: str = "auto", items: Optio
 
     An interrupted earlier attempt continues from its checkpoint (`fastcls.train.resume_run`).
     """
-    done = _stored(store, trial.cfg.name)
+    done = store.find(trial.cfg.name)
     if done:
         run = store.load(done)
         return RunResult(done, run.metrics, run.history, None, float(run.meta.get("seconds") or 0))
-    stopped = _stored(store, trial.cfg.name, "interrupted")
+    stopped = store.find(trial.cfg.name, "interrupted")
     if stopped:
         return resume_run(store, stopped, progress, items=items)
     return fit_run(trial.cfg, store, progress, items=items)
@@ -102,7 +96,7 @@ def fit_fold(trial: Trial, store: RunStore, progress: str = "auto", items: Optio
 
 def _fold_items(cfg: RunConfig, items: fdata.Items) -> pd.DataFrame:
     """The training rows the folds split (after --sample), in item order."""
-    return items.train if cfg.sample is None else fdata.sample_items(items.train, cfg.sample, cfg.seed)
+    return fdata.sample_items(items.train, cfg.sample, cfg.seed)
 
 
 def run_cv(cfg: RunConfig, store: RunStore, k: int = 5, fold: Optional[int] = None, progress: str = "auto",
@@ -135,7 +129,7 @@ def run_cv(cfg: RunConfig, store: RunStore, k: int = 5, fold: Optional[int] = No
     executor = executor or LocalExecutor()
     failed = []
     if getattr(executor, "remote", False):  # a worker's private store holds no fold: skip the stored ones here
-        trials = [t for t in trials if not _stored(store, t.cfg.name)]
+        trials = [t for t in trials if not store.find(t.cfg.name)]
     for trial, res, error in executor.map(partial(fit_fold, progress=progress, items=items), trials, store=store):
         if error is not None:
             failed.append(f"fold {trial.index}: {error if isinstance(error, FastclsError) else repr(error)}")
@@ -145,7 +139,7 @@ def run_cv(cfg: RunConfig, store: RunStore, k: int = 5, fold: Optional[int] = No
         raise FastclsError(f"{len(failed)} fold(s) of {cid} failed:\n" + "\n".join(f"  {f}" for f in failed)
                            + "\nThe folds that finished are stored; run the same command again to retry the others.")
     names = [f"{cid}-f{i}" for i in range(k)]
-    fold_runs = [_stored(store, n) for n in names]
+    fold_runs = [store.find(n) for n in names]
     if any(r is None for r in fold_runs):
         return CVResult(cid, None, fold_runs, _table(store, fold_runs, None), {})
     with store.exclusive(cid):  # folds finishing at once in two processes (--fold K each) store one cv run

@@ -23,8 +23,9 @@ from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
+from fastai.callback.data import WeightedDL  # noqa: F401  (registers DataBlock.weighted_dataloaders, used by dls)
 from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
-from fastai.data.transforms import ColReader, ColSplitter, IndexSplitter, IntToFloatTensor
+from fastai.data.transforms import ColReader, ColSplitter, IntToFloatTensor
 from fastai.vision.augment import Hue, Resize, ResizeMethod, Saturation, aug_transforms
 from fastai.vision.core import PILImage, TensorImage
 from fastai.vision.data import ImageBlock, imagenet_stats
@@ -58,6 +59,7 @@ class Items:
     root: Optional[Path] = None
     bad: list = field(default_factory=list)  # unreadable images left out by check_images: {split, id, path, reason}
     blank: frozenset = frozenset()  # paths of unreadable test images, predicted from a blank image (rows kept)
+    checked: Optional[str] = None  # the --on-bad-image policy check_images applied to these items (None: not yet)
 
     @property
     def vocab(self) -> list:
@@ -601,9 +603,10 @@ def assign_folds(train: pd.DataFrame, recipe: Recipe, k: int, seed: int) -> np.n
     return fold
 
 
-def sample_items(train: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
-    """A stratified subset of `n` training items (every class kept where n allows), for quick checks."""
-    if n >= len(train):
+def sample_items(train: pd.DataFrame, n: Optional[int], seed: int) -> pd.DataFrame:
+    """A stratified subset of `n` training items (every class kept where n allows), for quick checks; all of them
+    when `n` is None (no --sample)."""
+    if n is None or n >= len(train):
         return train
     counts = train["label"].value_counts()
     strat = train["label"] if counts.min() >= 2 and n >= 2 * counts.size else None
@@ -717,7 +720,7 @@ def dls(recipe: Recipe, items: Items, seed: int = 42, sample: Optional[int] = No
     k of `assign_folds(..., K, seed)` instead of the recipe's split.
     """
     recipe = resolve_recipe(recipe, items)
-    train = items.train if sample is None else sample_items(items.train, sample, seed)
+    train = sample_items(items.train, sample, seed)
     if fold is None:
         df = assign_split(train, recipe, seed).reset_index(drop=True)
     else:
@@ -902,12 +905,12 @@ def check_images(items: Items, on_bad: str = "fail", cache_dir=None, limit: int 
     """
     if on_bad not in ("fail", "skip"):
         raise FastclsError(f"--on-bad-image must be 'fail' or 'skip', got {on_bad!r}.")
-    if items.arrays:
+    if items.arrays or items.checked == on_bad:  # arrays hold decoded pixels; checked items were checked already
         return items
     splits = [("train", items.train)] + ([("test", items.test)] if items.test is not None else [])
     bad = dict(scan_images([x for _, df in splits for x in df["x"]], cache_dir))
     if not bad:
-        return items
+        return dataclasses.replace(items, checked=on_bad)
     listed = [{"split": split, "id": str(r.id), "path": str(r.x), "reason": bad[r.x]}
               for split, df in splits for r in df.itertuples() if r.x in bad]
     n_all = sum(len(df) for _, df in splits)
@@ -920,4 +923,4 @@ def check_images(items: Items, on_bad: str = "fail", cache_dir=None, limit: int 
     print(f"fastcls: warning: leaving out {len(listed)} unusable image(s) of {n_all}:\n{lines}{more}", file=sys.stderr)
     train = items.train[~items.train["x"].isin(bad)].reset_index(drop=True)
     blank = frozenset(str(x) for x in items.test["x"] if x in bad) if items.test is not None else frozenset()
-    return dataclasses.replace(items, train=train, bad=listed, blank=blank)
+    return dataclasses.replace(items, train=train, bad=listed, blank=blank, checked=on_bad)

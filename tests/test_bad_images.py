@@ -183,3 +183,16 @@ def test_scan_verdicts_are_cached_by_size_and_mtime(tmp_path, monkeypatch):
     with pytest.raises(FastclsError, match="cannot be used"):
         check_images(items, "fail", cache_dir=cache)
     assert json.loads(json.dumps(third.bad))  # plain JSON, as stored in meta.json
+
+
+def test_checking_checked_items_again_keeps_the_record(tmp_path, capsys):
+    """cv, students and probes check the items, then fit_run checks them again: the second check must keep the
+    list of training images the first one left out (they are no longer in the items to find again)."""
+    make_folder_data(tmp_path / "data")
+    items = read_items(Recipe(name="p", layout="folder"), tmp_path / "data")
+    once = check_images(items, "skip", cache_dir=tmp_path / "cache")
+    assert {b["split"] for b in once.bad} == {"train", "test"}
+    capsys.readouterr()
+    twice = check_images(once, "skip", cache_dir=tmp_path / "cache")
+    assert twice.bad == once.bad and len(twice.train) == len(once.train)
+    assert "leaving out" not in capsys.readouterr().err, "warned once"
