@@ -1209,7 +1209,6 @@ def ensemble(store: RunStore, refs: list[str], method: str = "mean", tta_beta: O
 
             oof_probs = _cv_predict(N, C, fold, fit_apply)
         comb = _fit(method, probs, y, metric, weights, None, seed, hill_steps, score_fit=False)
-    probs = [mem.probs(b) for mem, b in zip(members, betas)]
     valid_probs = comb.apply(probs)
     del probs
     test_probs = None

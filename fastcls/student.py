@@ -60,10 +60,10 @@ def teacher_config(store: RunStore, run: StoredRun, recipes=()) -> RunConfig:
     return dataclasses.replace(cfg, fold=None, folds=None, name=None)
 
 
-def _student_config(store: RunStore, refs: list, arch: Optional[str], recipes, data, overrides: dict) -> RunConfig:
-    if not refs:
+def _student_config(store: RunStore, runs: list, arch: Optional[str], recipes, data, overrides: dict) -> RunConfig:
+    if not runs:
         raise FastclsError("Give at least one teacher run (id, id prefix or name; see `fastcls runs`).")
-    cfg = teacher_config(store, store.load(refs[0]), recipes)
+    cfg = teacher_config(store, runs[0], recipes)
     if arch is not None:
         get_arch(arch)
     recipe = cfg.recipe.override(**{k: v for k, v in overrides.items() if v is not None})
@@ -72,7 +72,7 @@ def _student_config(store: RunStore, refs: list, arch: Optional[str], recipes, d
 
 def _split_items(cfg: RunConfig, items: fdata.Items) -> pd.DataFrame:
     """The training items (after --sample) with the recipe's own validation split for the seed in `is_valid`."""
-    train = items.train if cfg.sample is None else fdata.sample_items(items.train, cfg.sample, cfg.seed)
+    train = fdata.sample_items(items.train, cfg.sample, cfg.seed)
     return fdata.assign_split(train, fdata.resolve_recipe(cfg.recipe, items), cfg.seed).reset_index(drop=True)
 
 
@@ -135,7 +135,7 @@ def pseudo_label(store: RunStore, refs: list, threshold: float = 0.9, rounds: in
         raise FastclsError(f"--rounds must be at least 1, got {rounds}.")
     runs = [store.load(r) for r in refs]
     ids, probs = aligned_probs(runs, "test")  # every teacher check before any data is read
-    cfg = _student_config(store, refs, arch, recipes, data, {**overrides, "drop_path": drop_path})
+    cfg = _student_config(store, runs, arch, recipes, data, {**overrides, "drop_path": drop_path})
     items = items if items is not None else fdata.read_items(cfg.recipe, cfg.data)
     # the teachers split what was left after the image check: the same rows give the same validation split
     items = fdata.check_images(items, cfg.on_bad_image, cache_dir=fdata.cache_home())
@@ -294,10 +294,10 @@ def distill(store: RunStore, refs: list, arch: str, temperature: float = 2.0, al
         raise FastclsError(f"--alpha must be in [0, 1], got {alpha}.")
     runs = [store.load(r) for r in refs]
     valid_ids, valid_probs = aligned_probs(runs, "valid")
-    test_ids, test_probs = aligned_probs(runs, "test") if all(r.test_probs is not None for r in runs) else (None, None)
-    if unlabeled and test_ids is None:
-        aligned_probs(runs, "test")  # raises: which teacher has no test probabilities
-    cfg = _student_config(store, refs, arch, recipes, data, overrides)
+    # with --unlabeled a teacher without test probabilities is an error (aligned_probs says which); else optional
+    has_test = unlabeled or all(r.test_probs is not None for r in runs)
+    test_ids, test_probs = aligned_probs(runs, "test") if has_test else (None, None)
+    cfg = _student_config(store, runs, arch, recipes, data, overrides)
     items = items if items is not None else fdata.read_items(cfg.recipe, cfg.data)
     # the teachers split what was left after the image check: the same rows give the same validation split
     items = fdata.check_images(items, cfg.on_bad_image, cache_dir=fdata.cache_home())
