@@ -36,7 +36,6 @@ RESULTS = ROOT / "bench" / "results"
 SHARED = ROOT.parent / "shared" / "data"
 
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from fastai.callback.core import Callback  # noqa: E402
 
@@ -108,7 +107,6 @@ def overhead_data(steps: int, bs: int, n_valid: int = 64):
 
 
 def overhead(args) -> dict:
-    from fastai.learner import Learner  # noqa: F401
     from fastai.vision.learner import vision_learner
     from fastcls.archs import build_model
     from fastcls.data import dls

@@ -53,7 +53,6 @@ from typing import Iterable, Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fastai.callback.data import WeightedDL  # noqa: F401  (registers Datasets.weighted_dataloaders)
 from fastai.losses import BaseLoss, CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from torch import nn
 

@@ -13,7 +13,6 @@ from typing import Optional, Union
 
 import numpy as np
 import pandas as pd
-import torch
 from fastai.callback.core import Callback
 import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
 from fastai.callback.progress import ProgressCallback

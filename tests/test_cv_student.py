@@ -1,7 +1,6 @@
 """K-fold with OOF parent runs, noisy-student pseudo-labels, distillation from stored probabilities, probes."""
 
 import contextlib
-import json
 import os
 
 import numpy as np
@@ -12,7 +11,6 @@ from typer.testing import CliRunner
 
 from fastcls.cli import app, make_config
 from fastcls.data import assign_folds, read_items, sample_items
-from fastcls.errors import FastclsError
 from fastcls.recipe import get_recipe
 from fastcls.runs import RunData, RunStore
 from fastcls.student import distill_loss

@@ -17,7 +17,6 @@ from fastcls.data import test_dl as make_test_dl  # aliased: pytest would collec
 from fastcls.errors import FastclsError
 from fastcls.recipe import Recipe, get_recipe
 
-from .conftest import TINY
 
 
 def make_photos(root, classes=("cat", "dog"), n=6, test=3, size=(72, 48)):

@@ -2,7 +2,6 @@
 file names in tables cannot leave the data root."""
 
 import re
-import sys
 
 import numpy as np
 import pandas as pd
