@@ -31,13 +31,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastcls.cv import run_cv  # noqa: E402
+from fastcls.experiments.cv import run_cv  # noqa: E402
 from fastcls.data import read_items  # noqa: E402
 from fastcls.ensemble import ensemble  # noqa: E402
 from fastcls.recipe import get_recipe  # noqa: E402
 from fastcls.runs import RunStore  # noqa: E402
-from fastcls.student import distill, pseudo_label  # noqa: E402
-from fastcls.train import RunConfig, fit_run  # noqa: E402
+from fastcls.experiments.student import distill, pseudo_label  # noqa: E402
+from fastcls.config import RunConfig  # noqa: E402
+from fastcls.train import fit_run
 
 DATA = ROOT.parent / "shared" / "data" / "quickdraw-longtail"
 
@@ -90,9 +91,9 @@ def main():
     ens = ensemble(store, members, "mean", n_boot=0)
     # the ensemble run stores no test score: score its test probabilities like the runs'
     from fastcls.metrics import get_metric
-    from fastcls.train import _encode
+    from fastcls.predict import encode_labels
     test = items.test.set_index(items.test["id"].astype(str))
-    y = _encode(test.loc[ens.test_ids, "label"], store.load(one.run_id).vocab)
+    y = encode_labels(test.loc[ens.test_ids, "label"], store.load(one.run_id).vocab)
     ens_row = {"what": "3-run ensemble (mean; ps 0.25, 0.1, 0.5)", "run": ens.run_id, "kind": "ensemble",
                "test_macro_f1": get_metric("macro_f1")(y, ens.test_probs), "test_macro_f1_tta": None,
                "valid_macro_f1": None, "n_valid": len(ens.valid_ids), "seconds": round(time.time() - t, 1)}

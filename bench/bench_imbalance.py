@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 from fastcls.data import read_items  # noqa: E402
 from fastcls.recipe import get_recipe  # noqa: E402
 from fastcls.runs import RunStore  # noqa: E402
-from fastcls.train import RunConfig, fit_run  # noqa: E402
+from fastcls.config import RunConfig  # noqa: E402
+from fastcls.train import fit_run
 
 DATA = ROOT.parent / "shared" / "data" / "quickdraw-longtail"
 

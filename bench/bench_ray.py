@@ -32,11 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fastcls.data import read_items  # noqa: E402
-from fastcls.executors import LocalExecutor, RayExecutor, run_one  # noqa: E402
+from fastcls.experiments.executors import LocalExecutor, RayExecutor, run_one  # noqa: E402
 from fastcls.recipe import get_recipe  # noqa: E402
 from fastcls.runs import RunStore  # noqa: E402
-from fastcls.sweep import plan_sweep, run_sweep  # noqa: E402
-from fastcls.train import RunConfig, fit_run  # noqa: E402
+from fastcls.experiments.sweep import plan_sweep, run_sweep  # noqa: E402
+from fastcls.config import RunConfig  # noqa: E402
+from fastcls.train import fit_run
 
 
 def spread(xs) -> dict:

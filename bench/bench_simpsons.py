@@ -26,7 +26,8 @@ from fastcls.predict import tta_blend
 from fastcls.recipe import get_recipe
 from fastcls.runs import RunStore
 from fastcls.submission import write_submission
-from fastcls.train import RunConfig, fit_run
+from fastcls.config import RunConfig
+from fastcls.train import fit_run
 
 HERE = Path(__file__).resolve().parent
 

@@ -32,8 +32,8 @@ from fastcls.archs import build_body, get_arch  # noqa: E402
 from fastcls.data import read_items  # noqa: E402
 from fastcls.recipe import Recipe, get_recipe  # noqa: E402
 from fastcls.runs import RunStore  # noqa: E402
-from fastcls.sweep import plan_sweep, run_sweep  # noqa: E402
-from fastcls.train import RunConfig  # noqa: E402
+from fastcls.experiments.sweep import plan_sweep, run_sweep  # noqa: E402
+from fastcls.config import RunConfig  # noqa: E402
 
 IMAGENETTE = ROOT.parent / "shared" / "data" / "imagenette-mini"
 

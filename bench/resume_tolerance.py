@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from fastcls.checkpoint import RunInterrupted  # noqa: E402
+from fastcls.train.checkpoint import RunInterrupted  # noqa: E402
 from fastcls.cli import make_config  # noqa: E402
 from fastcls.runs import RunStore  # noqa: E402
 from fastcls.train import fit_run, resume_run  # noqa: E402

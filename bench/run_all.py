@@ -111,7 +111,8 @@ def overhead(args) -> dict:
     from fastcls.archs import build_model
     from fastcls.data import dls
     from fastcls.recipe import Recipe
-    from fastcls.train import RunConfig, learner, train
+    from fastcls.config import RunConfig
+    from fastcls.train import learner, train
 
     items, source = overhead_data(args.steps, args.bs)
     recipe = Recipe(name="overhead", layout="npz", split="given", size=args.size, bs=args.bs, aug=False,
@@ -185,7 +186,7 @@ def overhead(args) -> dict:
 
 # -- 2. image cache ---------------------------------------------------------------------------------------------------
 def cache(args) -> dict:
-    import fastcls.cache
+    import fastcls.data.cache
     from fastcls.data import dls, read_items
     from fastcls.recipe import Recipe
     data = SHARED / "simpsons"
@@ -196,17 +197,17 @@ def cache(args) -> dict:
                   test_dir="testset/testset",
                   size=224, bs=64, split="random")
     items = read_items(base, data)
-    budget = fastcls.cache.MEMORY_BUDGET
+    budget = fastcls.data.cache.MEMORY_BUDGET
 
     def run(recipe, in_memory=True) -> tuple:
         """(seconds to build the DataLoaders: a run's start, seconds for one pass over the training batches)."""
-        fastcls.cache.MEMORY_BUDGET = budget if in_memory else 0
+        fastcls.data.cache.MEMORY_BUDGET = budget if in_memory else 0
         t = time.perf_counter()
         d = dls(recipe, items, seed=0, num_workers=0)
         t1 = time.perf_counter()
         n = sum(len(x) for x, _ in d.train)
         t2 = time.perf_counter()
-        fastcls.cache.MEMORY_BUDGET = budget
+        fastcls.data.cache.MEMORY_BUDGET = budget
         assert n == len(d.train_ds) // recipe.bs * recipe.bs
         return t1 - t, t2 - t1, d.cached
 

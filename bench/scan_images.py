@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastcls.data import IMAGE_EXTS, _image_problem, load_image, scan_images  # noqa: E402
+from fastcls.data import IMAGE_EXTS, load_image, scan_images  # noqa: E402
+from fastcls.data.loaders import _image_problem
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

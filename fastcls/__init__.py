@@ -26,11 +26,12 @@ _EXPORTS = {
     "archs": ["ARCHS", "ArchSpec", "build_model", "get_arch", "register_arch"],
     "data": ["Items", "dls", "read_items", "check_images", "scan_images"],
     "runs": ["RunData", "RunStore", "StoredRun"],
-    "train": ["RunConfig", "RunResult", "fit_run", "resume_run", "learner", "train"],
+    "config": ["RunConfig"],
+    "train": ["RunResult", "fit_run", "resume_run", "learner"],
     "predict": ["predict_views", "tta_blend"],
-    "sweep": ["plan_sweep", "run_sweep", "list_sweeps", "load_sweep", "sweep_table"],
-    "features": ["cached_features", "fit_head_run"],
-    "executors": ["LocalExecutor", "RayExecutor"],
+    "experiments.sweep": ["plan_sweep", "run_sweep", "list_sweeps", "load_sweep", "sweep_table"],
+    "experiments.features": ["cached_features", "fit_head_run"],
+    "experiments.executors": ["LocalExecutor", "RayExecutor"],
     "report": ["confusion", "lr_find", "per_class", "plot_batch", "plot_confusion", "plot_history", "plot_lr_find",
                "plot_per_class", "plot_sweep", "plot_top_losses", "run_config", "save_figure", "top_losses",
                "write_report"],
@@ -44,14 +45,15 @@ if TYPE_CHECKING:  # explicit imports for editors and type checkers ("go to defi
     from .errors import FastclsError, RunInterrupted
     from .predict import predict_views, tta_blend
     from .recipe import Recipe, find_recipes, get_recipe
-    from .executors import LocalExecutor, RayExecutor
-    from .features import cached_features, fit_head_run
+    from .experiments.executors import LocalExecutor, RayExecutor
+    from .experiments.features import cached_features, fit_head_run
     from .report import (confusion, lr_find, per_class, plot_batch, plot_confusion, plot_history, plot_lr_find,
                          plot_per_class, plot_sweep, plot_top_losses, run_config, save_figure, top_losses,
                          write_report)
     from .runs import RunData, RunStore, StoredRun
-    from .sweep import list_sweeps, load_sweep, plan_sweep, run_sweep, sweep_table
-    from .train import RunConfig, RunResult, fit_run, learner, resume_run, train
+    from .experiments.sweep import list_sweeps, load_sweep, plan_sweep, run_sweep, sweep_table
+    from .config import RunConfig
+    from .train import RunResult, fit_run, learner, resume_run
 
 
 def __getattr__(name):

@@ -109,7 +109,7 @@ def _cli(fn):
     def wrapper(*args, **kwargs):
         try:
             if name != "train" or kwargs.get("folds") is not None:  # under a launcher only one plain run splits
-                from .distributed import check_single
+                from .train.distributed import check_single
                 check_single(name if name != "train" else "train --folds")
             return fn(*args, **kwargs)
         except FastclsError as e:
@@ -166,7 +166,7 @@ def make_config(recipe: str, arch: str, *, recipes=(), data=None, seed=42, weigh
     """A validated RunConfig from CLI-style arguments (None means 'the recipe's default')."""
     from .archs import get_arch
     from .recipe import get_recipe
-    from .train import RunConfig
+    from .config import RunConfig
     r = get_recipe(recipe, recipes or ())
     get_arch(arch)
     r = r.override(**{k: v for k, v in overrides.items() if v is not None})
@@ -202,9 +202,9 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
     fold a Ray task). Under
     `accelerate launch` / `torchrun` the run trains on every process (fastai's distrib_ctx); rank 0 stores it.
     """
-    from . import distributed as fdist
+    from .train import distributed as fdist
     from .data import parse_trim
-    from .executors import get_executor
+    from .experiments.executors import get_executor
     from .runs import RunStore
     from .train import fit_run
     if distributed:
@@ -223,7 +223,7 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
     if fold is not None and folds is None:
         raise FastclsError("--fold K needs --folds N (the number of folds K belongs to).")
     if folds is not None:
-        from .cv import run_cv
+        from .experiments.cv import run_cv
         res = run_cv(cfg, store, folds, fold, progress="none" if quiet else "auto", executor=ex)
         title = (f"cv run {res.run_id} ({res.cv_id}) stored in {runs_dir}" if res.run_id else
                  f"{res.cv_id}: {sum(r is not None for r in res.fold_runs)} of {folds} folds stored; the cv run is "
@@ -250,7 +250,7 @@ def _print_result(res, cfg: dict, runs_dir):
 def cache_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fastcls recipes`).")],
               data: Data = None, size: Size = None, recipes: RecipeDirs = None):
     """Fill the pre-resized image cache: decode, crop and resize every train and test image once, at --size."""
-    from .cache import fill_cache
+    from .data.cache import fill_cache
     from .data import read_items
     from .recipe import get_recipe
     r = get_recipe(recipe, recipes or ())
@@ -296,7 +296,7 @@ def show_cmd(run: Annotated[str, typer.Argument(help="Run id, unique id prefix, 
              runs_dir: RunsDir = Path("runs")):
     """One run's config, final metrics and per-epoch history; or one sweep's results table."""
     from .runs import RunStore
-    from .sweep import load_sweep, sweep_table
+    from .experiments.sweep import load_sweep, sweep_table
     store = RunStore(runs_dir)
     try:
         r = store.load(run, any_status=True)
@@ -362,9 +362,9 @@ def pseudo_label_cmd(runs: Runs,
     """Noisy student: teacher runs' stored test probabilities pseudo-label the confident test items; a student
     trains on them with noise (augmentation, dropout, stochastic depth); each round is a stored run (--executor ray:
     each round's student a Ray task)."""
-    from .executors import get_executor
+    from .experiments.executors import get_executor
     from .runs import RunStore
-    from .student import pseudo_label
+    from .experiments.student import pseudo_label
     ex = get_executor(executor, address, gpus_per_trial, cpus_per_trial)
     res = pseudo_label(RunStore(runs_dir), runs, threshold, rounds, arch, drop_path, "none" if quiet else "auto",
                        recipes or (), data, name, executor=ex, epochs=epochs, lr=lr, ps=ps)
@@ -385,7 +385,7 @@ def distill_cmd(runs: Runs, arch: Annotated[str, typer.Option("--arch", help="Th
     """Distil stored runs (a cv run's out-of-fold probabilities, an ensemble...) into one student run; no teacher
     model is loaded. The table compares teacher and student."""
     from .runs import RunStore
-    from .student import distill
+    from .experiments.student import distill
     res = distill(RunStore(runs_dir), runs, arch, temperature, alpha, unlabeled, "none" if quiet else "auto",
                   recipes or (), data, name, epochs=epochs, lr=lr, ps=ps)
     out.print(_table(res.table, title=f"Student {res.run_ids[0]} stored in {runs_dir} (T={temperature}, "
@@ -403,7 +403,7 @@ def probe_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
               runs_dir: RunsDir = Path("runs"), quiet: Quiet = False, recipes: RecipeDirs = None):
     """Fit a scikit-learn classifier on the frozen body's pooled features (the sweeps' feature cache) and store
     it as a run with valid and test probabilities."""
-    from .probe import probe_run
+    from .experiments.probe import probe_run
     from .runs import RunStore
     cfg = make_config(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample, name=name,
                       size=size, tta=tta, pretrained=pretrained)
@@ -473,7 +473,7 @@ def submit_cmd(run: RunRef,
 
 
 def _print_sweep(rec: dict, table, runs_dir: Path):
-    from .sweep import sweep_dir
+    from .experiments.sweep import sweep_dir
     mode = (f"fast: head only, frozen stage, on cached body features ({rec['views']} train view(s))"
             if rec["mode"] == "fast" else "full: every trial a normal run")
     grid = " ".join(f"{k}={','.join(map(str, v))}" for k, v in rec["grid"].items())
@@ -495,7 +495,7 @@ def _print_sweep(rec: dict, table, runs_dir: Path):
 def _sweep(plan, runs_dir: Path, quiet: bool, executor=None):
     """Run a planned sweep, print its table, and fail (exit 2) when trials failed."""
     from .runs import RunStore
-    from .sweep import run_sweep
+    from .experiments.sweep import run_sweep
     try:
         res = run_sweep(plan, RunStore(runs_dir), progress="none" if quiet else "auto", executor=executor)
     except KeyboardInterrupt:
@@ -532,8 +532,8 @@ def sweep_dropout_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (s
                       cpus_per_trial: CpusPerTrial = None):
     """One run per head dropout value (a resumable sweep), a table with the best marked, and a plot of metric vs ps."""
     from .data import parse_trim
-    from .executors import get_executor
-    from .sweep import parse_values, plan_sweep
+    from .experiments.executors import get_executor
+    from .experiments.sweep import parse_values, plan_sweep
     ex = get_executor(executor, address, gpus_per_trial, cpus_per_trial)
     base = make_config(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample,
                        size=size, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, bs=bs, tta=tta,
@@ -561,9 +561,9 @@ def sweep_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
               cpus_per_trial: CpusPerTrial = None):
     """A grid over archs and train options (every combination a run), validated before anything trains."""
     from .data import parse_trim
-    from .executors import get_executor
+    from .experiments.executors import get_executor
     from .recipe import get_recipe
-    from .sweep import parse_values, plan_sweep
+    from .experiments.sweep import parse_values, plan_sweep
     ex = get_executor(executor, address, gpus_per_trial, cpus_per_trial)
     archs = _list(arch) or list(get_recipe(recipe, recipes or ()).archs)
     base = make_config(recipe, archs[0], recipes=recipes, data=data, seed=seed, weights=weights, sample=sample,
@@ -579,7 +579,7 @@ def sweep_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
 @_cli
 def sweeps_cmd(runs_dir: RunsDir = Path("runs")):
     """List the sweeps in the run store: grid, mode, trials done, best trial."""
-    from .sweep import list_sweeps
+    from .experiments.sweep import list_sweeps
     df = list_sweeps(runs_dir)
     if not len(df):
         out.print(f"No sweeps in {runs_dir}.")

@@ -4,10 +4,14 @@
 on disk and trains heads on them (`fastcls.features`).
 """
 
-__all__ = ["predict_views", "tta_blend", "pooled_features"]
+__all__ = ["predict_views", "tta_blend", "lerp_blend", "pooled_features", "encode_labels"]
+
+from typing import Optional
 
 import numpy as np
 import torch
+
+_CHUNK = 16384  # rows per block: keeps the temporaries of a blend small and cache-friendly
 
 
 def predict_views(learn, dl, n_tta: int = 4):
@@ -59,11 +63,45 @@ def pooled_features(body: torch.nn.Module, pool: torch.nn.Module, dl, n_aug: int
     return torch.stack([torch.cat(v) for v in views]).numpy(), targets
 
 
-def tta_blend(views: np.ndarray, beta: float = 0.25) -> np.ndarray:
-    """fastai's TTA blend: `beta * plain + (1 - beta) * mean(augmented views)`; the plain view when there are none.
+def tta_blend(views, beta: float = 0.25) -> np.ndarray:
+    """Blend one run's stacked prediction views the way fastai's `Learner.tta(beta=...)` does.
 
-    One implementation serves training, submissions and ensembles: `fastcls.ensemble.tta_blend` (chunked, so
-    memory-mapped views are never copied whole).
+    fastai returns `torch.lerp(aug_preds, preds, beta)`, i.e. `beta * plain + (1 - beta) * mean(TTA views)`: beta is
+    the weight of the plain (un-augmented) prediction, so beta=1 is the plain view and beta=0 the TTA mean.
+
+    Args:
+        views: (V, N, C) probabilities; view 0 is the plain prediction, views 1.. the TTA views. May be memory-mapped:
+            the TTA views are accumulated one at a time.
+        beta: weight of the plain view, in [0, 1].
+
+    Returns:
+        (N, C) float32 probabilities; the plain view itself when there are no TTA views.
     """
-    from .ensemble import tta_blend as blend
-    return blend(views if hasattr(views, "shape") else np.asarray(views), beta)
+    V = views.shape[0]
+    if V == 1:
+        return views[0]
+    aug = np.zeros(views.shape[1:], dtype=np.float32)
+    for v in range(1, V):
+        aug += views[v]
+    aug /= np.float32(V - 1)
+    return lerp_blend(views[0], aug, beta)
+
+
+def lerp_blend(plain, aug, beta):
+    """beta * plain + (1 - beta) * aug, float32; the operands themselves at beta 1 and 0 (no copy)."""
+    if aug is None or beta == 1:
+        return plain
+    if beta == 0:
+        return aug
+    out = np.empty(aug.shape, dtype=np.float32)
+    for lo in range(0, len(aug), _CHUNK):
+        out[lo:lo + _CHUNK] = plain[lo:lo + _CHUNK] * np.float32(beta) + aug[lo:lo + _CHUNK] * np.float32(1 - beta)
+    return out
+
+
+def encode_labels(labels, vocab) -> Optional[np.ndarray]:
+    """Class indices of `labels` in `vocab`, or None when a label is not in it (e.g. a test set without labels)."""
+    idx = {str(v): i for i, v in enumerate(vocab)}
+    if not all(str(l) in idx for l in labels):
+        return None
+    return np.array([idx[str(l)] for l in labels])

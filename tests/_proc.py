@@ -103,7 +103,7 @@ def check_store(root, cli) -> dict:
     import numpy as np
     from safetensors.torch import load_file
 
-    from fastcls.checkpoint import read_checkpoint
+    from fastcls.train.checkpoint import read_checkpoint
     from fastcls.runs import CHECKPOINT, RunStore
     store = RunStore(root)
     board = store.leaderboard(status=None)  # the first use repairs

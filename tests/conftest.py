@@ -28,7 +28,7 @@ def shared_data(name: str) -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def _image_cache(tmp_path_factory):
-    """Keep the pre-resized image cache (fastcls.cache) out of the user's home folder during tests."""
+    """Keep the pre-resized image cache (fastcls.data.cache) out of the user's home folder during tests."""
     mp = pytest.MonkeyPatch()
     mp.setenv("FASTCLS_CACHE", str(tmp_path_factory.mktemp("image-cache")))
     yield

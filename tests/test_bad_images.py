@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastcls import data as fdata
+from fastcls.data import loaders as fdata
 from fastcls.data import check_images, load_image, read_items, scan_images
 from fastcls.errors import FastclsError
 from fastcls.recipe import Recipe

@@ -13,7 +13,7 @@ from fastcls.cli import app, make_config
 from fastcls.data import assign_folds, read_items, sample_items
 from fastcls.recipe import get_recipe
 from fastcls.runs import RunData, RunStore
-from fastcls.student import distill_loss
+from fastcls.experiments.student import distill_loss
 
 from .conftest import TINY
 from .test_recipes_seed import QUICK, make_masks
@@ -150,7 +150,7 @@ def test_masks_folds_keep_each_person_in_one_fold(tmp_path):
 def test_pseudo_label_adds_exactly_the_items_above_the_threshold(cv_store):
     store = RunStore(cv_store)
     teacher = store.load("plain")
-    from fastcls.ensemble import tta_blend
+    from fastcls.predict import tta_blend
     conf = tta_blend(teacher.test_probs).max(1)
     thr = float(np.quantile(conf, 0.6))
     expected = int((conf >= thr).sum())
@@ -283,7 +283,7 @@ def test_an_interrupted_student_is_not_resumed_from_the_recipes_data(tmp_path, k
 
 
 def test_ctrl_c_in_a_student_points_to_its_command(tmp_path, monkeypatch):
-    import fastcls.train as ftrain
+    import fastcls.train.run as ftrain
     from fastcls.errors import RunInterrupted
 
     def interrupted(*a, **k):

@@ -10,19 +10,10 @@ import numpy as np
 import pytest
 from scipy.stats import rankdata
 
-from fastcls import ensemble as E
-from fastcls.ensemble import (
-    BETA_GRID,
-    METHODS,
-    choose_beta,
-    combine,
-    cross_val_combine,
-    ensemble,
-    fit_combiner,
-    kfold_indices,
-    paired_bootstrap,
-    tta_blend,
-)
+from fastcls.ensemble import core as E
+from fastcls.ensemble import (BETA_GRID, METHODS, choose_beta, combine, cross_val_combine, ensemble, fit_combiner,
+                              kfold_indices, paired_bootstrap)
+from fastcls.predict import tta_blend
 from fastcls.errors import FastclsError
 from fastcls.metrics import get_metric
 from fastcls.runs import RunData, RunStore

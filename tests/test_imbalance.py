@@ -11,22 +11,9 @@ from sklearn.metrics import f1_score
 from torch import nn
 
 from fastcls.errors import FastclsError
-from fastcls.imbalance import (
-    STRATEGIES,
-    ImbalancePlan,
-    WeightedFocalLossFlat,
-    _macro_f1,
-    apply_offsets,
-    class_counts,
-    class_weights,
-    fit_thresholds,
-    logit_adjust,
-    loss_func,
-    oversample_weights,
-    parse_imbalance,
-    plan,
-    tune_tau,
-)
+from fastcls.imbalance import (STRATEGIES, ImbalancePlan, WeightedFocalLossFlat, class_counts, class_weights,
+                               loss_func, oversample_weights, parse_imbalance, plan)
+from fastcls.posthoc import _macro_f1, apply_offsets, fit_thresholds, logit_adjust, tune_tau
 from fastcls.metrics import score
 
 COUNTS = np.array([8, 4, 2, 1])

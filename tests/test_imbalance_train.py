@@ -14,13 +14,14 @@ from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 
 from fastcls import data as fdata
 from fastcls.errors import FastclsError
-from fastcls.imbalance import (PostHoc, WeightedFocalLossFlat, apply_offsets, class_weights, fit_posthoc, logit_adjust,
-                               tune_tau)
+from fastcls.posthoc import PostHoc, apply_offsets, fit_posthoc, logit_adjust, tune_tau
+from fastcls.imbalance import WeightedFocalLossFlat, class_weights
 from fastcls.metrics import score
 from fastcls.predict import predict_views
 from fastcls.recipe import get_recipe
 from fastcls.runs import RunStore
-from fastcls.train import RunConfig, fit_run, imbalance_plan
+from fastcls.config import RunConfig
+from fastcls.train import fit_run, imbalance_plan
 
 from .conftest import shared_data
 

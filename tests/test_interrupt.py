@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastcls.archs import SimpleCNN
-from fastcls.checkpoint import RunInterrupted, read_checkpoint
+from fastcls.train.checkpoint import RunInterrupted, read_checkpoint
 from fastcls.cli import make_config
 from fastcls.runs import CHECKPOINT, RunStore
 from fastcls.train import fit_run, resume_run
@@ -123,7 +123,7 @@ def test_best_epoch_is_kept_across_the_interruption(store, reference, body_weigh
 
 
 def test_a_crash_marks_the_run_failed_and_it_can_be_resumed(store, reference, body_weights, monkeypatch):
-    import fastcls.train as ftrain
+    import fastcls.train.run as ftrain
     real = ftrain.predict_views
     calls = []
 

@@ -11,7 +11,7 @@ import signal
 
 import pytest
 
-from fastcls.checkpoint import read_checkpoint
+from fastcls.train.checkpoint import read_checkpoint
 from fastcls.runs import CHECKPOINT, RunStore
 
 from . import _proc

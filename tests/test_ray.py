@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from fastcls.errors import FastclsError
-from fastcls.executors import LocalExecutor, RayExecutor, get_executor
+from fastcls.experiments.executors import LocalExecutor, RayExecutor, get_executor
 from fastcls.runs import RunData, RunStore
-from fastcls.sweep import LocalExecutor as SweepLocalExecutor
+from fastcls.experiments.sweep import LocalExecutor as SweepLocalExecutor
 
 from .conftest import TINY
 
@@ -86,7 +86,7 @@ def test_a_fast_sweep_on_ray_trains_the_heads_on_the_drivers_features(cli, local
 
 
 def test_folds_and_pseudo_label_on_ray_are_stored_by_the_driver(cli, local_ray, tmp_path):
-    from fastcls.ensemble import tta_blend
+    from fastcls.predict import tta_blend
     folds = ["train", "digits", "simple_cnn", *TINY, "--sample", "60", "--folds", "2"]
     local, remote = tmp_path / "local", tmp_path / "ray"
     assert cli(*folds, "--runs-dir", local).exit_code == 0

@@ -174,7 +174,8 @@ def test_simpsons_real_layout_and_test_labels():
 def test_simpsons_early_stopping_ends_the_run(tmp_path):
     """The recipe's patience stops the run `patience` epochs after its best one (macro-F1 monitored)."""
     from fastcls.runs import RunStore
-    from fastcls.train import RunConfig, fit_run
+    from fastcls.config import RunConfig
+    from fastcls.train import fit_run
     data = shared_data("simpsons")
     assert get_recipe("simpsons").patience == 5 and get_recipe("simpsons").metric == "macro_f1"
     # a learning rate too small to change anything: macro-F1 stops improving at once

@@ -15,7 +15,7 @@ from PIL import Image
 from fastcls import report
 from fastcls.recipe import Recipe
 from fastcls.runs import RunData, RunStore
-from fastcls.train import RunConfig
+from fastcls.config import RunConfig
 
 from .conftest import shared_data
 

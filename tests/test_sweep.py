@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-import fastcls.features
-import fastcls.train
+import fastcls.experiments.features
+import fastcls.train.run
 from fastcls.archs import ARCHS, ArchSpec, SimpleCNN, build_model, register_arch
 from fastcls.errors import FastclsError
 from fastcls.runs import RunStore
-from fastcls.sweep import check_dropout, list_sweeps, load_sweep, parse_values
+from fastcls.experiments.sweep import check_dropout, list_sweeps, load_sweep, parse_values
 
 from .conftest import TINY
 
@@ -57,8 +57,8 @@ def fast_sweep(tmp_path_factory):
     from fastcls.cli import app
     runs = tmp_path_factory.mktemp("sweeps")
     mp = pytest.MonkeyPatch()
-    computed = Counter(fastcls.features.compute_features)
-    mp.setattr(fastcls.features, "compute_features", computed)
+    computed = Counter(fastcls.experiments.features.compute_features)
+    mp.setattr(fastcls.experiments.features, "compute_features", computed)
     try:
         res = CliRunner().invoke(app, ["sweep-dropout", "digits", "simple_cnn", "--ps", "0,0.3", *FAST,
                                        "--runs-dir", str(runs)])
@@ -122,8 +122,8 @@ def test_fast_run_weights_are_the_full_model(fast_sweep):
 
 def test_a_second_sweep_reuses_the_cached_features(cli, fast_sweep, monkeypatch):
     runs, first_id, _, _ = fast_sweep
-    computed = Counter(fastcls.features.compute_features)
-    monkeypatch.setattr(fastcls.features, "compute_features", computed)
+    computed = Counter(fastcls.experiments.features.compute_features)
+    monkeypatch.setattr(fastcls.experiments.features, "compute_features", computed)
     res = cli("sweep-dropout", "digits", "simple_cnn", "--ps", "0.3,0.6", *FAST, "--runs-dir", runs)
     assert res.exit_code == 0, res.output
     sid = _sweep_id(res.stdout)
@@ -151,10 +151,10 @@ def test_an_interrupted_sweep_resumes_without_retraining_finished_trials(cli, fa
     if path == "fast":  # shares the fixture's cache, so only heads train
         runs, args = fast_sweep[0], ["sweep", "digits", "--arch", "simple_cnn", "--ps", "0.1,0.2,0.4", "--lr", "0.01",
                                      *FAST]
-        module = fastcls.features
+        module = fastcls.experiments.features
     else:
         runs, args = tmp_path / "runs", ["sweep", "digits", "--arch", "simple_cnn", "--ps", "0,0.5", "--full", *TINY]
-        module = fastcls.train
+        module = fastcls.train.run
     args += ["--runs-dir", runs]
     first = Counter(module.train, interrupt_at=2)
     monkeypatch.setattr(module, "train", first)
@@ -229,11 +229,11 @@ def test_a_sweep_of_a_head_without_working_dropout_is_refused(cli, deaf_arch, tm
 
 
 def _no_training(monkeypatch):
-    counters = [Counter(fastcls.train.train), Counter(fastcls.features.train),
-                Counter(fastcls.features.compute_features)]
-    monkeypatch.setattr(fastcls.train, "train", counters[0])
-    monkeypatch.setattr(fastcls.features, "train", counters[1])
-    monkeypatch.setattr(fastcls.features, "compute_features", counters[2])
+    counters = [Counter(fastcls.train.run.train), Counter(fastcls.experiments.features.train),
+                Counter(fastcls.experiments.features.compute_features)]
+    monkeypatch.setattr(fastcls.train.run, "train", counters[0])
+    monkeypatch.setattr(fastcls.experiments.features, "train", counters[1])
+    monkeypatch.setattr(fastcls.experiments.features, "compute_features", counters[2])
     return lambda: sum(c.calls for c in counters)
 
 

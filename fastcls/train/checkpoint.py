@@ -27,10 +27,10 @@ import torch
 from fastai.callback.core import Callback
 from fastai.learner import SkipToEpoch
 
-from ._faults import fault
+from .._faults import fault
 from .distributed import bare_model
-from .errors import FastclsError, RunInterrupted  # noqa: F401  (RunInterrupted: re-exported)
-from .runs import write_atomic
+from ..errors import FastclsError, RunInterrupted  # noqa: F401  (RunInterrupted: re-exported)
+from ..runs import write_atomic
 
 FORMAT = 1
 

@@ -31,12 +31,14 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from . import data as fdata
-from .archs import build_body, get_arch, make_head, resolve_weights, split_head
-from .errors import FastclsError
-from .predict import pooled_features
-from .runs import write_atomic
-from .train import Predictions, RunConfig, RunResult, _encode, learner, store_run, train
+from .. import data as fdata
+from ..archs import build_body, get_arch, make_head, resolve_weights, split_head
+from ..errors import FastclsError
+from ..predict import pooled_features
+from ..runs import write_atomic
+from ..train import Predictions, RunResult, learner, store_run, train
+from ..config import RunConfig
+from ..predict import encode_labels
 
 FEATURE_FORMAT = 1
 BN_IMAGES = 512  # training images (at most) that re-estimate the body's batch-norm statistics
@@ -150,7 +152,7 @@ def compute_features(cfg: RunConfig, items: fdata.Items, views: int, body: nn.Mo
     tdl = fdata.test_dl(d, items)
     test_x = pooled_features(body, pool, tdl, recipe.tta)[0] if tdl is not None else None
     test = items.test if test_x is not None else None
-    test_y = _encode(test["label"], d.vocab) if test is not None and "label" in test else None
+    test_y = encode_labels(test["label"], d.vocab) if test is not None and "label" in test else None
     body.cpu()
     return FeatureSet("", cfg.arch, int(body.num_features), [str(v) for v in d.vocab], train_x, train_y, valid_x,
                       valid_y, d.valid_ds.items["id"].astype(str).tolist(), test_x,

@@ -27,15 +27,17 @@ import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
 
-from . import data as fdata
-from .archs import drop_path_rate, get_arch
-from .ensemble import aligned_probs
-from .errors import FastclsError
+from .. import data as fdata
+from ..archs import drop_path_rate, get_arch
+from ..ensemble import aligned_probs
+from ..errors import FastclsError
 from .executors import run_one
-from .metrics import get_metric
-from .recipe import Recipe
-from .runs import RunStore, StoredRun
-from .train import RunConfig, _encode, fit_run
+from ..metrics import get_metric
+from ..recipe import Recipe
+from ..runs import RunStore, StoredRun
+from ..config import RunConfig
+from ..predict import encode_labels
+from ..train import fit_run
 
 
 @dataclass
@@ -182,7 +184,7 @@ def _test_score(items: fdata.Items, ids: list, probs: np.ndarray, vocab: list, m
     if items.test is None or "label" not in items.test:
         return {}
     true = items.test.assign(id=items.test["id"].astype(str)).set_index("id")["label"].loc[ids]
-    y = _encode(true, vocab)
+    y = encode_labels(true, vocab)
     return {} if y is None else {f"test_{metric}": get_metric(metric)(y, probs)}
 
 

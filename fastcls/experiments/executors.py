@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-from .errors import FastclsError, suggest
+from ..errors import FastclsError, suggest
 
 
 class LocalExecutor:
@@ -60,7 +60,7 @@ def _private_store_trial(fn: Callable, trial, with_store: bool):
     """The body of one Ray task: train into a temporary store on the worker and return the finished run's files."""
     if not with_store:
         return fn(trial)
-    from .runs import RunStore
+    from ..runs import RunStore
     with tempfile.TemporaryDirectory(prefix="fastcls-trial-") as tmp:
         res = fn(trial, RunStore(tmp))
         return _Finished(RunStore(tmp).run_files(res.run_id), res.metrics, res.history, res.seconds)
@@ -154,7 +154,7 @@ class RayExecutor:
 
 
 def _stored(store, out: _Finished):
-    from .train import RunResult
+    from ..train import RunResult
     return RunResult(store.import_run(out.files), out.metrics, out.history, None, out.seconds)
 
 

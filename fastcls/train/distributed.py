@@ -16,7 +16,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 
-from .errors import FastclsError
+from ..errors import FastclsError
 
 # torch is imported where it is used: the CLI asks world_size() before every command, also the ones without torch
 
@@ -59,7 +59,7 @@ def rank_store(store):
     the real store gets one run and each rank still checkpoints like a normal run."""
     if is_main():
         return store
-    from .runs import RunStore
+    from ..runs import RunStore
     tmp = tempfile.TemporaryDirectory(prefix=f"fastcls-rank{rank()}-")
     scratch = RunStore(tmp.name)
     scratch.tmpdir = tmp  # keeps the folder alive as long as the store

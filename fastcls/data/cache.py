@@ -36,8 +36,8 @@ from fastai.vision.core import PILImage, TensorImage
 from fasttransform import Transform
 from PIL import Image
 
-from .errors import FastclsError
-from .recipe import Recipe
+from ..errors import FastclsError
+from ..recipe import Recipe
 
 _VERSION = 1  # bump when the stored format or the cached pipeline changes
 MEMORY_BUDGET = 1 << 30  # bytes of pre-resized images a run keeps in memory (beyond it: item by item each epoch)
@@ -45,7 +45,7 @@ MEMORY_BUDGET = 1 << 30  # bytes of pre-resized images a run keeps in memory (be
 
 def cache_root() -> Path:
     """The image cache folder: `images/` in fastcls's cache home (`$FASTCLS_CACHE`, else `~/.cache/fastcls`)."""
-    from .data import cache_home
+    from .loaders import cache_home
     return cache_home() / "images"
 
 
@@ -255,7 +255,7 @@ def use_cache(recipe: Recipe, items, n_probe: int = 16) -> bool:
     if recipe.cache is not None:
         return recipe.cache
     if recipe.size is None:  # left to the data
-        from .data import resolve_recipe
+        from .loaders import resolve_recipe
         recipe = resolve_recipe(recipe, items)
     xs = items.train["x"]
     idx = np.linspace(0, len(xs) - 1, num=min(n_probe, len(xs))).astype(int)
@@ -296,7 +296,7 @@ def fill_cache(recipe: Recipe, items, root: Optional[Path] = None, threads: Opti
     Returns:
         A `CacheStats`.
     """
-    from .data import ImageGetter, item_tfms, resolve_recipe
+    from .loaders import ImageGetter, item_tfms, resolve_recipe
     if not _file_based(items):
         raise FastclsError(f"Recipe {recipe.name!r} reads its images from arrays in memory ({recipe.layout!r} layout): "
                            "each run crops and resizes them once in memory, so there is nothing to cache on disk. "

@@ -29,9 +29,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from .errors import FastclsError
-from .recipe import Recipe, recipe_from_config
-from .runs import write_atomic
+from ..errors import FastclsError
+from ..recipe import Recipe, recipe_from_config
+from ..runs import write_atomic
 
 DPI = 100
 PANEL_PX = 200  # one image of a grid, in pixels (2 inches at DPI)
@@ -105,7 +105,7 @@ def _imshow(ax, img, title: str, color: str = "black"):
 # -- recipes and configs of stored runs -------------------------------------------------------------------------------
 def run_config(config: dict, recipe_dirs=()):
     """The `RunConfig` of a stored run (recipe as trained, arch, data, seed, sample), e.g. to rebuild its `dls`."""
-    from .train import RunConfig
+    from ..config import RunConfig
     return RunConfig(recipe_from_config(config, recipe_dirs=recipe_dirs), str(config.get("arch")), config.get("data"),
                      int(config.get("seed", 42)), config.get("weights"), config.get("sample"), config.get("run_name"))
 
@@ -152,7 +152,7 @@ def plot_batch(recipe: Recipe, items=None, data=None, n: int = 16, seed: int = 4
     Returns:
         The figure: `grid_shape(n, originals)` panels of `PANEL_PX` pixels plus a `HEADER_PX` title.
     """
-    from .data import ImageGetter, dls, item_tfms, read_items, resolve_recipe
+    from ..data import ImageGetter, dls, item_tfms, read_items, resolve_recipe
     if n < 1:
         raise FastclsError(f"--n must be at least 1, got {n}.")
     items = items if items is not None else read_items(recipe, data)
@@ -501,7 +501,7 @@ def _valid_images(store, run, rows: np.ndarray, recipe_dirs=()) -> list:
     Items are re-read from the data folder the run's config names and aligned by the stored item ids, so the images
     are those of the stored predictions even if the split, the sample or the file order changed since.
     """
-    from .data import ImageGetter, item_tfms, read_items
+    from ..data import ImageGetter, item_tfms, read_items
     cfg = _source_config(store, run)
     recipe = recipe_from_config(cfg, recipe_dirs=recipe_dirs)
     items = read_items(recipe)
@@ -544,8 +544,8 @@ def sweep_results(store, sweep_id: str) -> Optional[tuple]:
     A sweep of `fastcls sweep` is read from its record (`fastcls.sweep.sweep_table`, the best trial marked); runs
     only tagged with a sweep id (`fit_run(..., sweep=...)`) from the leaderboard, x being ps or size (what varies).
     """
-    from .metrics import get_metric
-    from .sweep import load_sweep, sweep_axes, sweep_table
+    from ..metrics import get_metric
+    from ..experiments.sweep import load_sweep, sweep_axes, sweep_table
     try:
         record = load_sweep(store.root, sweep_id)
     except FastclsError:
@@ -601,7 +601,7 @@ def write_report(store, ref: str, out=None, top: int = 16, recipe_dirs=()) -> Re
     try:
         run = store.load(ref)
     except FastclsError as e:
-        from .sweep import load_sweep
+        from ..experiments.sweep import load_sweep
         try:
             load_sweep(store.root, ref)
         except FastclsError:
@@ -697,7 +697,7 @@ def write_sweep_report(store, ref: str, out=None, top: int = 16, recipe_dirs=())
     Returns:
         A `Report`; `files['best']` is the best trial's `Report.html`.
     """
-    from .sweep import load_sweep, sweep_dir, sweep_table
+    from ..experiments.sweep import load_sweep, sweep_dir, sweep_table
     record = load_sweep(store.root, ref)
     folder = Path(out) if out is not None else sweep_dir(store.root, record["id"]) / "report"
     folder.mkdir(parents=True, exist_ok=True)

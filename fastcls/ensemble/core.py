@@ -22,7 +22,7 @@ accumulated member by member.
 """
 
 __all__ = ["METHODS", "BETA_GRID", "Combiner", "EnsembleResult", "ensemble", "combine", "fit_combiner",
-           "cross_val_combine", "kfold_indices", "tta_blend", "choose_beta", "paired_bootstrap", "check_runs",
+           "cross_val_combine", "kfold_indices", "choose_beta", "paired_bootstrap", "check_runs",
            "aligned_probs"]
 
 import time
@@ -38,9 +38,10 @@ from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from .errors import FastclsError, suggest
-from .metrics import COUNT_METRICS, get_metric
-from .runs import RunData, RunStore, StoredRun
+from ..errors import FastclsError, suggest
+from ..metrics import COUNT_METRICS, get_metric
+from ..predict import lerp_blend
+from ..runs import RunData, RunStore, StoredRun
 
 METHODS = ("mean", "weighted", "rank", "vote", "hill", "stack")
 BETA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -145,42 +146,6 @@ def _check_method(method: str, weights) -> None:
 
 
 # -- TTA -----------------------------------------------------------------------------------------------------------
-
-def tta_blend(views, beta: float = 0.25) -> np.ndarray:
-    """Blend one run's stacked prediction views the way fastai's `Learner.tta(beta=...)` does.
-
-    fastai returns `torch.lerp(aug_preds, preds, beta)`, i.e. `beta * plain + (1 - beta) * mean(TTA views)`: beta is
-    the weight of the plain (un-augmented) prediction, so beta=1 is the plain view and beta=0 the TTA mean.
-
-    Args:
-        views: (V, N, C) probabilities; view 0 is the plain prediction, views 1.. the TTA views. May be memory-mapped:
-            the TTA views are accumulated one at a time.
-        beta: weight of the plain view, in [0, 1].
-
-    Returns:
-        (N, C) float32 probabilities; the plain view itself when there are no TTA views.
-    """
-    V = views.shape[0]
-    if V == 1:
-        return views[0]
-    aug = np.zeros(views.shape[1:], dtype=np.float32)
-    for v in range(1, V):
-        aug += views[v]
-    aug /= np.float32(V - 1)
-    return _blend(views[0], aug, beta)
-
-
-def _blend(plain, aug, beta):
-    """beta * plain + (1 - beta) * aug, float32; the operands themselves at beta 1 and 0 (no copy)."""
-    if aug is None or beta == 1:
-        return plain
-    if beta == 0:
-        return aug
-    out = np.empty(aug.shape, dtype=np.float32)
-    for lo in range(0, len(aug), _CHUNK):
-        out[lo:lo + _CHUNK] = plain[lo:lo + _CHUNK] * np.float32(beta) + aug[lo:lo + _CHUNK] * np.float32(1 - beta)
-    return out
-
 
 def _beta_labels(plain, aug, grid=BETA_GRID) -> np.ndarray:
     """(len(grid), N) argmax labels of the blend at each beta, without materialising the blends."""
@@ -955,10 +920,10 @@ class _Member:
 
     def probs(self, beta):
         if self.aug is None or beta in (0, 1, None):
-            return _blend(self.plain, self.aug, 1 if beta is None else beta)
+            return lerp_blend(self.plain, self.aug, 1 if beta is None else beta)
         if self._blend[0] != beta:
             self._blend = (None, None)  # one materialised blend per member at a time
-            self._blend = (beta, _blend(self.plain, self.aug, beta))
+            self._blend = (beta, lerp_blend(self.plain, self.aug, beta))
         return self._blend[1]
 
     def tops(self, beta, U):
@@ -973,7 +938,7 @@ class _Member:
 
     def test(self, beta):
         plain, aug = _checked_views(self.run, "test", self.run.test_probs, lambda: self.run.test_ids, self.test_order)
-        return _blend(plain, aug, 1 if beta is None else beta)
+        return lerp_blend(plain, aug, 1 if beta is None else beta)
 
 
 class _Lazy(Sequence):
@@ -1040,7 +1005,7 @@ def aligned_probs(runs: Sequence[StoredRun], split: str = "test", beta: float = 
         ids = [str(i) for i in getattr(run, f"{split}_ids")]
         order = _alignment(ref_ids, ids, run, runs[0], name)
         plain, aug = _checked_views(run, name, getattr(run, f"{split}_probs"), lambda: ids, order)
-        probs.append(_blend(plain, aug, beta))
+        probs.append(lerp_blend(plain, aug, beta))
     return ref_ids, combine(probs, "mean")
 
 

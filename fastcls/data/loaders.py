@@ -36,9 +36,9 @@ from sklearn.model_selection import (GroupShuffleSplit, KFold, StratifiedGroupKF
                                      train_test_split)
 
 from .cache import PresizedDL, pre_resized
-from .errors import FastclsError
-from .hardware import reuse_freed_memory
-from .recipe import Recipe
+from ..errors import FastclsError
+from ..hardware import reuse_freed_memory
+from ..recipe import Recipe
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -385,7 +385,7 @@ def _attach_solution(items: Items, recipe: Recipe, path: Optional[Path]) -> None
     df = pd.read_csv(file, dtype=str, keep_default_na=False)
     if recipe.sub_id_col not in df or recipe.sub_label_col not in df:
         return
-    from .submission import submission_ids
+    from ..submission import submission_ids
     truth = dict(zip(df[recipe.sub_id_col], df[recipe.sub_label_col]))
     keys = submission_ids(recipe, items.test["id"])
     if all(k in truth for k in keys):
@@ -754,7 +754,7 @@ def dls(recipe: Recipe, items: Items, seed: int = 42, sample: Optional[int] = No
 
 def _sample_weights(recipe: Recipe, df: pd.DataFrame) -> Optional[np.ndarray]:
     """Per-row sampling weights for the imbalance plan's oversampler (valid rows 0: fastai drops them), or None."""
-    from .imbalance import oversample_weights, parse_imbalance
+    from ..imbalance import oversample_weights, parse_imbalance
     if "oversample" not in parse_imbalance(recipe.imbalance):
         return None
     train = ~df["is_valid"].to_numpy(bool)

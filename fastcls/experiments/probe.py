@@ -21,12 +21,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from . import data as fdata
-from .errors import FastclsError, suggest
+from .. import data as fdata
+from ..errors import FastclsError, suggest
 from .features import cached_features
-from .runs import RunStore
+from ..runs import RunStore
 from .sweep import FEATURE_CACHE
-from .train import Predictions, RunConfig, RunResult, store_run
+from ..train import Predictions, RunResult, store_run
+from ..config import RunConfig
 
 CLASSIFIERS = {
     "logreg": lambda seed: make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed)),

@@ -27,13 +27,14 @@ from typing import Iterable, Optional
 
 import pandas as pd
 
-from .archs import build_body, check_size, make_head
-from .errors import FastclsError, suggest
+from ..archs import build_body, check_size, make_head
+from ..errors import FastclsError, suggest
 from .executors import EXECUTORS, LocalExecutor  # noqa: F401  (re-exported: they lived here)
-from .metrics import get_metric
-from .recipe import Recipe
-from .runs import write_json
-from .train import RunConfig, schedule
+from ..metrics import get_metric
+from ..recipe import Recipe
+from ..runs import write_json
+from ..config import RunConfig
+from ..train import schedule
 
 SWEEPS = "sweeps"
 FEATURE_CACHE = Path("cache") / "features"
@@ -254,9 +255,9 @@ def run_sweep(plan: SweepPlan, store, progress: str = "auto", executor=None, ite
         A `SweepResult`. Trials that failed are marked 'failed' in it (with the error); Ctrl-C marks the running
         trial 'interrupted', saves the record and re-raises.
     """
-    from . import data as fdata
+    from .. import data as fdata
     from .features import cached_features, data_fingerprint, feature_key, fit_head_run
-    from .train import fit_run, resume_run
+    from ..train import fit_run, resume_run
     store.check_writable()
     base = plan.base
     items = items if items is not None else fdata.read_items(base.recipe, base.data)
@@ -435,7 +436,7 @@ def sweep_axes(record: dict, table: pd.DataFrame) -> tuple[pd.DataFrame, str, li
 
 def _plot(record: dict, table: pd.DataFrame, folder: Path) -> Optional[Path]:
     """metric vs the swept value (ps when swept), one line per combination of the other swept values."""
-    from .report import sweep_plot
+    from ..report import sweep_plot
     table, x, groups = sweep_axes(record, table)
     title = f"{record['recipe']} sweep {record['id']} ({record['mode']})"
     return sweep_plot(table, x, record["metric"], folder / f"{record['metric']}_vs_{x}.png", groups=groups,

@@ -27,14 +27,15 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from . import data as fdata
-from .errors import FastclsError
-from .runs import RunData, RunStore
+from .. import data as fdata
+from ..errors import FastclsError
+from ..runs import RunData, RunStore
 from .executors import LocalExecutor
-from .imbalance import PostHoc
+from ..posthoc import PostHoc
 from .sweep import Trial
-from .train import (Predictions, RunConfig, RunResult, _encode, fit_run, resume_run, run_metrics,
-                    with_posthoc)
+from ..train import Predictions, RunResult, fit_run, resume_run, run_metrics, with_posthoc
+from ..config import RunConfig
+from ..predict import encode_labels
 
 
 @dataclass
@@ -200,7 +201,7 @@ def assemble_cv(store: RunStore, fold_runs: list, cfg: RunConfig, items: fdata.I
         test_probs = (test_probs / len(runs)).astype(np.float32)
     test_targets = None
     if test_ids is not None and items.test is not None and "label" in items.test:
-        test_targets = _encode(items.test["label"], vocab)
+        test_targets = encode_labels(items.test["label"], vocab)
     preds = Predictions(vocab, ids, probs, targets, test_ids, test_probs, test_targets)
     # the out-of-fold targets are every training item once: their class counts are the training prior
     preds, raw, post = with_posthoc(cfg.recipe, preds, prior=np.bincount(targets, minlength=len(vocab)))

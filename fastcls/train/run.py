@@ -1,6 +1,6 @@
 """One run from recipe to store: learner, frozen + unfrozen schedule, best-epoch tracking, predictions, save."""
 
-__all__ = ["RunConfig", "learner", "schedule", "train", "fit_run", "resume_run", "RunResult", "Predictions",
+__all__ = ["learner", "schedule", "train", "fit_run", "resume_run", "RunResult", "Predictions",
            "run_metrics", "fit_posthoc_steps", "with_posthoc", "store_run", "KeepBest", "EpochLine", "EarlyStop"]
 
 import copy
@@ -9,7 +9,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -21,78 +21,19 @@ from fastai.learner import Learner
 from fastai.torch_core import set_seed, trainable_params
 from fastcore.basics import noop
 
-from . import data as fdata
+from .. import data as fdata
 from . import distributed as fdist
-from .archs import build_model, check_size, get_arch, splitter
+from ..config import RunConfig
+from ..archs import build_model, check_size, get_arch, splitter
 from .checkpoint import Checkpointer, RunInterrupted, interrupt_signals, read_checkpoint, skipped_epoch
-from .errors import FastclsError
-from .hardware import accelerate
-from .imbalance import PostHoc, fit_posthoc, parse_imbalance, plan
-from .metrics import get_metric
-from .predict import predict_views, tta_blend
-from .recipe import Recipe
-from .runs import CHECKPOINT, RunData, RunStore
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything that defines one run: the (overridden) recipe plus the run's own choices."""
-
-    recipe: Recipe
-    arch: str
-    data: Optional[str] = None
-    seed: int = 42
-    weights: Optional[str] = None
-    sample: Optional[int] = None
-    name: Optional[str] = None
-    on_bad_image: str = "fail"  # 'fail': refuse to train on unreadable images; 'skip': leave them out
-    # -- hardware (fastcls.hardware): None = auto (on with a GPU, off on CPU); workers None = data.default_workers()
-    amp: Optional[bool] = None
-    channels_last: Optional[bool] = None
-    compile: Union[bool, str] = False
-    workers: Optional[int] = None
-    # -- k-fold (fastcls.cv): validate on fold `fold` of `folds` (fastcls.data.assign_folds) instead of the split
-    fold: Optional[int] = None
-    folds: Optional[int] = None
-
-    def __post_init__(self):
-        if self.weights and not self.recipe.allow_pretrained:
-            raise FastclsError(f"Recipe {self.recipe.name!r} trains from scratch only (allow_pretrained=False: its "
-                               f"rules forbid pretrained weights), so --weights {self.weights} cannot be used.")
-
-    def to_dict(self) -> dict:
-        d = self.recipe.to_dict()
-        d["recipe"] = d.pop("name")
-        d.update(arch=self.arch, data=self.data, seed=self.seed, weights=self.weights, sample=self.sample,
-                 run_name=self.name, on_bad_image=self.on_bad_image, amp=self.amp, channels_last=self.channels_last,
-                 compile=self.compile, workers=self.workers)
-        if self.folds:
-            d.update(fold=self.fold, folds=self.folds)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict, recipes=()) -> "RunConfig":
-        """The config a stored run was trained with (its config.json), for resuming it."""
-        from .recipe import Recipe, get_recipe
-        d = dict(d)
-        run = {k: d.pop(k, None) for k in ("arch", "data", "seed", "weights", "sample", "run_name", "on_bad_image",
-                                           "amp", "channels_last", "compile", "workers", "fold", "folds")}
-        name = d.pop("recipe")
-        fields = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
-        values = {k: v for k, v in d.items() if k in fields}
-        try:
-            base = get_recipe(name, recipes)
-        except FastclsError:  # a recipe file that is gone: rebuild it from the stored settings
-            if values.get("items"):
-                raise FastclsError(f"Recipe {name!r} (with a custom items function) is not found; pass its folder "
-                                   "with --recipes DIR.") from None
-            base = Recipe(name=name)
-        values.pop("items", None)  # stored by name only; the recipe file provides the function
-        recipe = base.override(**{k: v for k, v in values.items() if v != base.to_dict().get(k)})
-        return cls(recipe, run["arch"], run["data"], run["seed"] if run["seed"] is not None else 42, run["weights"],
-                   run["sample"], run["run_name"], run["on_bad_image"] or "fail", amp=run["amp"],
-                   channels_last=run["channels_last"], compile=run["compile"] or False, workers=run["workers"],
-                   fold=run["fold"], folds=run["folds"])
+from ..errors import FastclsError
+from ..hardware import accelerate
+from ..posthoc import PostHoc, fit_posthoc
+from ..imbalance import parse_imbalance, plan
+from ..metrics import get_metric
+from ..predict import encode_labels, predict_views, tta_blend
+from ..recipe import Recipe
+from ..runs import CHECKPOINT, RunData, RunStore
 
 
 class KeepBest(TrackerCallback):
@@ -337,7 +278,7 @@ def _train_and_store(cfg: RunConfig, store: RunStore, rid: str, learn: Learner, 
     has_test = test_probs is not None
     preds = Predictions(list(d.vocab), d.valid_ds.items["id"].tolist(), valid_probs, valid_targets,
                         items.test["id"].tolist() if has_test else None, test_probs,
-                        _encode(items.test["label"], d.vocab) if has_test and "label" in items.test else None)
+                        encode_labels(items.test["label"], d.vocab) if has_test and "label" in items.test else None)
     return store_run(cfg, store, preds, history, best_epoch, len(d.train_ds), learn.model.state_dict(),
                      time.time() - t0, learn=learn, sweep=sweep, stats=d.stats, run_id=rid, kind=kind,
                      extra={**({"bad_images": items.bad} if items.bad else {}), "accel": learn.accel,
@@ -516,10 +457,3 @@ def _scores(names, y, views, prefix: str = "", suffix: str = "") -> dict:
 def _nll(probs: np.ndarray, targets: np.ndarray) -> float:
     """Mean negative log-likelihood of the targets under stored probabilities."""
     return float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-8, None)).mean())
-
-
-def _encode(labels: pd.Series, vocab) -> Optional[np.ndarray]:
-    idx = {str(v): i for i, v in enumerate(vocab)}
-    if not all(str(l) in idx for l in labels):
-        return None
-    return np.array([idx[str(l)] for l in labels])

@@ -1,0 +1,71 @@
+"""RunConfig: everything that defines one run. Built from options, stored as a dict, read back: the only way."""
+
+__all__ = ["RunConfig"]
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from .errors import FastclsError
+from .recipe import Recipe
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one run: the (overridden) recipe plus the run's own choices."""
+
+    recipe: Recipe
+    arch: str
+    data: Optional[str] = None
+    seed: int = 42
+    weights: Optional[str] = None
+    sample: Optional[int] = None
+    name: Optional[str] = None
+    on_bad_image: str = "fail"  # 'fail': refuse to train on unreadable images; 'skip': leave them out
+    # -- hardware (fastcls.hardware): None = auto (on with a GPU, off on CPU); workers None = data.default_workers()
+    amp: Optional[bool] = None
+    channels_last: Optional[bool] = None
+    compile: Union[bool, str] = False
+    workers: Optional[int] = None
+    # -- k-fold (fastcls.cv): validate on fold `fold` of `folds` (fastcls.data.assign_folds) instead of the split
+    fold: Optional[int] = None
+    folds: Optional[int] = None
+
+    def __post_init__(self):
+        if self.weights and not self.recipe.allow_pretrained:
+            raise FastclsError(f"Recipe {self.recipe.name!r} trains from scratch only (allow_pretrained=False: its "
+                               f"rules forbid pretrained weights), so --weights {self.weights} cannot be used.")
+
+    def to_dict(self) -> dict:
+        d = self.recipe.to_dict()
+        d["recipe"] = d.pop("name")
+        d.update(arch=self.arch, data=self.data, seed=self.seed, weights=self.weights, sample=self.sample,
+                 run_name=self.name, on_bad_image=self.on_bad_image, amp=self.amp, channels_last=self.channels_last,
+                 compile=self.compile, workers=self.workers)
+        if self.folds:
+            d.update(fold=self.fold, folds=self.folds)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, recipes=()) -> "RunConfig":
+        """The config a stored run was trained with (its config.json), for resuming it."""
+        from .recipe import Recipe, get_recipe
+        d = dict(d)
+        run = {k: d.pop(k, None) for k in ("arch", "data", "seed", "weights", "sample", "run_name", "on_bad_image",
+                                           "amp", "channels_last", "compile", "workers", "fold", "folds")}
+        name = d.pop("recipe")
+        fields = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
+        values = {k: v for k, v in d.items() if k in fields}
+        try:
+            base = get_recipe(name, recipes)
+        except FastclsError:  # a recipe file that is gone: rebuild it from the stored settings
+            if values.get("items"):
+                raise FastclsError(f"Recipe {name!r} (with a custom items function) is not found; pass its folder "
+                                   "with --recipes DIR.") from None
+            base = Recipe(name=name)
+        values.pop("items", None)  # stored by name only; the recipe file provides the function
+        recipe = base.override(**{k: v for k, v in values.items() if v != base.to_dict().get(k)})
+        return cls(recipe, run["arch"], run["data"], run["seed"] if run["seed"] is not None else 42, run["weights"],
+                   run["sample"], run["run_name"], run["on_bad_image"] or "fail", amp=run["amp"],
+                   channels_last=run["channels_last"], compile=run["compile"] or False, workers=run["workers"],
+                   fold=run["fold"], folds=run["folds"])
