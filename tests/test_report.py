@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from fastcls import report
+from fastcls.report.pages import _valid_images
 from fastcls.recipe import Recipe
 from fastcls.runs import RunData, RunStore
 from fastcls.config import RunConfig
@@ -243,7 +244,7 @@ def test_report_top_losses_align_by_id_and_skip_cleanly_without_images(store42):
     store, rid, tmp_path = store42
     run = store.load(rid)
     worst = report.top_losses(run.valid_targets, run.valid_probs[0], 3)
-    imgs = report._valid_images(store, run, worst["row"].to_numpy())
+    imgs = _valid_images(store, run, worst["row"].to_numpy())
     raw = np.load(tmp_path / "data" / "train.npz")["images"]
     for img, row in zip(imgs, worst["row"]):
         idx = int(run.valid_ids[row].split("-")[1])

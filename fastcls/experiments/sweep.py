@@ -436,7 +436,7 @@ def sweep_axes(record: dict, table: pd.DataFrame) -> tuple[pd.DataFrame, str, li
 
 def _plot(record: dict, table: pd.DataFrame, folder: Path) -> Optional[Path]:
     """metric vs the swept value (ps when swept), one line per combination of the other swept values."""
-    from ..report import sweep_plot
+    from ..plots import sweep_plot
     table, x, groups = sweep_axes(record, table)
     title = f"{record['recipe']} sweep {record['id']} ({record['mode']})"
     return sweep_plot(table, x, record["metric"], folder / f"{record['metric']}_vs_{x}.png", groups=groups,

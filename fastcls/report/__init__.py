@@ -1,9 +1,15 @@
-"""Reports: plots of runs and sweeps, previews (batches, lr_find), HTML pages."""
+"""Reports: figures of runs (`plots`), previews of batches and the LR finder (`previews`), HTML pages (`pages`).
 
-from .core import (DPI, HEADER_PX, LrFind, PANEL_PX, Report, ReportFigure, confusion, confusion_figsize, grid_shape,
-                   lr_find, per_class, per_class_figsize, plot_batch, plot_confusion, plot_history, plot_lr_find,
-                   plot_members, plot_per_class, plot_sweep, plot_top_losses, preview_batch, run_config, save_figure,
-                   short_label, sweep_plot, sweep_results, top_losses, write_report, write_sweep_report)
+The figure helpers shared with sweeps (`DPI`, `ReportFigure`, `save_figure`, `plot_sweep`, `sweep_plot`) live in
+`fastcls.plots`, below `fastcls.experiments`, and are part of this package's API too.
+"""
+
+from ..plots import DPI, ReportFigure, plot_sweep, save_figure, sweep_plot
+from .pages import Report, sweep_results, write_report, write_sweep_report
+from .plots import (HEADER_PX, PANEL_PX, confusion, confusion_figsize, grid_shape, per_class, per_class_figsize,
+                    plot_confusion, plot_history, plot_members, plot_per_class, plot_top_losses, short_label,
+                    top_losses)
+from .previews import LrFind, lr_find, plot_batch, plot_lr_find, preview_batch, run_config
 
 __all__ = ["DPI", "HEADER_PX", "LrFind", "PANEL_PX", "Report", "ReportFigure", "confusion", "confusion_figsize",
            "grid_shape", "lr_find", "per_class", "per_class_figsize", "plot_batch", "plot_confusion", "plot_history",
