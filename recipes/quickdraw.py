@@ -1,9 +1,10 @@
 """QuickDraw doodles, long-tailed: 28x28 grayscale arrays, 1000 down to 10 training images per class, balanced test.
 
 From scratch only (the competition forbade pretrained weights). Imbalance handling is on by default; the choice is
-measured by `bench/bench_imbalance.py` (see docs/benchmarks.md). Train with `fastcls train quickdraw simple_cnn --data DIR`,
-where DIR holds `train.npz` (`images`, `labels`, `classes`), `test.npz` (`images`) and optionally
-`test_solution.npz` (`labels`, used only to score the test predictions, never to train).
+measured by `bench/bench_imbalance.py` (see docs/benchmarks.md). No default data folder: train with
+`fastcls train quickdraw simple_cnn --data DIR`, where DIR holds `train.npz` (`images`, `labels`, `classes`),
+`test.npz` (`images`) and optionally `test_solution.npz` (`labels`, used only to score the test predictions, never
+to train).
 """
 
 from fastcls.recipe import Recipe

@@ -1,4 +1,4 @@
-"""The documentation site builds offline with --strict, its CLI reference covers every command, the README links hold."""
+"""The docs site builds offline with --strict, its CLI reference covers every command, the README links hold."""
 
 import os
 import re
