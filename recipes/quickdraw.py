@@ -1,9 +1,10 @@
 """QuickDraw doodles, long-tailed: 28x28 grayscale arrays, 1000 down to 10 training images per class, balanced test.
 
 From scratch only (the competition forbade pretrained weights). Imbalance handling is on by default; the choice is
-measured by `bench/bench_imbalance.py` (see the README). Train with `fastcls train quickdraw simple_cnn --data DIR`,
-where DIR holds `train.npz` (`images`, `labels`, `classes`), `test.npz` (`images`) and optionally
-`test_solution.npz` (`labels`, used only to score the test predictions, never to train).
+measured by `bench/bench_imbalance.py` (see docs/benchmarks.md). No default data folder: train with
+`fastcls train quickdraw simple_cnn --data DIR`, where DIR holds `train.npz` (`images`, `labels`, `classes`),
+`test.npz` (`images`) and optionally `test_solution.npz` (`labels`, used only to score the test predictions, never
+to train).
 """
 
 from fastcls.recipe import Recipe
@@ -12,20 +13,10 @@ recipe = Recipe(
     name="quickdraw",
     description="QuickDraw doodles (npz, 28x28 grayscale), long-tailed train, balanced test; from scratch only",
     layout="npz",
-    data=None,  # pass --data DIR (e.g. ../shared/data/quickdraw-longtail in the fastcls workspace)
-    npz_train="train.npz",
-    npz_test="test.npz",
     test_solution="test_solution.npz",
-    split="stratified",
-    valid_pct=0.2,
     size=32,
-    aug=True,
-    flip=True,
-    max_rotate=10.0,
-    max_zoom=1.1,
     max_lighting=0.0,
     normalize="dataset",
-    metric="accuracy",  # on the balanced test set
     extra_metrics=("macro_f1", "balanced_accuracy"),
     # valid is a split of the long-tailed train set: its accuracy rewards ignoring rare classes, so the best epoch
     # (and the logit-adjustment tau) is chosen by mean per-class recall, the estimate of balanced-test accuracy
@@ -39,10 +30,8 @@ recipe = Recipe(
     wd=0.05,
     label_smoothing=0.1,
     imbalance="oversample,logit-adjust",
-    tune_thresholds=False,
     ps=0.25,
     ps_grid=(0.0, 0.1, 0.25, 0.5),
-    bs=64,
     tta=2,
     sub_id_col="Id",
     sub_label_col="Category",
