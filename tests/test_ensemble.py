@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.stats import rankdata
 
-from fastcls.ensemble import core as E
+from fastcls.ensemble import members as EM, scoring as SC, search as ES
 from fastcls.ensemble import (BETA_GRID, METHODS, choose_beta, combine, cross_val_combine, ensemble, fit_combiner,
                               kfold_indices, paired_bootstrap)
 from fastcls.predict import tta_blend
@@ -72,7 +72,7 @@ def runs(store, y, rng):
 def test_count_metrics_match_the_registry(metric, rng):
     for C, n in [(3, 50), (12, 40), (7, 1)]:  # 12 classes in 40 rows: some classes absent from both
         yy, pred = rng.integers(0, C, n), rng.integers(0, C, n)
-        assert E._score(metric, yy, pred) == pytest.approx(get_metric(metric)(yy, pred))
+        assert SC._score(metric, yy, pred) == pytest.approx(get_metric(metric)(yy, pred))
 
 
 def test_tta_blend_follows_fastai_lerp(rng):
@@ -107,7 +107,7 @@ def test_paired_bootstrap_matches_plain_row_resampling(n_classes, rng):
     boot = []
     for _ in range(2000):  # the count metric itself is checked against sklearn above
         i = rng.integers(0, N, N)
-        boot.append(E._score("macro_f1", y[i], b[i]) - E._score("macro_f1", y[i], a[i]))
+        boot.append(SC._score("macro_f1", y[i], b[i]) - SC._score("macro_f1", y[i], a[i]))
     assert lo == pytest.approx(np.percentile(boot, 2.5), abs=0.02)
     assert hi == pytest.approx(np.percentile(boot, 97.5), abs=0.02)
 
@@ -151,9 +151,9 @@ def test_hill_never_scores_below_its_best_member_on_its_rows(metric):
         probs = [dirichlet(rng, yy, 30, lean=lean, base=0.2)[0] for lean in rng.uniform(0.5, 4, 5)]
         rows = np.sort(rng.choice(400, 300, replace=False))
         comb = fit_combiner("hill", probs, yy, metric, rows=rows, hill_steps=20)
-        best = max(E._score(metric, yy[rows], p[rows]) for p in probs)
+        best = max(SC._score(metric, yy[rows], p[rows]) for p in probs)
         assert comb.fit_score >= best
-        assert E._score(metric, yy[rows], comb.apply(probs, rows)) >= best - 1e-9
+        assert SC._score(metric, yy[rows], comb.apply(probs, rows)) >= best - 1e-9
         assert np.isclose(comb.weights.sum(), 1) and (comb.weights >= 0).all()
 
 
@@ -162,9 +162,9 @@ def test_folds_searched_together_match_folds_searched_alone(method, rng, y):
     probs = [dirichlet(rng, y, 4, lean=lean)[0] for lean in (0.5, 1, 1.5, 2)]
     fold = kfold_indices(y, 5, seed=0)
     rows = [np.flatnonzero(fold != k) for k in range(5)] + [None]
-    together = E._search_many(method, probs, y, "macro_f1", rows, hill_steps=15)
+    together = ES._search_many(method, probs, y, "macro_f1", rows, hill_steps=15)
     for r, (w, score) in zip(rows, together):
-        (w_alone, score_alone), = E._search_many(method, probs, y, "macro_f1", [r], hill_steps=15)
+        (w_alone, score_alone), = ES._search_many(method, probs, y, "macro_f1", [r], hill_steps=15)
         np.testing.assert_array_equal(w, w_alone)
         assert score == score_alone
 
@@ -172,7 +172,7 @@ def test_folds_searched_together_match_folds_searched_alone(method, rng, y):
 def test_weighted_fit_improves_on_the_mean(rng, y):
     probs = [dirichlet(rng, y, 4, lean=lean)[0] for lean in (4, 0.2, 0.2, 0.2)]  # one good, three near-noise
     comb = fit_combiner("weighted", probs, y, "accuracy")
-    assert comb.fit_score >= E._score("accuracy", y, combine(probs))
+    assert comb.fit_score >= SC._score("accuracy", y, combine(probs))
     assert comb.weights[0] == comb.weights.max()
 
 
@@ -193,18 +193,18 @@ def test_greedy_search_matches_brute_force(n_classes, monkeypatch):
         tied[i, rng.choice(C, k, replace=False)] = 1 / k
     probs += [probs[0].copy(), tied]
     full_rows = []
-    full = E._ArgmaxSearch._full
-    monkeypatch.setattr(E._ArgmaxSearch, "_full", lambda self, idx, *a: full_rows.append(len(idx)) or
+    full = ES._ArgmaxSearch._full
+    monkeypatch.setattr(ES._ArgmaxSearch, "_full", lambda self, idx, *a: full_rows.append(len(idx)) or
                         full(self, idx, *a))
     for metric, w0 in [("macro_f1", np.eye(5)[4]), ("accuracy", np.array([1.0, 0, 0.5, 1, 0.25]))]:
         mask = np.zeros(n, dtype=bool)
         mask[rng.choice(n, 250, replace=False)] = True
         # the candidate classes only change speed, never results: with many classes, take random ones per row so
         # that the full-row path is exercised too
-        U = np.sort(np.argsort(rng.random((n, C)), 1)[:, :E._N_CAND], 1).astype(np.int32) if C > E._N_CAND else None
-        data = E._search_data(probs, U)
-        scorers = [E._LabelScorer(metric, yy, C, mask), E._LabelScorer(metric, yy, C)]  # a fold and all rows
-        search = E._ArgmaxSearch(probs, data, scorers, w0)
+        U = np.sort(np.argsort(rng.random((n, C)), 1)[:, :ES._N_CAND], 1).astype(np.int32) if C > ES._N_CAND else None
+        data = ES._search_data(probs, U)
+        scorers = [SC._LabelScorer(metric, yy, C, mask), SC._LabelScorer(metric, yy, C)]  # a fold and all rows
+        search = ES._ArgmaxSearch(probs, data, scorers, w0)
         w = w0.copy()
         for _ in range(12):
             S = sum(np.float64(w[m]) * probs[m] for m in range(5))
@@ -213,11 +213,11 @@ def test_greedy_search_matches_brute_force(n_classes, monkeypatch):
             scores = search.propose(moves)
             for (m, c), sc in zip(moves, scores):
                 labels = (S + c * probs[m]).argmax(1)
-                assert list(sc) == [E._score(metric, yy[mask], labels[mask]), E._score(metric, yy, labels)]
+                assert list(sc) == [SC._score(metric, yy[mask], labels[mask]), SC._score(metric, yy, labels)]
             k = int(rng.integers(len(moves)))
             search.accept(k)
             w[moves[k][0]] += moves[k][1]
-    if C > E._N_CAND:
+    if C > ES._N_CAND:
         assert sum(full_rows) > 0  # rows the candidate classes could not decide were read in full
 
 
@@ -337,8 +337,8 @@ def test_a_member_without_test_probs_stores_no_test_probs(store, runs, y, rng):
 
 def test_probabilities_are_read_memory_mapped(store, runs, monkeypatch):
     seen = []
-    orig = E._checked_views
-    monkeypatch.setattr(E, "_checked_views", lambda run, split, arr, *a: seen.append(type(arr)) or
+    orig = EM._checked_views
+    monkeypatch.setattr(EM, "_checked_views", lambda run, split, arr, *a: seen.append(type(arr)) or
                         orig(run, split, arr, *a))
     ensemble(store, runs, "mean", n_boot=0)
     assert seen and all(t is np.memmap for t in seen)

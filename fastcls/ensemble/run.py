@@ -1,0 +1,186 @@
+"""`ensemble(store, refs, method)`: combine stored run probabilities into an ensemble run, with an honest estimate
+of what it gains.
+
+It reads only the run store (never a model): the members are checked and aligned (`fastcls.ensemble.members`),
+each run's TTA views are blended, the runs are combined (`fastcls.ensemble.combiners`), the result is scored and
+saved as a run of kind 'ensemble', so it can be listed, ensembled again and submitted like any other run.
+
+Honest evaluation: whatever is fitted on validation labels is scored by K-fold cross-validation
+(`fastcls.ensemble.stats`); the stored ensemble is then fitted on all rows. Its stored validation probabilities are
+the held-out (out-of-fold) predictions, so the leaderboard metric of the stored run is the honest one and an
+ensemble of ensembles stays honest; its test probabilities come from the fit on all rows.
+"""
+
+__all__ = ["EnsembleResult", "ensemble"]
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..errors import FastclsError
+from ..runs import RunData, RunStore
+from .combiners import _check_method, _fit, _fits, _normalise_weights
+from .members import _load_members
+from .scoring import _LabelScorer, _argmax
+from .stats import _cv_betas, _cv_fits, kfold_indices, paired_bootstrap
+
+
+class _Lazy(Sequence):
+    """A sequence whose items are computed on access: each member's test blend, read once by `Combiner.apply`."""
+
+    def __init__(self, n: int, fn: Callable[[int], np.ndarray]):
+        self.n, self.fn = n, fn
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.fn(i)
+
+
+@dataclass
+class EnsembleResult:
+    """What `ensemble` stored and how it scored.
+
+    `valid_probs` is the combination fitted on all validation rows; `oof_probs` the held-out predictions that
+    give the honest score (None when nothing was fitted, then the score is direct). The stored run's valid
+    probabilities are `oof_probs` when present, else `valid_probs`.
+    """
+
+    run_id: str
+    table: pd.DataFrame
+    method: str
+    metric: str
+    score: float  # honest score of the ensemble (what the stored run reports)
+    evaluated: str  # 'cv-K' or 'direct'
+    weights: Optional[list]  # per member in `refs` order, None for 'stack' and 'rank'
+    betas: list  # per member TTA beta (weight of the plain view), None for runs with one view
+    valid_ids: list = field(repr=False)
+    valid_probs: np.ndarray = field(repr=False)
+    oof_probs: Optional[np.ndarray] = field(repr=False, default=None)
+    test_ids: Optional[list] = field(repr=False, default=None)
+    test_probs: Optional[np.ndarray] = field(repr=False, default=None)
+
+
+def ensemble(store: RunStore, refs: list[str], method: str = "mean", tta_beta: Optional[float] = None,
+             weights: Optional[list[float]] = None, name: Optional[str] = None, seed: int = 0, hill_steps: int = 50,
+             n_boot: int = 1000, folds: int = 5) -> EnsembleResult:
+    """Combine stored runs' probabilities, score the combination honestly and save it as an 'ensemble' run.
+
+    Reads only the store (memory-mapped probabilities; never a model). Every check happens before anything is
+    written: runs must share the recipe, metric, vocab (same class order) and validation items with the same
+    labels (rows are aligned by item id when their order differs), and stored probabilities must be finite rows
+    summing to 1.
+
+    Args:
+        store: the run store to read the members from and save the ensemble to.
+        refs: run ids, unique id prefixes or names; a run may appear more than once.
+        method: 'mean' of probabilities; 'weighted' mean (given weights, or weights fitted to the recipe metric by
+            coordinate search on the simplex); 'rank' averaging (per-class ranks over rows, rows renormalised);
+            'vote' majority (weighted with weights; vote fractions, ties by mean probability); 'hill' greedy forward
+            selection with replacement (Caruana et al. 2004) on the recipe metric; 'stack' logistic regression on
+            the members' log-probabilities (members x classes features: the slowest method on large problems).
+        tta_beta: weight of the plain view in each run's TTA blend (fastai's `tta(beta=...)`: beta * plain +
+            (1 - beta) * mean of TTA views). None chooses it per run from `BETA_GRID` on the validation rows
+            (cross-validated like any fitted choice). Runs with a single view use it as is.
+        weights: one weight per entry of `refs`, for 'weighted' and 'vote'.
+        name: name of the stored run (the store's default when None).
+        seed: seeds the folds, the bootstrap and the stacking model.
+        hill_steps: additions made by 'hill' after its best single member.
+        n_boot: paired bootstrap resamples for the gain's 95% interval (0 for none).
+        folds: K of the K-fold cross-validation of fitted choices.
+
+    Returns:
+        An `EnsembleResult`; its `table` has one row per member and one for the ensemble, with the metric score,
+        how it was evaluated ('cv-K' or 'direct'), the in-sample `fit_score`, each member's beta and weight, and the
+        ensemble's gain over the best member with its bootstrap interval.
+    """
+    t0 = time.perf_counter()
+    _check_method(method, weights)
+    if tta_beta is not None and not 0 <= tta_beta <= 1:
+        raise FastclsError(f"tta_beta is the weight of the plain view and must lie in [0, 1]; got {tta_beta}.")
+    if weights is not None:
+        _normalise_weights(weights, len(refs))
+    members, runs, metric, y, valid_ids, test_ids = _load_members(store, refs)
+    M, N, C = len(members), len(y), members[0].plain.shape[1]
+    scorer = _LabelScorer(metric, y, C)
+    s = scorer.sign
+
+    # TTA betas: fixed, absent (one view) or chosen per run (then per fold for the honest estimate)
+    choose = [m.aug is not None and tta_beta is None for m in members]
+    fits = _fits(method, weights) or any(choose)
+    fold = kfold_indices(y, min(folds, N), seed) if fits else None
+    K = 0 if fold is None else int(fold.max()) + 1
+    betas = [None if m.aug is None else tta_beta for m in members]
+    fold_betas = np.array([[b] * K for b in betas], dtype=object).reshape(M, K)
+    member_score, member_fit, member_labels = np.empty(M), np.empty(M), []
+    for i, mem in enumerate(members):
+        if choose[i]:
+            fold_betas[i], oof, betas[i], labels = _cv_betas(mem.plain, mem.aug, y, metric, fold)
+            member_score[i], member_fit[i] = scorer(oof), scorer(labels)
+            member_labels.append(oof)
+        else:
+            lab = mem.labels(betas[i])
+            member_score[i] = member_fit[i] = scorer(lab)
+            member_labels.append(lab)
+
+    # out-of-fold predictions of the whole procedure (betas included), then the fit on all rows; a fit's key is its
+    # members' betas (fits with one key share their member probabilities, and a search when the method searches)
+    probs = [mem.probs(b) for mem, b in zip(members, betas)]
+    oof_probs = None
+    if fits:
+        def probs_for(key):
+            return [mem.probs(b) for mem, b in zip(members, key)]
+
+        def tops_for(key, U):
+            return [mem.tops(b, U) for mem, b in zip(members, key)]
+
+        keys = [tuple(fold_betas[:, k]) for k in range(K)] + [tuple(betas)]
+        oof_probs, combs = _cv_fits(method, probs_for, keys, y, metric, weights, fold, C, seed, hill_steps, tops_for)
+        comb = combs[K]
+    else:
+        comb = _fit(method, probs, y, metric, weights, None, seed, hill_steps, score_fit=False)
+    valid_probs = comb.apply(probs)
+    del probs
+    test_probs = None
+    if test_ids is not None:
+        test_probs = comb.apply(_Lazy(M, lambda i: members[i].test(betas[i])))
+
+    evaluated = f"cv-{K}" if fits else "direct"
+    stored = oof_probs if oof_probs is not None else valid_probs
+    ens_labels = _argmax(stored)
+    score, fit_score = scorer(ens_labels), scorer(_argmax(valid_probs))
+    best = int(np.argmax(s * member_score))
+    gain, lo, hi = paired_bootstrap(y, ens_labels, member_labels[best], metric, n_boot, seed)
+
+    member_ids = [r.id for r in runs]
+    w_out = None if comb.weights is None or method == "rank" else [float(x) for x in comb.weights]
+    config = {"recipe": runs[0].config.get("recipe"), "arch": "ensemble", "method": method, "members": member_ids,
+              "metric": metric, "tta_beta": betas, "weights": w_out, "seed": seed, "folds": K or None}
+    if method == "hill":
+        config["hill_steps"] = hill_steps
+    metrics = {"metric_name": metric, metric: score, f"fit_{metric}": fit_score, "evaluated": evaluated,
+               "gain": gain, "gain_lo": lo, "gain_hi": hi, "best_member": member_ids[best]}
+    run_id = store.save(RunData(
+        config=config, vocab=list(runs[0].vocab), valid_probs=stored[None], valid_targets=y, valid_ids=valid_ids,
+        metrics=metrics, test_probs=None if test_probs is None else test_probs[None], test_ids=test_ids,
+        kind="ensemble", name=name, seconds=time.perf_counter() - t0,
+        extra={"ensemble": {"members": member_ids, "valid_probs": "out-of-fold" if fits else "fitted on all rows",
+                            "member_scores": member_score.tolist(), "member_evaluated":
+                                [f"cv-{K}" if c else "direct" for c in choose]}}))
+
+    rows = [{"kind": "member", "id": r.id, "name": r.name, "arch": r.config.get("arch"), "method": None,
+             "beta": np.nan if b is None else b, "weight": np.nan if w_out is None else w_out[i], "metric": metric,
+             "score": member_score[i],
+             "fit_score": member_fit[i], "evaluated": f"cv-{K}" if choose[i] else "direct",
+             "gain": np.nan, "gain_lo": np.nan, "gain_hi": np.nan}
+            for i, (r, b) in enumerate(zip(runs, betas))]
+    rows.append({"kind": "ensemble", "id": run_id, "name": store.resolve(run_id)["name"], "arch": "ensemble",
+                 "method": method, "beta": np.nan, "weight": np.nan, "metric": metric, "score": score,
+                 "fit_score": fit_score, "evaluated": evaluated, "gain": gain, "gain_lo": lo, "gain_hi": hi})
+    return EnsembleResult(run_id=run_id, table=pd.DataFrame(rows), method=method, metric=metric, score=score,
+                          evaluated=evaluated, weights=w_out, betas=betas, valid_ids=valid_ids,
+                          valid_probs=valid_probs, oof_probs=oof_probs, test_ids=test_ids, test_probs=test_probs)
