@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastcls.data import IMAGE_EXTS, load_image, scan_images  # noqa: E402
-from fastcls.data.loaders import _image_problem
+from fastcls.data.check import _image_problem  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

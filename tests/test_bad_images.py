@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastcls.data import loaders as fdata
+from fastcls.data import check as fcheck
 from fastcls.data import check_images, load_image, read_items, scan_images
 from fastcls.errors import FastclsError
 from fastcls.recipe import Recipe
@@ -164,8 +164,8 @@ def test_scan_verdicts_are_cached_by_size_and_mtime(tmp_path, monkeypatch):
     make_folder_data(tmp_path / "data")
     items = read_items(Recipe(name="p", layout="folder"), tmp_path / "data")
     calls = []
-    real = fdata._image_problem
-    monkeypatch.setattr(fdata, "_image_problem", lambda p: calls.append(p) or real(p))
+    real = fcheck._image_problem
+    monkeypatch.setattr(fcheck, "_image_problem", lambda p: calls.append(p) or real(p))
     cache = tmp_path / "runs"
     first = check_images(items, "skip", cache_dir=cache)
     n_all = len(items.train) + len(items.test)

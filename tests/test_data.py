@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fastcls.data import CenterSquare, TrimCrop, assign_split, dls, read_items, sample_items
+from fastcls.data import CenterSquare, TrimCrop, assign_split, crop_overrides, dls, read_items, sample_items
 from fastcls.data import test_dl as make_test_dl  # aliased: pytest would collect a name starting with test_
 from fastcls.errors import FastclsError
 from fastcls.recipe import get_recipe, Recipe
@@ -98,3 +98,12 @@ def test_crops_give_the_expected_box():
     assert CenterSquare()(img).size == (200, 200)
     with pytest.raises(FastclsError, match="leaves nothing"):
         TrimCrop(300, 300, 0, 0)(img)
+
+
+def test_crop_overrides_trim_implies_the_trim_crop():
+    assert crop_overrides(None, None) == {}
+    assert crop_overrides("center", None) == {"crop": "center"}
+    assert crop_overrides(None, "400,100,50,50") == {"crop": "trim", "trim": (400, 100, 50, 50)}
+    assert crop_overrides("none", "0.2,0,0,0") == {"crop": "none", "trim": (0.2, 0, 0, 0)}  # an explicit --crop wins
+    with pytest.raises(FastclsError, match="--trim takes 4 margins"):
+        crop_overrides(None, "1,2")

@@ -14,9 +14,8 @@ Entries are written to a temporary file and renamed into place, so concurrent re
 runs) see either nothing or a whole entry. The root is `images/` under `$FASTCLS_CACHE`, else `~/.cache/fastcls/images`.
 """
 
-__all__ = ["cache_root", "cache_settings", "CachedImageGetter", "PresizedArrays", "PresizedDL", "use_cache",
-           "pre_resized",
-           "fill_cache", "CacheStats", "MEMORY_BUDGET"]
+__all__ = ["cache_home", "cache_root", "cache_settings", "CachedImageGetter", "PresizedArrays", "PresizedDL",
+           "use_cache", "pre_resized", "fill_cache", "CacheStats", "MEMORY_BUDGET"]
 
 import hashlib
 import json
@@ -38,14 +37,20 @@ from PIL import Image
 
 from ..errors import FastclsError
 from ..recipe import Recipe
+from .images import ImageGetter, item_tfms, resolve_recipe
+from .items import Items
 
 _VERSION = 1  # bump when the stored format or the cached pipeline changes
 MEMORY_BUDGET = 1 << 30  # bytes of pre-resized images a run keeps in memory (beyond it: item by item each epoch)
 
 
+def cache_home() -> Path:
+    """fastcls's cache folder (image-check verdicts, pre-resized images): $FASTCLS_CACHE, else ~/.cache/fastcls."""
+    return Path(os.environ.get("FASTCLS_CACHE") or Path.home() / ".cache" / "fastcls").expanduser()
+
+
 def cache_root() -> Path:
     """The image cache folder: `images/` in fastcls's cache home (`$FASTCLS_CACHE`, else `~/.cache/fastcls`)."""
-    from .loaders import cache_home
     return cache_home() / "images"
 
 
@@ -218,7 +223,7 @@ class PresizedDL(TfmdDL):
         return plan
 
 
-def pre_resized(recipe: Recipe, items, frames, getter, tfms: list):
+def pre_resized(recipe: Recipe, items: Items, frames, getter, tfms: list):
     """The item getter to use, the item transforms still to run, and which pre-resized paths were chosen.
 
     Image files go through the disk cache when `use_cache` says so. Then, unless `recipe.cache` is False, all images
@@ -239,11 +244,11 @@ def pre_resized(recipe: Recipe, items, frames, getter, tfms: list):
     return getter, tfms, "disk" if disk else None
 
 
-def _file_based(items) -> bool:
+def _file_based(items: Items) -> bool:
     return not items.arrays and len(items.train) > 0
 
 
-def use_cache(recipe: Recipe, items, n_probe: int = 16) -> bool:
+def use_cache(recipe: Recipe, items: Items, n_probe: int = 16) -> bool:
     """Whether runs of `recipe` on `items` read through the cache.
 
     `recipe.cache` True or False decides; None (auto) turns it on when the images are files whose median pixel count
@@ -255,7 +260,6 @@ def use_cache(recipe: Recipe, items, n_probe: int = 16) -> bool:
     if recipe.cache is not None:
         return recipe.cache
     if recipe.size is None:  # left to the data
-        from .loaders import resolve_recipe
         recipe = resolve_recipe(recipe, items)
     xs = items.train["x"]
     idx = np.linspace(0, len(xs) - 1, num=min(n_probe, len(xs))).astype(int)
@@ -284,7 +288,7 @@ class CacheStats:
         return self.hits + self.written
 
 
-def fill_cache(recipe: Recipe, items, root: Optional[Path] = None, threads: Optional[int] = None) -> CacheStats:
+def fill_cache(recipe: Recipe, items: Items, root: Optional[Path] = None, threads: Optional[int] = None) -> CacheStats:
     """Write the cached copy of every training and test image of `items` for `recipe`'s crop and size.
 
     Args:
@@ -296,7 +300,6 @@ def fill_cache(recipe: Recipe, items, root: Optional[Path] = None, threads: Opti
     Returns:
         A `CacheStats`.
     """
-    from .loaders import ImageGetter, item_tfms, resolve_recipe
     if not _file_based(items):
         raise FastclsError(f"Recipe {recipe.name!r} reads its images from arrays in memory ({recipe.layout!r} layout): "
                            "each run crops and resizes them once in memory, so there is nothing to cache on disk. "

@@ -1,0 +1,176 @@
+"""Images: decoding (`load_image`, `to_rgb`), crops on the original (`TrimCrop`, `CenterSquare`), the row ->
+image getter, the item transforms, and the image settings a recipe leaves to the data or the command line."""
+
+__all__ = ["to_rgb", "load_image", "TrimCrop", "CenterSquare", "ImageGetter", "item_tfms", "infer_size",
+           "resolve_recipe", "parse_trim", "crop_overrides"]
+
+import warnings
+from typing import Optional
+
+import numpy as np
+from fastai.vision.augment import Resize, ResizeMethod
+from fastai.vision.core import PILImage
+from fasttransform import Transform
+from PIL import Image, ImageOps
+
+from ..errors import FastclsError
+from ..recipe import Recipe
+from .items import Items
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode: 16-bit and float grayscale scaled (not clipped), transparency over white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I") or mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and a.max() > 255):
+            a = a / 65535.0  # 16-bit samples: PIL's own convert('RGB') would clip them to white
+        elif mode == "F" and a.max() > 1.0:
+            a = a / 255.0
+        else:
+            a = a / (1.0 if mode == "F" else 255.0)
+        return Image.fromarray(np.clip(a * 255 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK (Adobe-inverted CMYK JPEGs are handled by PIL), YCbCr, LAB, HSV
+
+
+def load_image(path, draft: Optional[tuple] = None) -> Image.Image:
+    """An RGB image from a file, upright (EXIF orientation applied), converted with `to_rgb`.
+
+    Images over PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`) are refused with an error.
+    `draft=(w, h)` lets JPEGs decode at a reduced scale (fast checks).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            if draft is not None:
+                img.draft("RGB", draft)
+            img.load()
+            return to_rgb(ImageOps.exif_transpose(img))
+
+
+class TrimCrop(Transform):
+    """Cut a border off the original image before resizing: (top, bottom, left, right) in pixels or fractions."""
+
+    order = 0  # before Resize (order 1): crops are defined on the original image
+
+    def __init__(self, top=0, bottom=0, left=0, right=0):
+        self.box = (top, bottom, left, right)
+
+    def box_for(self, w: int, h: int) -> Optional[tuple]:
+        """The (left, upper, right, lower) crop box on a w x h original, or None when the margins leave nothing."""
+        t, b, l, r = (v * (h if i < 2 else w) if isinstance(v, float) and v < 1 else v for i, v in enumerate(self.box))
+        box = (int(l), int(t), int(w - r), int(h - b))
+        return None if box[2] <= box[0] or box[3] <= box[1] else box
+
+    def encodes(self, img: PILImage):
+        box = self.box_for(*img.size)
+        if box is None:
+            raise FastclsError(f"Trim crop {self.box} leaves nothing of a {img.size[0]}x{img.size[1]} image; use "
+                               "smaller margins or --crop none.")
+        return img.crop(box)
+
+
+class CenterSquare(Transform):
+    """The central square of the original image (side = its shorter side)."""
+
+    order = 0
+
+    def box_for(self, w: int, h: int) -> tuple:
+        """The (left, upper, right, lower) crop box on a w x h original."""
+        s = min(w, h)
+        l, t = (w - s) // 2, (h - s) // 2
+        return l, t, l + s, t + s
+
+    def encodes(self, img: PILImage):
+        return img.crop(self.box_for(*img.size))
+
+
+class ImageGetter:
+    """Row of an `Items` table -> RGB PILImage, from a file or from row `x` of the in-memory array `src`."""
+
+    def __init__(self, arrays: Optional[dict] = None, blank: frozenset = frozenset()):
+        self.arrays, self.blank = arrays or {}, blank
+
+    def __call__(self, row) -> PILImage:
+        if self.arrays:
+            return PILImage(Image.fromarray(np.asarray(self.arrays[row["src"]][int(row["x"])])).convert("RGB"))
+        if row["x"] in self.blank:
+            return PILImage(Image.new("RGB", (32, 32), (128, 128, 128)))
+        return PILImage(load_image(row["x"]))
+
+
+def item_tfms(recipe: Recipe) -> list:
+    """Crop on the original image, then resize to the recipe's size (squish keeps the whole crop)."""
+    tfms = []
+    if recipe.crop == "trim":
+        tfms.append(TrimCrop(*recipe.trim))
+    elif recipe.crop == "center":
+        tfms.append(CenterSquare())
+    tfms.append(Resize(recipe.size, method=ResizeMethod.Squish))
+    return tfms
+
+
+# -- settings the recipe leaves to the data or the command line ------------------------------------------------------
+def infer_size(items: Items, n: int = 32, seed: int = 0) -> int:
+    """An image size from the data: the median shorter side of up to `n` training images, as a multiple of 8 in
+    [16, 224]."""
+    rows = items.train.sample(min(n, len(items.train)), random_state=seed)
+    sides = []
+    for _, r in rows.iterrows():
+        if items.arrays:
+            h, w = np.asarray(items.arrays[r["src"]]).shape[1:3]
+        else:
+            try:
+                with Image.open(r["x"]) as im:
+                    w, h = im.size
+            except OSError:  # an unreadable file says nothing about the size (`fastcls check` reports it)
+                continue
+        sides.append(min(w, h))
+    if not sides:
+        raise FastclsError(f"No readable image among {len(rows)} sampled training images to infer the image size from. "
+                           "Run `fastcls check` on the data folder, or pass --size.")
+    return int(min(224, max(16, 8 * round(float(np.median(sides)) / 8))))
+
+
+def resolve_recipe(recipe: Recipe, items: Items) -> Recipe:
+    """The recipe with what it leaves to the data filled in (size None: inferred from the images)."""
+    return recipe.override(size=infer_size(items)) if recipe.size is None else recipe
+
+
+def parse_trim(text: str) -> tuple:
+    """'400,100,50,50' (pixels) or '0.2,0.05,0.05,0.05' (fractions of the original) -> (top, bottom, left, right)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        vals = tuple(int(p) if p.lstrip("+").isdigit() else float(p) for p in parts)
+    except ValueError:
+        vals = ()
+    if len(vals) != 4 or any(v < 0 for v in vals):
+        raise FastclsError(f"--trim takes 4 margins >= 0 as top,bottom,left,right in pixels (e.g. 400,100,50,50) or as "
+                           f"fractions of the original image (e.g. 0.2,0.05,0.05,0.05); got {text!r}.")
+    return vals
+
+
+def crop_overrides(crop: Optional[str] = None, trim: Optional[str] = None) -> dict:
+    """The recipe overrides for the `--crop` and `--trim` options: `--trim` alone implies `--crop trim`.
+
+    Args:
+        crop: 'none', 'center' or 'trim' (checked by `Recipe.override`), or None to keep the recipe's crop.
+        trim: margins as `parse_trim` reads them, or None to keep the recipe's margins.
+
+    Returns:
+        Only the keys to change (`crop`, `trim`), for `Recipe.override(**...)`; {} when neither option is given.
+
+    Raises:
+        FastclsError: `trim` is not 4 margins >= 0.
+    """
+    out = {}
+    if crop or trim:
+        out["crop"] = crop or "trim"
+    if trim:
+        out["trim"] = parse_trim(trim)
+    return out
