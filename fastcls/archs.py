@@ -382,8 +382,8 @@ def add_weights(file, arch: str, map: str = "names", force: bool = False) -> Pat
         file: a .safetensors or .pth/.bin file of tensors.
         arch: the arch it is for (curated or any timm name).
         map: "names": the file's keys are the body's (a timm/torchvision model, a fastcls run's model); "order": the
-            keys differ but the tensors match the arch's (whole model with classifier, or body) in count, order and
-            shape; the classifier, when present, is kept (`--pretrained` ignores it).
+            keys differ but the tensors of a .pth/.bin file match the arch's (whole model with classifier, or body)
+            in count, order and shape; the classifier, when present, is kept (`--pretrained` ignores it).
         force: replace an existing file.
 
     Returns:
@@ -392,6 +392,9 @@ def add_weights(file, arch: str, map: str = "names", force: bool = False) -> Pat
     file = Path(file).expanduser()
     if not file.is_file():
         raise FastclsError(f"Weights file {file} does not exist.")
+    if map == "order" and file.suffix == ".safetensors":
+        raise FastclsError(f"{file}: a safetensors file stores its tensors sorted, not in the order the model made "
+                           "them, so it cannot be mapped by order. Use the original .pth/.bin file, or --map names.")
     return _store(read_weights(file), get_arch(arch), map, file, force)
 
 
