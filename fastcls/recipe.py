@@ -66,7 +66,9 @@ class Recipe:
     max_zoom: float = 1.1
     max_lighting: float = 0.2
     color_jitter: float = 0.0  # saturation and hue jitter (brightness/contrast come from max_lighting)
-    normalize: Literal["imagenet", "dataset", "none"] = "imagenet"
+    # model: the pretrained body's own mean/std (its timm pretrained_cfg), ImageNet's when training from scratch;
+    # imagenet: ImageNet's always; dataset: the train split's own (refused with a pretrained body); none: no normalising
+    normalize: Literal["model", "imagenet", "dataset", "none"] = "model"
     cache: Optional[bool] = None  # pre-resized image cache (fastcls.cache); None: on for image files > 2x the size
     # -- model and schedule
     metric: str = "accuracy"

@@ -4,7 +4,7 @@ Reading the items (`items`), splitting them (`split`), the item pipeline (`image
 (`cache`) live in their own modules; `dls` puts them into one DataBlock.
 """
 
-__all__ = ["NormalizeInplace", "batch_tfms", "dataset_stats", "dls", "default_workers", "test_dl"]
+__all__ = ["NormalizeInplace", "batch_tfms", "dataset_stats", "dls", "default_workers", "norm_stats", "test_dl"]
 
 import os
 from typing import Optional
@@ -38,16 +38,14 @@ class NormalizeInplace(Normalize):
 
 
 def batch_tfms(recipe: Recipe, stats=None) -> list:
-    """GPU-friendly batch augmentation (train only) and normalisation."""
+    """GPU-friendly batch augmentation (train only) and normalisation by `stats` (mean, std; None: none)."""
     tfms = []
     if recipe.aug:
         tfms += aug_transforms(do_flip=recipe.flip, max_rotate=recipe.max_rotate, max_zoom=recipe.max_zoom,
                                max_lighting=recipe.max_lighting, max_warp=0.0)
         if recipe.color_jitter:  # torchvision's ColorJitter saturation/hue, as fastai batch transforms
             tfms += [Saturation(max_lighting=recipe.color_jitter), Hue(max_hue=recipe.color_jitter / 2)]
-    if recipe.normalize == "imagenet":
-        tfms.append(NormalizeInplace.from_stats(*imagenet_stats))
-    elif recipe.normalize == "dataset" and stats is not None:
+    if stats is not None:
         tfms.append(NormalizeInplace.from_stats(*stats))
     return tfms
 
@@ -59,6 +57,17 @@ def dataset_stats(items: Items, df: pd.DataFrame, n: int = 512, seed: int = 0):
     rows = df.iloc[rng.permutation(len(df))[:n]]
     px = np.concatenate([np.asarray(get(r), dtype=np.float32).reshape(-1, 3) / 255 for _, r in rows.iterrows()])
     return px.mean(0).tolist(), px.std(0).tolist()
+
+
+def norm_stats(recipe: Recipe, items: Items, df: pd.DataFrame, stats=None):
+    """The (mean, std) a loader normalises with: None for `normalize='none'`; for 'dataset' the train split's own
+    (or `stats`, a stored run's, when given); otherwise `stats` when given (the pretrained model's own statistics,
+    `fastcls.config.RunConfig.norm_stats`), else ImageNet's."""
+    if recipe.normalize == "none":
+        return None
+    if recipe.normalize == "dataset" and stats is None:
+        return dataset_stats(items, df[~df["is_valid"]])
+    return tuple(map(list, stats)) if stats is not None else tuple(map(list, imagenet_stats))
 
 
 def dls(recipe: Recipe, items: Items, seed: int = 42, sample: Optional[int] = None, num_workers: Optional[int] = None,
@@ -77,10 +86,7 @@ def dls(recipe: Recipe, items: Items, seed: int = 42, sample: Optional[int] = No
         df = assign_split(train, recipe, seed).reset_index(drop=True)
     else:
         df = train.reset_index(drop=True).assign(is_valid=assign_folds(train, recipe, fold[1], seed) == fold[0])
-    if recipe.normalize == "dataset":
-        stats = stats if stats is not None else dataset_stats(items, df[~df["is_valid"]])
-    else:
-        stats = None
+    stats = norm_stats(recipe, items, df, stats)
     vocab = [str(c) for c in recipe.classes] if recipe.classes else sorted(df["label"].unique().tolist())
     get_x, tfms, cached = pre_resized(recipe, items, [df, items.test], ImageGetter(items.arrays, items.blank),
                                       item_tfms(recipe))
