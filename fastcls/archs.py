@@ -275,7 +275,7 @@ def add_weights(file, arch: str, force: bool = False) -> Path:
     """
     from safetensors.torch import save_file
 
-    from .runs import write_atomic
+    from .files import write_atomic
     spec = get_arch(arch)
     file = Path(file).expanduser()
     if not file.is_file():

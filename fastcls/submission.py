@@ -18,7 +18,7 @@ import pandas as pd
 
 from .errors import FastclsError
 from .recipe import Recipe, recipe_from_config  # noqa: F401  (recipe_from_config: re-exported, it lived here)
-from .runs import write_atomic
+from .files import write_atomic
 
 # a spreadsheet runs a cell starting with one of these as a formula (CSV injection)
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")

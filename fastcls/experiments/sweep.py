@@ -32,7 +32,7 @@ from ..errors import FastclsError, suggest
 from .executors import EXECUTORS, LocalExecutor  # noqa: F401  (re-exported: they lived here)
 from ..metrics import get_metric
 from ..recipe import Recipe
-from ..runs import write_json
+from ..files import write_json
 from ..config import RunConfig
 from ..train import schedule
 

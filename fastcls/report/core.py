@@ -31,7 +31,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..errors import FastclsError
 from ..recipe import Recipe, recipe_from_config
-from ..runs import write_atomic
+from ..files import write_atomic
 
 DPI = 100
 PANEL_PX = 200  # one image of a grid, in pixels (2 inches at DPI)
