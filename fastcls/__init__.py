@@ -33,7 +33,7 @@ _EXPORTS = {
     "experiments.features": ["cached_features", "fit_head_run"],
     "experiments.executors": ["LocalExecutor", "RayExecutor"],
     "report": ["confusion", "lr_find", "per_class", "plot_batch", "plot_confusion", "plot_history", "plot_lr_find",
-               "plot_per_class", "plot_sweep", "plot_top_losses", "run_config", "save_figure", "top_losses",
+               "plot_per_class", "plot_sweep", "plot_top_losses", "save_figure", "top_losses",
                "write_report"],
 }
 __all__ = [name for names in _EXPORTS.values() for name in names]
@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # explicit imports for editors and type checkers ("go to defi
     from .experiments.executors import LocalExecutor, RayExecutor
     from .experiments.features import cached_features, fit_head_run
     from .report import (confusion, lr_find, per_class, plot_batch, plot_confusion, plot_history, plot_lr_find,
-                         plot_per_class, plot_sweep, plot_top_losses, run_config, save_figure, top_losses,
+                         plot_per_class, plot_sweep, plot_top_losses, save_figure, top_losses,
                          write_report)
     from .runs import RunData, RunStore, StoredRun
     from .experiments.sweep import list_sweeps, load_sweep, plan_sweep, run_sweep, sweep_table

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from .errors import FastclsError
-from .recipe import Recipe
+from .recipe import Recipe, get_recipe
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,22 @@ class RunConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, recipes=()) -> "RunConfig":
-        """The config a stored run was trained with (its config.json), for resuming it."""
-        from .recipe import Recipe, get_recipe
+    def from_dict(cls, d: dict, recipes=(), lenient: bool = False) -> "RunConfig":
+        """The config a stored run was trained with (its config.json): the one way a stored config is read back.
+
+        Every stored recipe setting overrides the registered recipe of the config's name (a bare `Recipe` when that
+        file is gone), so a run reads back as trained even after its recipe file changed.
+
+        Args:
+            d: the stored dict (`to_dict`).
+            recipes: extra recipe folders, to find the run's recipe by name.
+            lenient: for reading a stored run's settings only (reports, submissions): a recipe that is gone is
+                rebuilt from the stored settings even when it had a custom items function (which only training
+                needs); otherwise that is an error telling where to find the recipe (resuming, students).
+
+        Returns:
+            The `RunConfig`; `data` is the run's --data (None: the recipe's own folder).
+        """
         d = dict(d)
         run = {k: d.pop(k, None) for k in ("arch", "data", "seed", "weights", "sample", "run_name", "on_bad_image",
                                            "amp", "channels_last", "compile", "workers", "fold", "folds")}
@@ -59,7 +72,7 @@ class RunConfig:
         try:
             base = get_recipe(name, recipes)
         except FastclsError:  # a recipe file that is gone: rebuild it from the stored settings
-            if values.get("items"):
+            if values.get("items") and not lenient:
                 raise FastclsError(f"Recipe {name!r} (with a custom items function) is not found; pass its folder "
                                    "with --recipes DIR.") from None
             base = Recipe(name=name)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .runs import write_atomic
+from .files import write_atomic
 
 DPI = 100
 

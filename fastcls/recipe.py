@@ -5,8 +5,7 @@ built-in folder shipped with fastcls, then `./recipes` of the current project, t
 folder wins on a name clash, so a user's own `recipes/tshirts.py` replaces the built-in one.
 """
 
-__all__ = ["Recipe", "RecipeEntry", "builtin_recipe_dir", "find_recipes", "get_recipe", "load_recipe_file",
-           "recipe_from_config"]
+__all__ = ["Recipe", "RecipeEntry", "builtin_recipe_dir", "find_recipes", "get_recipe", "load_recipe_file"]
 
 import dataclasses
 import importlib.util
@@ -248,28 +247,3 @@ def get_recipe(name: str, extra_dirs=()) -> Recipe:
         raise FastclsError(f"Unknown recipe {name!r}.{suggest(name, recipes)} Available: {', '.join(sorted(recipes))}. "
                            "List them with `fastcls recipes`.")
     return recipes[name].recipe
-
-
-def recipe_from_config(config: dict, recipe: Optional[Recipe] = None, recipe_dirs=()) -> Recipe:
-    """The recipe a stored run was trained with, rebuilt from its `config.json`.
-
-    Args:
-        config: the run's config (`RunConfig.to_dict`: the resolved recipe's settings plus the run's own).
-        recipe: the base for what JSON cannot hold (a custom layout's items function) and the default data folder;
-            default: the registered recipe of the config's name, else a bare `Recipe` (the file may be gone).
-        recipe_dirs: extra recipe folders, to find the registered recipe.
-
-    Every stored setting overrides the base, so a run reads back as trained even after its recipe file changed.
-    The config's `data` is the run's --data: it replaces the recipe's folder only when one was given.
-    """
-    name = str(config.get("recipe", "run"))
-    if recipe is None:
-        try:
-            recipe = get_recipe(name, recipe_dirs)
-        except FastclsError:
-            recipe = Recipe(name=name)
-    fields = {f.name for f in dataclasses.fields(Recipe)} - {"name", "items", "data"}
-    changes = {k: v for k, v in config.items() if k in fields}
-    if config.get("data") is not None:
-        changes["data"] = str(config["data"])
-    return recipe.override(**changes)

@@ -5,8 +5,7 @@ written last, so a crash never leaves a half run: either the folder and the row 
 Arrays are plain `.npy` files (memory-mappable, no pickle); weights are safetensors.
 """
 
-__all__ = ["RunData", "StoredRun", "RunStore", "new_run_id", "environment_info", "write_atomic", "write_json", "STATUSES",
-           "CHECKPOINT"]
+__all__ = ["RunData", "StoredRun", "RunStore", "new_run_id", "environment_info", "STATUSES", "CHECKPOINT"]
 
 import json
 import os
@@ -21,22 +20,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
 from ._faults import fault
 from .errors import FastclsError
-
-try:
-    import fcntl
-except ImportError:  # not on Windows: runs are then never assumed dead, so never repaired automatically
-    fcntl = None
+from .files import (LOCK, exclusive, json_default, new_lock, read_json, remove_stray_files, try_lock, unlock,
+                    write_atomic, write_json, write_npy, writer_gone)
 
 INDEX = "index.sqlite"
 CHECKPOINT = "checkpoint.safetensors"  # a resumable training state, in the folder of a run not yet done
-LOCK = ".lock"  # held (flock) by the process writing a run; the kernel frees it when that process dies
 STATUSES = ("running", "interrupted", "failed", "done")
 _COLUMNS = ("id", "name", "kind", "status", "recipe", "arch", "size", "ps", "metric_name", "metric", "valid_loss",
             "seconds", "created", "sweep", "parent", "config")
@@ -212,16 +207,9 @@ class RunStore:
     def exclusive(self, key: str):
         """Hold the store-wide lock `key` (blocking) while checking for and then creating a run that several processes
         may try to create at once (e.g. the cv run of folds trained in parallel). A no-op without fcntl."""
-        if fcntl is None:
-            yield
-            return
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / f".{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with exclusive(self.root / f".{key}.lock"):
             yield
-        finally:
-            os.close(fd)  # releases the flock
 
     def check_writable(self, need_bytes: int = 0):
         """Fail before any training when the runs folder cannot be written or its disk has less than `need_bytes`."""
@@ -255,7 +243,7 @@ class RunStore:
                 continue
             path = Path(entry.path)
             if entry.name.startswith(".tmp-"):
-                if _writer_gone(path):
+                if writer_gone(path):
                     shutil.rmtree(path, ignore_errors=True)
             elif (not entry.name.startswith(".") and indexed.get(entry.name) != "done"
                   and (path / "meta.json").is_file()):
@@ -263,22 +251,22 @@ class RunStore:
 
     def _settle(self, path: Path, indexed_status: Optional[str]):
         """Make the index agree with a run folder that is not indexed as 'done'."""
-        meta = _read_json(path / "meta.json")
+        meta = read_json(path / "meta.json")
         if meta is None:
             return
         status = meta.get("status", "done")
         if status == "running":
-            fd = _try_lock(path)
+            fd = try_lock(path)
             if fd is None:  # a live process still writes this run: it will index it itself
                 return
             try:
-                _remove_stray_files(path)
+                remove_stray_files(path)
                 meta.update(status="interrupted", note="the process writing this run stopped without saving "
                                                        "(killed or crashed); resume it from its last checkpoint")
                 write_json(path / "meta.json", meta)
                 self._index(path)
             finally:
-                _unlock(fd)
+                unlock(fd)
         elif status != indexed_status:
             self._index(path)
             if status == "done":
@@ -301,7 +289,7 @@ class RunStore:
                 continue
             lock = None
             try:
-                lock = _new_lock(tmp)
+                lock = new_lock(tmp)
                 fill(tmp, rid)
                 fault("create-tmp")
                 try:
@@ -310,11 +298,11 @@ class RunStore:
                     if not (self.root / rid).exists():
                         raise
                     shutil.rmtree(tmp, ignore_errors=True)  # id collision: draw another
-                    _unlock(lock)
+                    unlock(lock)
                     continue
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
-                _unlock(lock)
+                unlock(lock)
                 raise
             fault("create-renamed")
             return rid, lock
@@ -347,7 +335,7 @@ class RunStore:
             self._index(self.root / rid)
         finally:
             (self.root / rid / LOCK).unlink(missing_ok=True)
-            _unlock(lock)
+            unlock(lock)
         return rid
 
     def import_run(self, files: dict) -> str:
@@ -406,16 +394,16 @@ class RunStore:
         """Take over an interrupted or failed run to continue it (`fastcls resume`); refuses a run in progress."""
         path = self.root / rid
         for _ in range(20):  # another process's repair may hold the lock for a moment
-            fd = _try_lock(path)
+            fd = try_lock(path)
             if fd is not None:
                 break
             time.sleep(0.1)
         else:
             raise FastclsError(f"Run {rid} in {self.root} is being written by another process right now; wait for it "
                                "to finish (see `fastcls runs`).")
-        meta = _read_json(path / "meta.json") or {}
+        meta = read_json(path / "meta.json") or {}
         if meta.get("status") == "done":
-            _unlock(fd)
+            unlock(fd)
             raise FastclsError(f"Run {rid} is already done; nothing to resume.")
         self._locks[rid] = fd
         self.set_status(rid, "running", writer={"host": socket.gethostname(), "pid": os.getpid()}, note=None)
@@ -425,7 +413,7 @@ class RunStore:
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
         path = self.root / rid
-        meta = _read_json(path / "meta.json") or {}
+        meta = read_json(path / "meta.json") or {}
         meta.update(info, status=status)
         write_json(path / "meta.json", meta)
         self._index(path)
@@ -434,13 +422,13 @@ class RunStore:
 
     def release(self, rid: str):
         """Give up this process's lock on run `rid` (others may then resume or repair it)."""
-        _unlock(self._locks.pop(rid, None))
+        unlock(self._locks.pop(rid, None))
 
     def finish(self, rid: str, run: RunData) -> str:
         """Store the results of a run started with `begin`: every file atomically, then status 'done', then the row."""
         _check_run(run)
         path = self.root / rid
-        meta = _read_json(path / "meta.json") or {}
+        meta = read_json(path / "meta.json") or {}
         _write_run_files(path, run)
         fault("finish-files")
         meta.update(status="done", seconds=run.seconds, note=None, **environment_info(), **run.extra)
@@ -451,6 +439,23 @@ class RunStore:
         (path / LOCK).unlink(missing_ok=True)
         self.release(rid)
         return rid
+
+    # -- paths and status of one run (training asks the store; it never builds them itself) ---------------------
+    def run_dir(self, rid: str) -> Path:
+        """The folder of run `rid`."""
+        return self.root / rid
+
+    def checkpoint_path(self, rid: str) -> Path:
+        """Where run `rid` keeps its resumable training state while it is not done."""
+        return self.root / rid / CHECKPOINT
+
+    def cache_dir(self, kind: str) -> Path:
+        """The store's cache folder for `kind` (e.g. 'features': the sweeps' and probes' cached body features)."""
+        return self.root / "cache" / kind
+
+    def is_done(self, rid: str) -> bool:
+        """Whether run `rid`'s own meta.json (the truth, ahead of the index row) says it is done."""
+        return (read_json(self.root / rid / "meta.json") or {}).get("status") == "done"
 
     # -- read -------------------------------------------------------------------------------------------------
     def resolve(self, ref: str) -> dict:
@@ -499,20 +504,6 @@ class RunStore:
         return df.reset_index(drop=True)
 
 
-def _json_default(o: Any):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, (np.ndarray,)):
-        return o.tolist()
-    if isinstance(o, (Path,)):
-        return str(o)
-    if isinstance(o, (tuple, set)):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def _check_run(run: RunData):
     """Refuse arrays that would corrupt later ensembles: wrong shapes, NaN, rows that are not probabilities."""
     where = f"run {run.name or run.config.get('recipe', '')}".strip()
@@ -536,49 +527,15 @@ def _check_run(run: RunData):
         raise FastclsError(f"{where}: {len(run.valid_targets)} valid targets for {np.asarray(run.valid_probs).shape[1]} rows.")
 
 
-# -- files ------------------------------------------------------------------------------------------------------------
-def write_atomic(path, write: Callable[[Path], None]):
-    """Write `path` through `write(tmp_path)`, flush it to disk, then rename: readers see the old file or the new one.
-
-    A process killed half-way leaves a hidden `.NAME.tmp-PID` file that the store's repair removes.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the rename must not reach the disk before the data does (power loss)
-        finally:
-            os.close(fd)
-        fault(f"write-{path.name}")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj):
-    """`obj` as JSON at `path`, atomically (numpy values, paths, tuples and sets as JSON types)."""
-    write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=1, default=_json_default)))
-
-
-def _write_npy(path: Path, arr: np.ndarray):
-    def write(p):
-        with open(p, "wb") as f:  # a file object: np.save would append .npy to a bare temporary name
-            np.save(f, arr, allow_pickle=False)
-    write_atomic(path, write)
-
-
 def _write_run_files(folder: Path, run: RunData):
     """Every file of a finished run except meta.json, each written atomically."""
     for fname, obj in (("config.json", run.config), ("metrics.json", run.metrics), ("vocab.json", list(run.vocab)),
                        ("valid_ids.json", [str(i) for i in run.valid_ids])):
         write_json(folder / fname, obj)
-    _write_npy(folder / "valid_probs.npy", np.ascontiguousarray(run.valid_probs, dtype=np.float32))
-    _write_npy(folder / "valid_targets.npy", np.asarray(run.valid_targets, dtype=np.int64))
+    write_npy(folder / "valid_probs.npy", np.ascontiguousarray(run.valid_probs, dtype=np.float32))
+    write_npy(folder / "valid_targets.npy", np.asarray(run.valid_targets, dtype=np.int64))
     if run.test_probs is not None:
-        _write_npy(folder / "test_probs.npy", np.ascontiguousarray(run.test_probs, dtype=np.float32))
+        write_npy(folder / "test_probs.npy", np.ascontiguousarray(run.test_probs, dtype=np.float32))
         write_json(folder / "test_ids.json", [str(i) for i in run.test_ids])
     if run.history is not None:
         write_atomic(folder / "history.csv", lambda p: run.history.to_csv(p, index=False))
@@ -588,18 +545,11 @@ def _write_run_files(folder: Path, run: RunData):
         write_atomic(folder / "model.safetensors", lambda p: save_file(tensors, str(p)))
 
 
-def _read_json(path: Path) -> Optional[Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _row_from_folder(path: Path) -> dict:
     """The index row of a run folder, from its config.json, meta.json and (when done) metrics.json."""
-    cfg = _read_json(path / "config.json") or {}
-    meta = _read_json(path / "meta.json") or {}
-    metrics = _read_json(path / "metrics.json") or {}
+    cfg = read_json(path / "config.json") or {}
+    meta = read_json(path / "meta.json") or {}
+    metrics = read_json(path / "metrics.json") or {}
     mname = metrics.get("metric_name")
     return {"id": meta.get("id", path.name), "name": meta.get("name"), "kind": meta.get("kind", "train"),
             "status": meta.get("status", "done"), "recipe": cfg.get("recipe"), "arch": cfg.get("arch"),
@@ -607,64 +557,10 @@ def _row_from_folder(path: Path) -> dict:
             "metric": metrics.get(mname) if mname else None, "valid_loss": metrics.get("valid_loss"),
             "seconds": round(float(meta.get("seconds") or 0), 2), "created": meta.get("created"),
             "sweep": meta.get("sweep"), "parent": meta.get("parent"),
-            "config": json.dumps(cfg, default=_json_default)}
+            "config": json.dumps(cfg, default=json_default)}
 
 
 def _mb(n: int) -> str:
     return f"{n / 2**20:,.0f} MB"
 
 
-# -- locks: which run folders a live process is writing ------------------------------------------------------------
-def _new_lock(folder: Path):
-    """Lock a fresh folder: the lock file is locked before it gets its name, so nobody sees it unlocked."""
-    if fcntl is None:
-        return None
-    tmp = folder / f"{LOCK}.new"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    os.rename(tmp, folder / LOCK)
-    return fd
-
-
-def _try_lock(folder: Path):
-    """An fd holding `folder/.lock` exclusively, or None when a live process holds it."""
-    if fcntl is None:
-        return None
-    try:
-        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd
-    except OSError:
-        os.close(fd)
-        return None
-
-
-def _unlock(fd):
-    if fd is not None:
-        try:
-            os.close(fd)  # closing the only descriptor releases the flock
-        except OSError:
-            pass
-
-
-def _writer_gone(tmp: Path) -> bool:
-    """Whether the process that made the temporary folder `tmp` is gone (so the folder is debris)."""
-    if not (tmp / LOCK).exists():
-        try:  # a folder made a moment ago may not have its lock yet
-            return time.time() - tmp.stat().st_mtime > 60
-        except OSError:
-            return False
-    fd = _try_lock(tmp)
-    if fd is None:
-        return False
-    _unlock(fd)
-    return True
-
-
-def _remove_stray_files(folder: Path):
-    """Remove half-written `.NAME.tmp-PID` files of a dead writer."""
-    for p in folder.glob(".*.tmp-*"):
-        p.unlink(missing_ok=True)

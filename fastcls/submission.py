@@ -7,8 +7,7 @@ rows, row order and other columns the submission keeps, filling only the label c
 temporary name and renamed, so an interrupted write never leaves half a submission.
 """
 
-__all__ = ["write_submission", "submission_for_run", "submission_ids", "submission_frame", "recipe_from_config",
-           "neutralise"]
+__all__ = ["write_submission", "submission_for_run", "submission_ids", "submission_frame", "neutralise"]
 
 from pathlib import Path
 from typing import Optional
@@ -16,9 +15,10 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from .config import RunConfig
 from .errors import FastclsError
-from .recipe import Recipe, recipe_from_config  # noqa: F401  (recipe_from_config: re-exported, it lived here)
-from .runs import write_atomic
+from .recipe import Recipe
+from .files import write_atomic
 
 # a spreadsheet runs a cell starting with one of these as a formula (CSV injection)
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -143,7 +143,8 @@ def submission_for_run(run, path, beta: Optional[float] = 0.25, data=None, recip
     if beta is not None and not 0 <= beta <= 1:
         raise FastclsError(f"--tta-beta must be in [0, 1], got {beta}.")
     # the recipe file may be gone or renamed: the run's config still has every submission setting
-    recipe = recipe_from_config(run.config, recipe_dirs=recipe_dirs)
-    data = data or run.config.get("data") or (recipe.data if recipe.data not in (None, "builtin") else None)
+    cfg = RunConfig.from_dict(run.config, recipe_dirs, lenient=True)
+    recipe = cfg.recipe
+    data = data or cfg.data or (recipe.data if recipe.data not in (None, "builtin") else None)
     blended = np.asarray(probs[0]) if beta is None else tta_blend(np.asarray(probs), beta)
     return write_submission(recipe, run.test_ids, blended, run.vocab, path, data=data)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import FastclsError, suggest
-from .runs import write_atomic
+from .files import write_atomic
 
 _EXTS = (".safetensors", ".pth", ".bin")
 

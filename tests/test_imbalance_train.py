@@ -161,8 +161,8 @@ def test_logit_adjust_and_thresholds_are_fitted_on_valid_recorded_and_applied(lo
 
 
 def test_logit_adjust_moves_predictions_toward_rare_classes(longtail, tmp_path, monkeypatch):
-    import fastcls.imbalance
-    monkeypatch.setattr(fastcls.imbalance, "tune_tau", lambda *a, **k: 1.0)  # a fixed strength, whatever valid says
+    import fastcls.posthoc
+    monkeypatch.setattr(fastcls.posthoc, "tune_tau", lambda *a, **k: 1.0)  # a fixed strength, whatever valid says
     res, run = _fit(longtail, tmp_path, imbalance="logit-adjust", label_smoothing=0.0, tune_thresholds=False)
     assert run.metrics["logit_adjust_tau"] == 1.0
     raw_valid, raw_test = _raw_views(res.learn, run)

@@ -322,13 +322,13 @@ def test_report_unknown_run(cli, tmp_path):
 
 
 def test_stored_config_wins_over_the_recipe_file():
-    from fastcls.recipe import get_recipe, recipe_from_config
+    from fastcls.recipe import get_recipe
     cfg = RunConfig(get_recipe("digits").override(size=16, crop="center", ps_grid=(0.1, 0.3)), "simple_cnn",
                     seed=3).to_dict()
     cfg = json.loads(json.dumps(cfg))  # as read back from config.json
-    r = recipe_from_config(cfg)
+    rc = RunConfig.from_dict(cfg, lenient=True)  # the one way a stored config is read back
+    r = rc.recipe
     assert (r.size, r.crop, r.ps_grid, r.data, r.layout) == (16, "center", (0.1, 0.3), "builtin", "digits")
-    rc = report.run_config(cfg)
     assert (rc.arch, rc.seed, rc.recipe) == ("simple_cnn", 3, r)
-    gone = recipe_from_config({**cfg, "recipe": "deleted-recipe", "data": "/some/folder"})
-    assert (gone.name, gone.size, gone.data) == ("deleted-recipe", 16, "/some/folder")
+    gone = RunConfig.from_dict({**cfg, "recipe": "deleted-recipe", "data": "/some/folder"}, lenient=True)
+    assert (gone.recipe.name, gone.recipe.size, gone.data) == ("deleted-recipe", 16, "/some/folder")

@@ -30,10 +30,9 @@ import pandas as pd
 from .. import data as fdata
 from ..errors import FastclsError
 from ..runs import RunData, RunStore
-from .executors import LocalExecutor
+from .executors import LocalExecutor, Trial
 from ..posthoc import PostHoc
-from .sweep import Trial
-from ..train import Predictions, RunResult, fit_run, resume_run, run_metrics, with_posthoc
+from ..train import Predictions, RunResult, fit_run, prepare, resume_run, run_metrics, with_posthoc
 from ..config import RunConfig
 from ..predict import encode_labels
 
@@ -121,10 +120,8 @@ def run_cv(cfg: RunConfig, store: RunStore, k: int = 5, fold: Optional[int] = No
         FastclsError: fewer groups (or items) than folds, before anything trains; a fold that failed.
     """
     trials = plan_folds(cfg, k, fold)
-    store.check_writable()
-    items = items if items is not None else fdata.read_items(cfg.recipe, cfg.data)
-    items = fdata.check_images(items, cfg.on_bad_image, cache_dir=fdata.cache_home())
-    recipe = fdata.resolve_recipe(cfg.recipe, items)
+    prep = prepare(cfg, items, store)
+    items, recipe = prep.items, prep.cfg.recipe
     fdata.assign_folds(_fold_items(cfg, items), recipe, k, cfg.seed)  # too few groups: say so before training
     cid = cv_id(cfg, k)
     executor = executor or LocalExecutor()

@@ -12,14 +12,26 @@ their run store and a `fn(trial, store)` that trains into the store it is given 
   (finished ones are already stored). Ray is an optional extra (`pip install fastcls[ray]`), imported only here.
 """
 
-__all__ = ["LocalExecutor", "RayExecutor", "EXECUTORS", "get_executor", "run_one"]
+__all__ = ["Trial", "LocalExecutor", "RayExecutor", "EXECUTORS", "get_executor", "run_one"]
 
 import os
 import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
+from ..config import RunConfig
 from ..errors import FastclsError, suggest
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One unit of work an executor runs (a sweep's grid point, a cv's fold): its position, a readable key, the
+    values that set it apart, and the run's validated config."""
+
+    index: int
+    key: str
+    params: dict
+    cfg: RunConfig
 
 
 class LocalExecutor:

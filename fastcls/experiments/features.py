@@ -35,7 +35,7 @@ from .. import data as fdata
 from ..archs import build_body, get_arch, make_head, resolve_weights, split_head
 from ..errors import FastclsError
 from ..predict import pooled_features
-from ..runs import write_atomic
+from ..files import write_atomic
 from ..train import Predictions, RunResult, learner, store_run, train
 from ..config import RunConfig
 from ..predict import encode_labels

@@ -25,8 +25,8 @@ from .. import data as fdata
 from ..errors import FastclsError, suggest
 from .features import cached_features
 from ..runs import RunStore
-from .sweep import FEATURE_CACHE
-from ..train import Predictions, RunResult, store_run
+from .sweep import FEATURES
+from ..train import Predictions, RunResult, prepare, store_run
 from ..config import RunConfig
 
 CLASSIFIERS = {
@@ -74,13 +74,10 @@ def probe_run(cfg: RunConfig, store: RunStore, clf: str = "logreg", views: int =
     model = make_classifier(clf, cfg.seed)
     if views < 1:
         raise FastclsError(f"--views must be at least 1, got {views}.")
-    store.check_writable()
-    items = items if items is not None else fdata.read_items(cfg.recipe, cfg.data)
-    items = fdata.check_images(items, cfg.on_bad_image, cache_dir=fdata.cache_home())
     # the classifier has no loss, sampler or logit adjustment: the recipe's imbalance steps do not apply
-    recipe = fdata.resolve_recipe(cfg.recipe, items).override(imbalance="none")
-    cfg = dataclasses.replace(cfg, recipe=recipe)
-    fs, _ = cached_features(cfg, items, views, store.root / FEATURE_CACHE, progress)
+    prep = prepare(dataclasses.replace(cfg, recipe=cfg.recipe.override(imbalance="none")), items, store)
+    cfg, items = prep.cfg, prep.items
+    fs, _ = cached_features(cfg, items, views, store.cache_dir(FEATURES), progress)
     X = fs.train.reshape(-1, fs.train.shape[-1])
     y = np.tile(fs.train_targets, fs.train.shape[0])
     model.fit(X, y)

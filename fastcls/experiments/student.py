@@ -37,7 +37,7 @@ from ..recipe import Recipe
 from ..runs import RunStore, StoredRun
 from ..config import RunConfig
 from ..predict import encode_labels
-from ..train import fit_run
+from ..train import fit_run, prepare
 
 
 @dataclass
@@ -73,9 +73,10 @@ def _student_config(store: RunStore, runs: list, arch: Optional[str], recipes, d
 
 
 def _split_items(cfg: RunConfig, items: fdata.Items) -> pd.DataFrame:
-    """The training items (after --sample) with the recipe's own validation split for the seed in `is_valid`."""
+    """The training items (after --sample) with the (resolved) recipe's own validation split for the seed in
+    `is_valid`."""
     train = fdata.sample_items(items.train, cfg.sample, cfg.seed)
-    return fdata.assign_split(train, fdata.resolve_recipe(cfg.recipe, items), cfg.seed).reset_index(drop=True)
+    return fdata.assign_split(train, cfg.recipe, cfg.seed).reset_index(drop=True)
 
 
 def _given(cfg: RunConfig, items: fdata.Items, train: pd.DataFrame, name: str) -> tuple[RunConfig, fdata.Items]:
@@ -138,12 +139,12 @@ def pseudo_label(store: RunStore, refs: list, threshold: float = 0.9, rounds: in
     runs = [store.load(r) for r in refs]
     ids, probs = aligned_probs(runs, "test")  # every teacher check before any data is read
     cfg = _student_config(store, runs, arch, recipes, data, {**overrides, "drop_path": drop_path})
-    items = items if items is not None else fdata.read_items(cfg.recipe, cfg.data)
     # the teachers split what was left after the image check: the same rows give the same validation split
-    items = fdata.check_images(items, cfg.on_bad_image, cache_dir=fdata.cache_home())
+    prep = prepare(cfg, items)
+    items = prep.items
     _check_test_ids(items, ids, f"teacher {runs[0].id}")
     vocab = list(runs[0].vocab)
-    split = _split_items(cfg, items)
+    split = _split_items(prep.cfg, items)
     metric = cfg.recipe.metric
     base = name or f"pseudo-{runs[0].id}"
     rows = [{"round": 0, "run": ", ".join(r.id for r in runs), "kind": "teacher", metric: runs[0].metrics.get(metric)
@@ -300,11 +301,11 @@ def distill(store: RunStore, refs: list, arch: str, temperature: float = 2.0, al
     has_test = unlabeled or all(r.test_probs is not None for r in runs)
     test_ids, test_probs = aligned_probs(runs, "test") if has_test else (None, None)
     cfg = _student_config(store, runs, arch, recipes, data, overrides)
-    items = items if items is not None else fdata.read_items(cfg.recipe, cfg.data)
     # the teachers split what was left after the image check: the same rows give the same validation split
-    items = fdata.check_images(items, cfg.on_bad_image, cache_dir=fdata.cache_home())
+    prep = prepare(cfg, items)
+    items = prep.items
     vocab = list(runs[0].vocab)
-    split = _split_items(cfg, items)
+    split = _split_items(prep.cfg, items)
     soft = dict(zip(valid_ids, valid_probs))
     train_ids = split.loc[~split["is_valid"], "id"].astype(str)
     n_soft = int(train_ids.isin(soft.keys()).sum())

@@ -12,7 +12,7 @@ Two ways to train a trial: the full path (`fastcls.train.fit_run`, a normal run)
 grid is validated before anything trains, and head dropout is checked to really fire for every ps.
 """
 
-__all__ = ["Trial", "SweepPlan", "SweepResult", "LocalExecutor", "EXECUTORS", "parse_values", "plan_sweep",
+__all__ = ["SweepPlan", "SweepResult", "parse_values", "plan_sweep",
            "check_dropout", "run_sweep", "sweep_dir", "load_sweep", "list_sweeps", "sweep_table", "sweep_axes"]
 
 import hashlib
@@ -29,28 +29,18 @@ import pandas as pd
 
 from ..archs import build_body, check_size, make_head
 from ..errors import FastclsError, suggest
-from .executors import EXECUTORS, LocalExecutor  # noqa: F401  (re-exported: they lived here)
+from .executors import LocalExecutor, Trial
 from ..metrics import get_metric
 from ..recipe import Recipe
-from ..runs import write_json
+from ..files import write_json
 from ..config import RunConfig
 from ..train import schedule
 
 SWEEPS = "sweeps"
-FEATURE_CACHE = Path("cache") / "features"
+FEATURES = "features"  # the store's cache of body features (`RunStore.cache_dir`)
 
 
 # -- the plan ----------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Trial:
-    """One point of a sweep: its position, a readable key, the swept values, and the run's validated config."""
-
-    index: int
-    key: str
-    params: dict
-    cfg: RunConfig
-
-
 @dataclass(frozen=True)
 class SweepPlan:
     """A validated sweep: its id, the grid, the mode ('fast' or 'full') and one trial per grid point."""
@@ -257,16 +247,15 @@ def run_sweep(plan: SweepPlan, store, progress: str = "auto", executor=None, ite
     """
     from .. import data as fdata
     from .features import cached_features, data_fingerprint, feature_key, fit_head_run
-    from ..train import fit_run, resume_run
-    store.check_writable()
+    from ..train import fit_run, prepare, resume_run
     base = plan.base
-    items = items if items is not None else fdata.read_items(base.recipe, base.data)
+    items = prepare(base, items, store).items  # read and checked once, for both paths
     # what the recipe leaves to the data (an image size None), filled in and checked before anything trains
     trials = [replace(t, cfg=replace(t.cfg, recipe=fdata.resolve_recipe(t.cfg.recipe, items))) for t in plan.trials]
     for t in trials:
         check_size(t.params["arch"], t.cfg.recipe.size)
     _preflight(plan, len(items.vocab))
-    folder = sweep_dir(store.root, plan.id)
+    folder = sweep_dir(store.root, plan.id)  # sweeps live beside the runs, at the store's root
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "sweep.json"
     record = _new_record(plan)
@@ -290,7 +279,7 @@ def run_sweep(plan: SweepPlan, store, progress: str = "auto", executor=None, ite
         key = keys[trial.index]
         if key not in features:
             t0 = time.time()
-            fs, body = cached_features(trial.cfg, items, plan.views, store.root / FEATURE_CACHE, progress, key)
+            fs, body = cached_features(trial.cfg, items, plan.views, store.cache_dir(FEATURES), progress, key)
             if not remote:
                 features.clear()  # trials are grouped by feature set
             features[key] = (fs, body)

@@ -16,8 +16,8 @@ import pandas as pd
 from ..errors import FastclsError
 from ..metrics import get_metric
 from ..plots import plot_sweep, save_figure
-from ..recipe import recipe_from_config
-from ..runs import write_atomic
+from ..config import RunConfig
+from ..files import write_atomic
 from .plots import (confusion, per_class, plot_confusion, plot_history, plot_members, plot_per_class, plot_top_losses,
                     top_losses)
 
@@ -65,8 +65,9 @@ def _valid_images(store, run, rows: np.ndarray, recipe_dirs=()) -> list:
     """
     from ..data import ImageGetter, item_tfms, read_items
     cfg = _source_config(store, run)
-    recipe = recipe_from_config(cfg, recipe_dirs=recipe_dirs)
-    items = read_items(recipe)
+    rc = RunConfig.from_dict(cfg, recipe_dirs, lenient=True)
+    recipe = rc.recipe
+    items = read_items(recipe, rc.data)
     by_id = items.train.set_index("id", drop=False)
     get, tfms = ImageGetter(items.arrays), item_tfms(recipe)
     out = []

@@ -1,7 +1,7 @@
 """What the network sees and how fast it should learn: batch previews (`preview_batch`, `plot_batch`), the LR finder
-(`lr_find`, `plot_lr_find`), and the `RunConfig` of a stored run (`run_config`) to rebuild its data."""
+(`lr_find`, `plot_lr_find`)."""
 
-__all__ = ["run_config", "preview_batch", "plot_batch", "LrFind", "lr_find", "plot_lr_find"]
+__all__ = ["preview_batch", "plot_batch", "LrFind", "lr_find", "plot_lr_find"]
 
 import tempfile
 from dataclasses import dataclass, field
@@ -14,16 +14,8 @@ from matplotlib.patches import Rectangle
 
 from ..errors import FastclsError
 from ..plots import ReportFigure, fit_title
-from ..recipe import Recipe, recipe_from_config
+from ..recipe import Recipe
 from .plots import grid_figure, short_label, show_image
-
-
-# -- recipes and configs of stored runs -------------------------------------------------------------------------------
-def run_config(config: dict, recipe_dirs=()):
-    """The `RunConfig` of a stored run (recipe as trained, arch, data, seed, sample), e.g. to rebuild its `dls`."""
-    from ..config import RunConfig
-    return RunConfig(recipe_from_config(config, recipe_dirs=recipe_dirs), str(config.get("arch")), config.get("data"),
-                     int(config.get("seed", 42)), config.get("weights"), config.get("sample"), config.get("run_name"))
 
 
 # -- what the network sees --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ runs. With the same seed the result matches an uninterrupted run (see the tests 
 """
 
 __all__ = ["Checkpointer", "RunInterrupted", "interrupt_signals", "rng_state", "set_rng_state", "optimizer_state",
-           "load_optimizer_state", "read_checkpoint", "skipped_epoch"]
+           "load_optimizer_state", "read_checkpoint"]
 
 import json
 import random
@@ -25,12 +25,12 @@ from typing import Optional
 import numpy as np
 import torch
 from fastai.callback.core import Callback
-from fastai.learner import SkipToEpoch
 
 from .._faults import fault
+from .callbacks import EarlyStop, EpochLine, KeepBest, ordered, skipped_epoch
 from .distributed import bare_model
 from ..errors import FastclsError, RunInterrupted  # noqa: F401  (RunInterrupted: re-exported)
-from ..runs import write_atomic
+from ..files import write_atomic
 
 FORMAT = 1
 
@@ -52,11 +52,6 @@ def interrupt_signals():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
-def skipped_epoch(learn) -> bool:
-    """Whether the current epoch is one fastai's `start_epoch` skips: callbacks must then leave their state alone."""
-    return any(isinstance(cb, SkipToEpoch) and learn.epoch < cb._skip_to for cb in learn.cbs)
 
 
 # -- RNG states as uint8 tensors ---------------------------------------------------------------------------------------
@@ -172,15 +167,17 @@ def read_checkpoint(path) -> Optional[dict]:
     return {"tensors": tensors, "meta": meta}
 
 
+@ordered
 class Checkpointer(Callback):
     """Save the full training state after every epoch; restore it at the first epoch a resumed fit really runs.
 
     `train` tells it the stage (0 frozen, 1 unfrozen) and hands it the KeepBest, EpochLine and early-stopping
-    callbacks whose state it saves. It runs after KeepBest (so the best weights are current) and before early
-    stopping (which may end the fit in its own `after_epoch`).
+    callbacks, whose own `state_dict` / `load_state_dict` it saves and restores. It runs after KeepBest and EpochLine
+    (so the best weights and the history are current) and before early stopping (which may end the fit in its own
+    `after_epoch`).
     """
 
-    order = 62  # KeepBest is 61, EarlyStoppingCallback 63
+    run_after, run_before = (KeepBest, EpochLine), EarlyStop
 
     def __init__(self, path, resume: Optional[dict] = None):
         self.path, self.resume = Path(path), resume
@@ -188,7 +185,7 @@ class Checkpointer(Callback):
         self.pending = resume is not None
         self.epochs_done = resume["meta"]["epochs_done"] if resume else 0
 
-    def attach(self, keep, lines, es=None):
+    def attach(self, keep: KeepBest, lines: EpochLine, es: Optional[EarlyStop] = None):
         self.keep, self.lines, self.es = keep, lines, es
 
     def start_epoch(self, stage: int, n_epoch: int) -> int:
@@ -222,30 +219,30 @@ class Checkpointer(Callback):
 
     # -- state
     def save(self):
-        learn, keep = self.learn, self.keep
+        learn = self.learn
         model = bare_model(learn.model)  # DDP (several processes) prefixes every key with 'module.'
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        if keep.best_state is not None:
-            tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in keep.best_state.items()})
+        keep = self.keep.state_dict()
+        best = keep.pop("weights")
+        if best is not None:
+            tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best.items()})
         opt_t, opt_m = optimizer_state(learn.opt)
         rng_t, rng_m = rng_state(learn.dls)
         tensors.update(opt_t)
         tensors.update(rng_t)
         smooth = learn.recorder.smooth_loss
         tensors["recorder.smooth_val"] = torch.as_tensor(smooth.val).detach().cpu().reshape(1).float()
-        es_wait, stopped = None, False
-        if self.es is not None:  # the early stopper runs after us: store its state as it will be after this epoch
-            es_wait = 0 if keep.new_best else self.es.wait + 1
-            stopped = es_wait >= self.es.patience
+        es = self.es.state_dict() if self.es is not None else {"wait": None, "stopped": False}
+        rows = self.lines.state_dict()["rows"]
         meta = {"format": FORMAT, "stage": self.stage, "epoch": int(learn.epoch), "n_epoch": int(learn.n_epoch),
-                "epochs_done": self.epochs_done, "stopped": stopped, "es_wait": es_wait,
-                "keep": {"best": _plain(keep.best), "best_epoch": keep.best_epoch, "global_epoch": keep.global_epoch},
-                "history": self.lines.rows, "smooth_count": int(smooth.count), "opt": opt_m, "rng": rng_m}
+                "epochs_done": self.epochs_done, "stopped": es["stopped"], "es_wait": es["wait"],
+                "keep": {k: _plain(v) for k, v in keep.items()}, "history": rows,
+                "smooth_count": int(smooth.count), "opt": opt_m, "rng": rng_m}
         from safetensors.torch import save_file
         tensors = _unshared(tensors)
         write_atomic(self.path, lambda p: save_file(tensors, str(p), metadata={"fastcls": json.dumps(meta)}))
         import pandas as pd
-        write_atomic(self.path.with_name("history.csv"), lambda p: pd.DataFrame(self.lines.rows).to_csv(p, index=False))
+        write_atomic(self.path.with_name("history.csv"), lambda p: pd.DataFrame(rows).to_csv(p, index=False))
 
     def restore(self, learn):
         """Put the checkpoint's state into `learn` and the attached callbacks (once)."""
@@ -254,15 +251,11 @@ class Checkpointer(Callback):
         dev = next(learn.model.parameters()).device
         bare_model(learn.model).load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
         best = {k[5:]: v.to(dev) for k, v in t.items() if k.startswith("best.")}
-        keep = self.keep
-        keep.best_state = best or None
-        k = m["keep"]
-        keep.best, keep.best_epoch, keep.global_epoch = k["best"], k["best_epoch"], k["global_epoch"]
-        self.lines.rows = list(m["history"])
+        self.keep.load_state_dict({**m["keep"], "weights": best})
+        self.lines.load_state_dict({"rows": m["history"]})
         later_stage = self.stage != m["stage"]
-        if self.es is not None:
-            self.es.best = keep.best
-            self.es.wait = 0 if later_stage else m["es_wait"]  # fastai resets `wait` when a new fit starts
+        if self.es is not None:  # fastai resets `wait` when a new fit starts
+            self.es.load_state_dict({"best": self.keep.best, "wait": 0 if later_stage else m["es_wait"]})
         if learn.opt is not None:
             load_optimizer_state(learn.opt, t, m["opt"])
             if later_stage:

@@ -1,11 +1,10 @@
-"""One run from recipe to store: learner, frozen + unfrozen schedule, best-epoch tracking, predictions, save."""
+"""One run from recipe to store: prepare (items checked, recipe resolved), train (frozen + unfrozen stages with the
+callbacks), predict, store; resume an interrupted run."""
 
-__all__ = ["learner", "schedule", "train", "fit_run", "resume_run", "RunResult", "Predictions",
-           "run_metrics", "fit_posthoc_steps", "with_posthoc", "store_run", "KeepBest", "EpochLine", "EarlyStop"]
+__all__ = ["Prepared", "prepare", "train", "fit_run", "resume_run", "RunResult", "Predictions", "run_metrics",
+           "fit_posthoc_steps", "with_posthoc", "store_run"]
 
-import copy
 import dataclasses
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -13,127 +12,61 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
-from fastai.callback.core import Callback
 import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
 from fastai.callback.progress import ProgressCallback
-from fastai.callback.tracker import EarlyStoppingCallback, TrackerCallback
 from fastai.learner import Learner
-from fastai.torch_core import set_seed, trainable_params
+from fastai.torch_core import set_seed
 from fastcore.basics import noop
 
 from .. import data as fdata
 from . import distributed as fdist
 from ..config import RunConfig
-from ..archs import build_model, check_size, get_arch, splitter
-from .checkpoint import Checkpointer, RunInterrupted, interrupt_signals, read_checkpoint, skipped_epoch
+from ..archs import get_arch
+from .callbacks import EarlyStop, EpochLine, KeepBest
+from .checkpoint import Checkpointer, RunInterrupted, interrupt_signals, read_checkpoint
+from .learner import imbalance_plan, learner, metric_names, schedule
 from ..errors import FastclsError
-from ..hardware import accelerate
 from ..posthoc import PostHoc, fit_posthoc
-from ..imbalance import parse_imbalance, plan
+from ..imbalance import parse_imbalance
 from ..metrics import get_metric
 from ..predict import encode_labels, predict_views, tta_blend
 from ..recipe import Recipe
-from ..runs import CHECKPOINT, RunData, RunStore
+from ..runs import RunData, RunStore
 
 
-class KeepBest(TrackerCallback):
-    """Track the monitored metric over both stages and restore the best epoch's weights at the end (in memory)."""
+@dataclass(frozen=True)
+class Prepared:
+    """A run's inputs, checked once before anything trains (see `prepare`)."""
 
-    order = TrackerCallback.order + 1
-
-    def __init__(self, monitor: str, comp=np.greater):
-        super().__init__(monitor=monitor, comp=comp, reset_on_fit=False)
-        self.best_state, self.best_epoch, self.global_epoch = None, None, 0
-
-    def after_epoch(self):
-        if skipped_epoch(self.learn):  # a resumed fit passing epochs already done
-            return
-        super().after_epoch()
-        if self.new_best:
-            self.best_state = copy.deepcopy(fdist.bare_model(self.learn.model).state_dict())
-            self.best_epoch = self.global_epoch
-        self.global_epoch += 1
-
-    def restore(self, model):
-        if self.best_state is not None:
-            model.load_state_dict(self.best_state)
+    cfg: RunConfig  # its recipe resolved (e.g. a size inferred from the images: stored as the run's size)
+    items: fdata.Items  # read and image-checked (`cfg.on_bad_image`)
+    imbalance: tuple  # the recipe's imbalance strategies, parsed (`fastcls.imbalance.parse_imbalance`)
 
 
-class EarlyStop(EarlyStoppingCallback):
-    """fastai's early stopping, leaving epochs that a resumed fit skips alone."""
+def prepare(cfg: RunConfig, items: Optional[fdata.Items] = None, store: Optional[RunStore] = None) -> Prepared:
+    """Everything a run (or a cv, a student, a probe, a sweep) checks before training, done once.
 
-    def after_epoch(self):
-        if not skipped_epoch(self.learn):
-            super().after_epoch()
+    Args:
+        cfg: the run's config.
+        items: already-read items (else read from `cfg.data`); checked again only if not checked already.
+        store: checked to be writable (before the data is read), when given.
 
+    Returns:
+        The `Prepared` inputs: config with the resolved recipe, checked items, parsed imbalance strategies.
 
-class EpochLine(Callback):
-    """Collect one history row per epoch over all stages; print it as one line when there is no progress bar."""
-
-    order = 60  # after the Recorder has logged the epoch
-
-    def __init__(self, stage: str = "", echo: bool = True):
-        self.rows, self.stage, self.echo = [], stage, echo
-
-    def after_epoch(self):
-        if skipped_epoch(self.learn):
-            return
-        names = self.learn.recorder.metric_names[1:]
-        vals = self.learn.recorder.log[1:]
-        row = {"epoch": len(self.rows), "stage": self.stage}
-        row.update({n: (float(v) if isinstance(v, (int, float, np.floating)) or hasattr(v, "item") else v)
-                    for n, v in zip(names, vals)})
-        self.rows.append(row)
-        if self.echo:
-            shown = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-                              if k not in ("stage",))
-            print(f"[{self.stage}] {shown}", flush=True)
-
-
-def imbalance_plan(recipe: Recipe, dls):
-    """The imbalance toolkit's plan (loss, sampler weights, post-hoc flag) for the recipe's training items."""
-    vocab = {v: i for i, v in enumerate(dls.vocab)}
-    labels = np.array([vocab[l] for l in dls.train_ds.items["label"]])
-    return plan(parse_imbalance(recipe.imbalance), labels, len(dls.vocab), label_smoothing=recipe.label_smoothing)
-
-
-def learner(dls, cfg: RunConfig, model=None, load_weights: bool = True) -> Learner:
-    """A fastai Learner for `cfg.arch` on `dls`: fastai head with dropout `ps`, >= 3 parameter groups, the metric.
-
-    `model` replaces the arch's full model and is trained whole (the sweeps' fast path passes a head that reads
-    cached body features); loss, metrics and weight decay are the recipe's either way. `load_weights=False` skips
-    reading pretrained weights (a resumed run takes every weight from its checkpoint).
+    Raises:
+        FastclsError: an unknown arch or metric, a bad imbalance spec (before the data is read), an unwritable
+            store, unusable data or images.
     """
-    recipe = cfg.recipe
-    spec = get_arch(cfg.arch)
-    full = model is None
-    if full:
-        check_size(cfg.arch, recipe.size)
-        set_seed(cfg.seed)
-        model = build_model(cfg.arch, len(dls.vocab), ps=recipe.ps, pretrained=recipe.pretrained and load_weights,
-                            weights=cfg.weights if load_weights else None, drop_path=recipe.drop_path)
-        model.body_groups = spec.body_groups
-    metrics = [get_metric(n).fastai() for n in _metric_names(recipe)]  # the monitored metric last (see `train`)
-    learn = Learner(dls, model, loss_func=imbalance_plan(recipe, dls).loss, metrics=metrics,
-                    splitter=splitter if full else trainable_params, wd=recipe.wd if recipe.wd is not None else None)
-    if full and (recipe.pretrained or cfg.weights):
-        learn.freeze()
-    accelerate(learn, cfg.amp, cfg.channels_last, cfg.compile)
-    return learn
-
-
-def schedule(cfg: RunConfig) -> list[tuple[str, int, object, bool]]:
-    """The run's stages as (name, epochs, lr, unfreeze): the frozen stage (pretrained bodies), then the unfrozen one."""
-    recipe = cfg.recipe
-    lr = recipe.lr
-    frozen = bool((recipe.pretrained or cfg.weights) and recipe.freeze_epochs > 0)
-    stages = []
-    if frozen:
-        stages.append(("frozen", recipe.freeze_epochs, lr, False))
-        lr /= 2
-    if recipe.epochs > 0:
-        stages.append(("unfrozen" if frozen else "train", recipe.epochs, slice(lr / 100, lr) if frozen else lr, True))
-    return stages
+    get_arch(cfg.arch)
+    metric_names(cfg.recipe)  # unknown metrics and a bad imbalance spec fail before the data is read
+    strategies = parse_imbalance(cfg.recipe.imbalance)
+    if store is not None:
+        store.check_writable()
+    items = items if items is not None else fdata.read_items(cfg.recipe, cfg.data)
+    items = fdata.check_images(items, cfg.on_bad_image, cache_dir=fdata.cache_home())
+    recipe = fdata.resolve_recipe(cfg.recipe, items)
+    return Prepared(dataclasses.replace(cfg, recipe=recipe), items, strategies)
 
 
 def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, cbs: tuple = (),
@@ -221,32 +154,25 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
     t0 = time.time()
     store = fdist.rank_store(store)  # several processes (accelerate launch): only rank 0 writes to the real store
     progress = progress if fdist.is_main() else "none"
-    recipe = cfg.recipe
-    get_arch(cfg.arch)
-    _metric_names(recipe)  # unknown metrics and a bad imbalance spec fail before the data is read
-    parse_imbalance(recipe.imbalance)
-    store.check_writable()
-    items = items if items is not None else fdata.read_items(recipe, cfg.data)
-    items = fdata.check_images(items, cfg.on_bad_image, cache_dir=fdata.cache_home())
-    recipe = fdata.resolve_recipe(recipe, items)  # e.g. a size inferred from the images, stored as the run's size
-    cfg = dataclasses.replace(cfg, recipe=recipe)
+    prep = prepare(cfg, items, store)
+    cfg, items, recipe = prep.cfg, prep.items, prep.cfg.recipe
     d = fdata.dls(recipe, items, seed=cfg.seed, sample=cfg.sample, num_workers=cfg.workers,
                   fold=(cfg.fold, cfg.folds) if cfg.folds else None)
-    resume = read_checkpoint(store.root / run_id / CHECKPOINT) if run_id else None
-    learn = learner(d, cfg, load_weights=resume is None)
+    resume = read_checkpoint(store.checkpoint_path(run_id)) if run_id else None
+    learn = learner(d, cfg, load_weights=resume is None, plan=imbalance_plan(recipe, d, prep.imbalance))
     store.check_writable(_bytes_needed(learn, d, items, recipe))
     prior = 0.0
     if run_id:
         store.claim(run_id)
         prior = float(store.load(run_id, any_status=True).meta.get("seconds") or 0)
     rid = run_id or store.begin(cfg.to_dict(), name=cfg.name, kind=kind, sweep=sweep)
-    ckpt = Checkpointer(store.root / rid / CHECKPOINT, resume)
+    ckpt = Checkpointer(store.checkpoint_path(rid), resume)
     try:
         with interrupt_signals():
             return _train_and_store(cfg, store, rid, learn, d, items, ckpt, progress, t0 - prior, sweep, kind, extra,
                                     cbs)
     except KeyboardInterrupt as e:
-        if _finished(store, rid):  # Ctrl-C in the last instant of saving: the run is complete
+        if store.is_done(rid):  # Ctrl-C in the last instant of saving: the run is complete
             raise
         total = sum(n for _, n, _, _ in schedule(cfg))
         _quietly(store.set_status, rid, "interrupted", seconds=time.time() - t0 + prior, epochs_done=ckpt.epochs_done,
@@ -255,11 +181,11 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
             raise RunInterrupted(f"Run {rid} interrupted ({e or 'Ctrl-C'}) after {ckpt.epochs_done} of {total} "
                                  f"epochs. {_rebuild_hint(kind)}", rid) from None
         raise RunInterrupted(f"Run {rid} interrupted ({e or 'Ctrl-C'}) after {ckpt.epochs_done} of {total} epochs. "
-                             f"Its state at the end of the last finished epoch is saved in {store.root / rid}. "
+                             f"Its state at the end of the last finished epoch is saved in {store.run_dir(rid)}. "
                              f"Continue it with `fastcls resume {rid}"
                              + (f" --runs-dir {store.root}" if str(store.root) != "runs" else "") + "`.", rid) from None
     except BaseException as e:
-        if _finished(store, rid):
+        if store.is_done(rid):
             raise
         _quietly(store.set_status, rid, "failed", seconds=time.time() - t0 + prior, epochs_done=ckpt.epochs_done,
                  note=f"{type(e).__name__}: {e}")
@@ -308,7 +234,7 @@ def run_metrics(recipe: Recipe, preds: Predictions, best_epoch: Optional[int], n
     their scores get a `_raw` suffix. Valid scores after a post-hoc step are in-sample (optimistic); test scores are
     held out.
     """
-    names = _metric_names(recipe)
+    names = metric_names(recipe)
     vp, vt = preds.valid_probs, preds.valid_targets
     has_test = preds.test_probs is not None and preds.test_targets is not None
     metrics = {"metric_name": recipe.metric}
@@ -331,14 +257,16 @@ def fit_posthoc_steps(recipe: Recipe, preds: Predictions, learn=None, prior=None
     """The recipe's post-hoc steps (logit adjustment, thresholds) fitted on the valid plain view of `preds`.
 
     Tau is tuned for the recipe's `monitor` (macro-F1 when it has none); the prior is `prior` (class counts or
-    frequencies) or else the learner's training classes.
+    frequencies) or else the learner's training classes (its imbalance plan, `learn.imbalance`).
     """
-    if "logit-adjust" not in parse_imbalance(recipe.imbalance):
+    if prior is None and learn is not None:  # the plan the learner was built with: nothing parsed or built again
+        adjust, prior = learn.imbalance.logit_adjust, learn.imbalance.prior
+    else:
+        adjust = "logit-adjust" in parse_imbalance(recipe.imbalance)
+    if not adjust:
         prior = None
     elif prior is None:
-        if learn is None:
-            raise FastclsError("Logit adjustment needs the training class counts: pass the learner to store_run.")
-        prior = imbalance_plan(recipe, learn.dls).prior
+        raise FastclsError("Logit adjustment needs the training class counts: pass the learner to store_run.")
     return fit_posthoc(preds.valid_probs[0], preds.valid_targets, prior, recipe.tune_thresholds,
                        metric=recipe.monitor or "macro_f1")
 
@@ -419,28 +347,12 @@ def _bytes_needed(learn: Learner, d, items: fdata.Items, recipe: Recipe) -> int:
     return weights * (1 + 2 * 4) + probs + 16 * 2**20
 
 
-def _finished(store: RunStore, rid: str) -> bool:
-    try:
-        return json.loads((store.root / rid / "meta.json").read_text()).get("status") == "done"
-    except (OSError, ValueError):
-        return False
-
-
 def _quietly(fn, *args, **kwargs):
     """Record a run's status on the way out without hiding the error that brought us here."""
     try:
         fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001  (the original exception matters more)
         print(f"fastcls: could not record the run's status: {e}", file=sys.stderr)
-
-
-def _metric_names(recipe: Recipe) -> list:
-    """Metrics a run scores (validated): accuracy, the recipe's metric and extra metrics, the monitored one last."""
-    monitor = recipe.monitor or recipe.metric
-    names = [n for n in dict.fromkeys(["accuracy", recipe.metric, *recipe.extra_metrics]) if n != monitor] + [monitor]
-    for n in names:
-        get_metric(n)
-    return names
 
 
 def _scores(names, y, views, prefix: str = "", suffix: str = "") -> dict:
