@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from .errors import FastclsError
-from .recipe import Recipe, get_recipe
+from .recipe import Recipe, crop_overrides, get_recipe
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,12 @@ class RunConfig:
     folds: Optional[int] = None
 
     def __post_init__(self):
+        if self.sample is not None and self.sample < 2:
+            raise FastclsError(f"--sample must be at least 2, got {self.sample}.")
+        if self.on_bad_image not in ("fail", "skip"):
+            raise FastclsError(f"--on-bad-image must be 'fail' or 'skip', got {self.on_bad_image!r}.")
+        if self.fold is not None and self.folds is None:
+            raise FastclsError("--fold K needs --folds N (the number of folds K belongs to).")
         if self.weights and not self.recipe.allow_pretrained:
             raise FastclsError(f"Recipe {self.recipe.name!r} trains from scratch only (allow_pretrained=False: its "
                                f"rules forbid pretrained weights), so --weights {self.weights} cannot be used.")
@@ -45,6 +51,35 @@ class RunConfig:
         if self.folds:
             d.update(fold=self.fold, folds=self.folds)
         return d
+
+    @classmethod
+    def from_options(cls, recipe: str, arch: str, *, recipes=(), data=None, seed: int = 42, weights=None,
+                     sample: Optional[int] = None, name: Optional[str] = None, on_bad_image: str = "fail",
+                     amp: Optional[bool] = None, channels_last: Optional[bool] = None, compile: Union[bool, str] = False,
+                     workers: Optional[int] = None, fold: Optional[int] = None, folds: Optional[int] = None,
+                     crop: Optional[str] = None, trim: Optional[str] = None, **overrides) -> "RunConfig":
+        """A validated config from command-line style options: what `fastcls train` and the sweeps build.
+
+        Args:
+            recipe: a recipe name (see `fastcls.recipe.find_recipes`); `recipes` are extra recipe folders.
+            arch: an architecture name (curated entry or any timm model); checked here.
+            crop, trim: `--crop` / `--trim` as typed (`--trim` alone implies the trim crop; see `crop_overrides`).
+            overrides: recipe settings (`size`, `ps`, `epochs`, `imbalance`, ...); None means "the recipe's".
+            The rest are the run's own settings (see the class).
+
+        Returns:
+            The `RunConfig`; every bad value is refused here, before any data is read.
+        """
+        from .archs import get_arch
+        from .imbalance import parse_imbalance
+        get_arch(arch)
+        r = get_recipe(recipe, recipes or ())
+        r = r.override(**{k: v for k, v in overrides.items() if v is not None}, **crop_overrides(crop, trim))
+        if overrides.get("imbalance") is not None:
+            r = r.override(imbalance=",".join(parse_imbalance(r.imbalance)))
+        return cls(r, arch, str(data) if data else None, seed, str(weights) if weights else None, sample, name,
+                   on_bad_image, amp=amp, channels_last=channels_last, compile=compile, workers=workers, fold=fold,
+                   folds=folds)
 
     @classmethod
     def from_dict(cls, d: dict, recipes=(), lenient: bool = False) -> "RunConfig":

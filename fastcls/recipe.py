@@ -5,7 +5,8 @@ built-in folder shipped with fastcls, then `./recipes` of the current project, t
 folder wins on a name clash, so a user's own `recipes/tshirts.py` replaces the built-in one.
 """
 
-__all__ = ["Recipe", "RecipeEntry", "builtin_recipe_dir", "find_recipes", "get_recipe", "load_recipe_file"]
+__all__ = ["Recipe", "RecipeEntry", "builtin_recipe_dir", "crop_overrides", "find_recipes", "get_recipe", "load_recipe_file",
+           "parse_trim"]
 
 import dataclasses
 import importlib.util
@@ -247,3 +248,37 @@ def get_recipe(name: str, extra_dirs=()) -> Recipe:
         raise FastclsError(f"Unknown recipe {name!r}.{suggest(name, recipes)} Available: {', '.join(sorted(recipes))}. "
                            "List them with `fastcls recipes`.")
     return recipes[name].recipe
+
+
+def parse_trim(text: str) -> tuple:
+    """'400,100,50,50' (pixels) or '0.2,0.05,0.05,0.05' (fractions of the original) -> (top, bottom, left, right)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        vals = tuple(int(p) if p.lstrip("+").isdigit() else float(p) for p in parts)
+    except ValueError:
+        vals = ()
+    if len(vals) != 4 or any(v < 0 for v in vals):
+        raise FastclsError(f"--trim takes 4 margins >= 0 as top,bottom,left,right in pixels (e.g. 400,100,50,50) or as "
+                           f"fractions of the original image (e.g. 0.2,0.05,0.05,0.05); got {text!r}.")
+    return vals
+
+
+def crop_overrides(crop: Optional[str] = None, trim: Optional[str] = None) -> dict:
+    """The recipe overrides for the `--crop` and `--trim` options: `--trim` alone implies `--crop trim`.
+
+    Args:
+        crop: 'none', 'center' or 'trim' (checked by `Recipe.override`), or None to keep the recipe's crop.
+        trim: margins as `parse_trim` reads them, or None to keep the recipe's margins.
+
+    Returns:
+        Only the keys to change (`crop`, `trim`), for `Recipe.override(**...)`; {} when neither option is given.
+
+    Raises:
+        FastclsError: `trim` is not 4 margins >= 0.
+    """
+    out = {}
+    if crop or trim:
+        out["crop"] = crop or "trim"
+    if trim:
+        out["trim"] = parse_trim(trim)
+    return out

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fastcls.data import CenterSquare, TrimCrop, assign_split, crop_overrides, dls, read_items, sample_items
+from fastcls.data import CenterSquare, TrimCrop, assign_split, dls, read_items, sample_items
+from fastcls.recipe import crop_overrides
 from fastcls.data import test_dl as make_test_dl  # aliased: pytest would collect a name starting with test_
 from fastcls.errors import FastclsError
 from fastcls.recipe import get_recipe, Recipe

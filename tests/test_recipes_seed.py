@@ -277,7 +277,7 @@ def test_crops_give_the_expected_box(tmp_path, crop, trim, size, box):
         rows.append((f"im{i}.png", "ab"[i % 2]))
     pd.DataFrame(rows, columns=["image", "class"]).to_csv(data / "train.csv", index=False)
     pd.DataFrame({"image": ["im0.png"]}).to_csv(data / "test.csv", index=False)
-    from fastcls.data import parse_trim
+    from fastcls.recipe import parse_trim
     cfg = make_config("tshirts", "simple_cnn", data=data, size=24, crop=crop or ("trim" if trim else None),
                       trim=parse_trim(trim) if trim else None, aug=False, normalize="none", bs=2)
     d = dls(cfg.recipe, read_items(cfg.recipe, data), seed=0)

@@ -6,8 +6,8 @@ Modules import one way: items <- images <- (check, cache) <- loaders; split stan
 
 from .cache import cache_home
 from .check import DataReport, check_data, check_images, scan_images
-from .images import (CenterSquare, ImageGetter, TrimCrop, crop_overrides, infer_size, item_tfms, load_image,
-                     parse_trim, resolve_recipe, to_rgb)
+from .images import (CenterSquare, ImageGetter, TrimCrop, infer_size, item_tfms, load_image,
+                     resolve_recipe, to_rgb)
 from .items import (IMAGE_EXTS, LAYOUTS, Items, item_notes, item_problems, layout, read_folder_auto, read_items,
                     read_layout, resolve_data_path)
 from .loaders import NormalizeInplace, batch_tfms, dataset_stats, default_workers, dls, test_dl
@@ -15,6 +15,6 @@ from .split import assign_folds, assign_split, sample_items
 
 __all__ = ["CenterSquare", "DataReport", "IMAGE_EXTS", "ImageGetter", "Items", "LAYOUTS", "NormalizeInplace",
            "TrimCrop", "assign_folds", "assign_split", "batch_tfms", "cache_home", "check_data", "check_images",
-           "crop_overrides", "dataset_stats", "default_workers", "dls", "infer_size", "item_notes", "item_problems",
-           "item_tfms", "layout", "load_image", "parse_trim", "read_folder_auto", "read_items", "read_layout",
+           "dataset_stats", "default_workers", "dls", "infer_size", "item_notes", "item_problems",
+           "item_tfms", "layout", "load_image", "read_folder_auto", "read_items", "read_layout",
            "resolve_data_path", "resolve_recipe", "sample_items", "scan_images", "test_dl", "to_rgb"]

@@ -2,7 +2,7 @@
 image getter, the item transforms, and the image settings a recipe leaves to the data or the command line."""
 
 __all__ = ["to_rgb", "load_image", "TrimCrop", "CenterSquare", "ImageGetter", "item_tfms", "infer_size",
-           "resolve_recipe", "parse_trim", "crop_overrides"]
+           "resolve_recipe"]
 
 import warnings
 from typing import Optional
@@ -142,35 +142,3 @@ def resolve_recipe(recipe: Recipe, items: Items) -> Recipe:
     return recipe.override(size=infer_size(items)) if recipe.size is None else recipe
 
 
-def parse_trim(text: str) -> tuple:
-    """'400,100,50,50' (pixels) or '0.2,0.05,0.05,0.05' (fractions of the original) -> (top, bottom, left, right)."""
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        vals = tuple(int(p) if p.lstrip("+").isdigit() else float(p) for p in parts)
-    except ValueError:
-        vals = ()
-    if len(vals) != 4 or any(v < 0 for v in vals):
-        raise FastclsError(f"--trim takes 4 margins >= 0 as top,bottom,left,right in pixels (e.g. 400,100,50,50) or as "
-                           f"fractions of the original image (e.g. 0.2,0.05,0.05,0.05); got {text!r}.")
-    return vals
-
-
-def crop_overrides(crop: Optional[str] = None, trim: Optional[str] = None) -> dict:
-    """The recipe overrides for the `--crop` and `--trim` options: `--trim` alone implies `--crop trim`.
-
-    Args:
-        crop: 'none', 'center' or 'trim' (checked by `Recipe.override`), or None to keep the recipe's crop.
-        trim: margins as `parse_trim` reads them, or None to keep the recipe's margins.
-
-    Returns:
-        Only the keys to change (`crop`, `trim`), for `Recipe.override(**...)`; {} when neither option is given.
-
-    Raises:
-        FastclsError: `trim` is not 4 margins >= 0.
-    """
-    out = {}
-    if crop or trim:
-        out["crop"] = crop or "trim"
-    if trim:
-        out["trim"] = parse_trim(trim)
-    return out
