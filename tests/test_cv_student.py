@@ -213,14 +213,17 @@ def test_distill_loss_known_case():
 def test_distill_from_cv_oof_stores_a_student_trained_on_the_soft_targets(cv_store):
     store = RunStore(cv_store)
     cv = _cv(cv_store, "simple_cnn")
-    # a teacher whose OOF probabilities all say class '3': with alpha=1 only the soft targets train the student
+    # a teacher whose OOF probabilities all say class '3': with alpha=1 only the soft targets train the student.
+    # One epoch, because the stored student is its best epoch on the hard labels (all-'3' epochs tie at accuracy 0.1,
+    # so the earliest, least trained one would be kept); bs 4 (40 steps, not 5) so that epoch predicts '3' in eval mode
+    # too (BatchNorm running statistics settled), not by chance from a near-uniform output.
     fake = np.zeros_like(np.asarray(cv.valid_probs))
     fake[..., 3] = 1.0
-    store.save(RunData(config=cv.config, vocab=cv.vocab, valid_probs=fake, valid_targets=np.asarray(cv.valid_targets),
-                       valid_ids=cv.valid_ids, metrics=cv.metrics, test_probs=np.asarray(cv.test_probs),
-                       test_ids=cv.test_ids, kind="cv", name="all-threes"))
+    store.save(RunData(config={**cv.config, "bs": 4}, vocab=cv.vocab, valid_probs=fake,
+                       valid_targets=np.asarray(cv.valid_targets), valid_ids=cv.valid_ids, metrics=cv.metrics,
+                       test_probs=np.asarray(cv.test_probs), test_ids=cv.test_ids, kind="cv", name="all-threes"))
     res = _cli("distill", "all-threes", "--arch", "simple_cnn", "--alpha", "1", "--temperature", "1", "--epochs",
-               "3", "--lr", "0.01", "--runs-dir", cv_store, "--quiet", "--name", "threes-student")
+               "1", "--lr", "0.01", "--runs-dir", cv_store, "--quiet", "--name", "threes-student")
     assert res.exit_code == 0, res.output
     st = store.load("threes-student")
     assert st.kind == "distill" and st.valid_probs.shape == (2, 40, 10) and st.test_probs is not None
