@@ -12,6 +12,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .cli_options import (RunsDir, RecipeDirs, Quiet, Data, Size, Ps, Epochs, FreezeEpochs, Lr, Bs, Seed, Tta,
+                          Pretrained, Weights, Name, Sample, Crop, Trim, OnBadImage, RunRef, PsGrid, Fast, Views,
+                          Imbalance, LabelSmoothing, TuneThresholds, Cache, Workers, Amp, ChannelsLast, Compile,
+                          Folds, Fold, Runs, StudentArch, DropPath, Executor, Address, GpusPerTrial, CpusPerTrial,
+                          Distributed, Out)
 from .errors import FastclsError, RunInterrupted
 
 app = typer.Typer(help="fastcls: rapid image-classification experiments - recipes, runs, sweeps, ensembles.",
@@ -20,84 +25,6 @@ app = typer.Typer(help="fastcls: rapid image-classification experiments - recipe
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
-# -- shared options (one place) --------------------------------------------------------------------------------------
-RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Run store folder (holds index.sqlite and one folder per run).",
-                                       envvar="FASTCLS_RUNS")]
-RecipeDirs = Annotated[Optional[list[Path]], typer.Option("--recipes", help="Extra folder of recipe files (repeatable); "
-                                                          "wins over built-in and ./recipes on a name clash.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing while training; only the final table.")]
-Data = Annotated[Optional[Path], typer.Option("--data", help="Data folder (default: the recipe's own).")]
-Size = Annotated[Optional[int], typer.Option("--size", help="Image size in pixels (default: the recipe's).")]
-Ps = Annotated[Optional[float], typer.Option("--ps", help="Head dropout probability (default: the recipe's).")]
-Epochs = Annotated[Optional[int], typer.Option("--epochs", help="Epochs of the unfrozen stage.")]
-FreezeEpochs = Annotated[Optional[int], typer.Option("--freeze-epochs", help="Epochs of the frozen stage (head only; "
-                                                     "used with pretrained weights).")]
-Lr = Annotated[Optional[float], typer.Option("--lr", help="Maximum learning rate (the body gets lr/100..lr).")]
-Bs = Annotated[Optional[int], typer.Option("--bs", help="Batch size.")]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed for the split, the init and the batches.")]
-Tta = Annotated[Optional[int], typer.Option("--tta", help="Augmented TTA views stored beside the plain prediction.")]
-Pretrained = Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from pretrained "
-                                                    "weights (timm online, or the local weights folder).")]
-Weights = Annotated[Optional[Path], typer.Option("--weights", help="Local pretrained weights file (.safetensors/.pth).")]
-Name = Annotated[Optional[str], typer.Option("--name", help="Run name (default: recipe-arch-<id suffix>).")]
-Sample = Annotated[Optional[int], typer.Option("--sample", help="Train on a stratified subset of N items (quick checks).")]
-Crop = Annotated[Optional[str], typer.Option("--crop", help="Crop of the original image before resizing: 'trim' (the "
-                                             "recipe's margins, see --trim), 'center' (central square) or 'none'.")]
-Trim = Annotated[Optional[str], typer.Option("--trim", help="Trim margins top,bottom,left,right: pixels "
-                                             "(400,100,50,50) or fractions of the original (0.2,0.05,0.05,0.05); "
-                                             "implies --crop trim.")]
-OnBadImage = Annotated[str, typer.Option("--on-bad-image", help="Unreadable images (found before training): 'fail' "
-                                         "lists them and stops; 'skip' leaves them out with a warning.")]
-RunRef = Annotated[str, typer.Argument(help="Run id, unique id prefix, or run name.")]
-# sweeps: comma-separated grids, and the fast path
-PsGrid = Annotated[Optional[str], typer.Option("--ps", help="Head dropout values, comma-separated, e.g. 0.1,0.2,0.4 "
-                                               "(sweep-dropout default: the recipe's ps_grid).")]
-Fast = Annotated[Optional[bool], typer.Option("--fast/--full", help="--fast trains only the head, for the frozen "
-                                              "stage's epochs, on body features cached under RUNS/cache (unfrozen "
-                                              "epochs are not run); --full trains every trial as a normal run. "
-                                              "Default: --fast when --epochs is 0.")]
-Views = Annotated[Optional[int], typer.Option("--views", help="Augmented views of the training set cached for --fast "
-                                              "(default: one per frozen epoch).")]
-Imbalance = Annotated[Optional[str], typer.Option("--imbalance", help="Class-imbalance handling, comma-combinable: none, "
-                                                  "weights, focal, oversample, logit-adjust (default: the recipe's).")]
-LabelSmoothing = Annotated[Optional[float], typer.Option("--label-smoothing", help="Label smoothing epsilon in [0, 1) "
-                                                         "(default: the recipe's).")]
-TuneThresholds = Annotated[Optional[bool], typer.Option("--tune-thresholds/--no-tune-thresholds", help="Fit per-class "
-                                                        "offsets for macro-F1 on valid; apply them to the stored "
-                                                        "predictions (default: the recipe's).")]
-Cache = Annotated[Optional[bool], typer.Option("--cache/--no-cache", help="Pre-resized images: the disk cache "
-                                               "($FASTCLS_CACHE; default: on for image files > 2x the size) and one "
-                                               "in-memory copy when it fits in 1 GiB; --no-cache turns both off.")]
-Workers = Annotated[Optional[int], typer.Option("--workers", min=0, help="DataLoader worker processes (default: 0 on "
-                                                "CPU, where the model needs the cores; cores-1 with a GPU).")]
-Amp = Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision (default: on with a GPU: bf16, or "
-                                             "fp16 where bf16 is unsupported; --amp on CPU runs bf16 autocast).")]
-ChannelsLast = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="Channels-last memory "
-                                                      "format (default: on with a GPU, off on CPU).")]
-Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model (slow to start; off by default).")]
-# k-fold, students, probes (fastcls.cv, fastcls.student, fastcls.probe)
-Folds = Annotated[Optional[int], typer.Option("--folds", help="K-fold: one run per fold plus a parent 'cv' run holding "
-                                              "the out-of-fold valid and fold-averaged test probabilities "
-                                              "(stratified; grouped where the recipe splits by group).")]
-Fold = Annotated[Optional[int], typer.Option("--fold", help="With --folds: train only this fold (0..K-1); the cv run "
-                                             "is stored once every fold is.")]
-Runs = Annotated[list[str], typer.Argument(help="Run ids, unique id prefixes or names (a cv or ensemble run too).")]
-StudentArch = Annotated[Optional[str], typer.Option("--arch", help="The student's architecture (default: the first "
-                                                    "teacher run's).")]
-DropPath = Annotated[Optional[float], typer.Option("--drop-path", help="Stochastic depth rate of the student (timm "
-                                                   "archs that have it; default: the recipe's, 0.1 for pseudo-label).")]
-# executors: where independent trials (sweep points, folds) run
-Executor = Annotated[str, typer.Option("--executor", help="'local': trials one after another here; 'ray': each trial "
-                                       "a Ray task (pip install fastcls[ray]), results stored by this process.")]
-Address = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (e.g. auto, HOST:6379, "
-                                                "ray://HOST:10001); default $RAY_ADDRESS, else a local instance.")]
-GpusPerTrial = Annotated[Optional[float], typer.Option("--gpus-per-trial", help="GPUs each Ray trial reserves "
-                                                       "(fractions share one; default 0).")]
-CpusPerTrial = Annotated[Optional[float], typer.Option("--cpus-per-trial", help="CPUs each Ray trial reserves "
-                                                       "(default 1).")]
-Distributed = Annotated[bool, typer.Option("--distributed", help="Require several processes for this one run "
-                                            "(started by `accelerate launch` or `torchrun`; only rank 0 stores and "
-                                            "prints).")]
 
 
 def _cli(fn):
@@ -166,26 +93,6 @@ def archs_cmd(all_timm: Annotated[bool, typer.Option("--all", help="List every t
     out.print(_table(df, title=title))
 
 
-def make_config(recipe: str, arch: str, *, recipes=(), data=None, seed=42, weights=None, sample=None, name=None,
-                on_bad_image="fail", amp=None, channels_last=None, compile=False, workers=None, **overrides):
-    """A validated RunConfig from CLI-style arguments (None means 'the recipe's default')."""
-    from .archs import get_arch
-    from .recipe import get_recipe
-    from .config import RunConfig
-    r = get_recipe(recipe, recipes or ())
-    get_arch(arch)
-    r = r.override(**{k: v for k, v in overrides.items() if v is not None})
-    if overrides.get("imbalance") is not None:
-        from .imbalance import parse_imbalance
-        r = r.override(imbalance=",".join(parse_imbalance(r.imbalance)))  # refused here, before any data is read
-    if sample is not None and sample < 2:
-        raise FastclsError(f"--sample must be at least 2, got {sample}.")
-    if on_bad_image not in ("fail", "skip"):
-        raise FastclsError(f"--on-bad-image must be 'fail' or 'skip', got {on_bad_image!r}.")
-    return RunConfig(r, arch, str(data) if data else None, seed, str(weights) if weights else None, sample, name,
-                     on_bad_image, amp=amp, channels_last=channels_last, compile=compile, workers=workers)
-
-
 @app.command("train")
 @_cli
 def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fastcls recipes`).")],
@@ -208,25 +115,23 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
     `accelerate launch` / `torchrun` the run trains on every process (fastai's distrib_ctx); rank 0 stores it.
     """
     from .train import distributed as fdist
-    from .data import parse_trim
+    from .config import RunConfig
     from .experiments.executors import get_executor
     from .runs import RunStore
     from .train import fit_run
     if distributed:
         fdist.check_launched()
     ex = get_executor(executor, address, gpus_per_trial, cpus_per_trial)
-    if folds is None and ex.remote:
+    if folds is None and ex.remote:  # an option combination the CLI offers; fit_run takes no executor
         raise FastclsError("--executor ray runs the folds of --folds K as Ray tasks; add --folds K, or train this "
                            "one run here (for one run on several GPUs see --distributed).")
-    cfg = make_config(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample, name=name,
-                      on_bad_image=on_bad_image, amp=amp, channels_last=channels_last, compile=compile, workers=workers,
-                      size=size, ps=ps, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr,
-                      bs=bs, tta=tta, pretrained=pretrained, crop=crop or ("trim" if trim else None),
-                      trim=parse_trim(trim) if trim else None, imbalance=imbalance, label_smoothing=label_smoothing,
-                      tune_thresholds=tune_thresholds, cache=cache)
+    cfg = RunConfig.from_options(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample,
+                                 name=name, on_bad_image=on_bad_image, amp=amp, channels_last=channels_last,
+                                 compile=compile, workers=workers, fold=fold, folds=folds, crop=crop, trim=trim,
+                                 size=size, ps=ps, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, bs=bs, tta=tta,
+                                 pretrained=pretrained, imbalance=imbalance, label_smoothing=label_smoothing,
+                                 tune_thresholds=tune_thresholds, cache=cache)
     store = RunStore(runs_dir)
-    if fold is not None and folds is None:
-        raise FastclsError("--fold K needs --folds N (the number of folds K belongs to).")
     if folds is not None:
         from .experiments.cv import run_cv
         res = run_cv(cfg, store, folds, fold, progress="none" if quiet else "auto", executor=ex)
@@ -301,15 +206,10 @@ def show_cmd(run: Annotated[str, typer.Argument(help="Run id, unique id prefix, 
              runs_dir: RunsDir = Path("runs")):
     """One run's config, final metrics and per-epoch history; or one sweep's results table."""
     from .runs import RunStore
-    from .experiments.sweep import load_sweep, sweep_table
+    from .experiments.sweep import load_run_or_sweep, sweep_table
     store = RunStore(runs_dir)
-    try:
-        r = store.load(run, any_status=True)
-    except FastclsError as e:
-        try:
-            rec = load_sweep(runs_dir, run)
-        except FastclsError:
-            raise FastclsError(f"{e} No sweep {run!r} either (list them with `fastcls sweeps`).") from None
+    r, rec = load_run_or_sweep(store, run, any_status=True)
+    if rec is not None:
         _print_sweep(rec, sweep_table(rec, store), runs_dir)
         return
     out.print(f"[bold]Run {r.id}[/] ({r.name}, {r.kind}, {r.status}) in {r.path}")
@@ -408,10 +308,11 @@ def probe_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
               runs_dir: RunsDir = Path("runs"), quiet: Quiet = False, recipes: RecipeDirs = None):
     """Fit a scikit-learn classifier on the frozen body's pooled features (the sweeps' feature cache) and store
     it as a run with valid and test probabilities."""
+    from .config import RunConfig
     from .experiments.probe import probe_run
     from .runs import RunStore
-    cfg = make_config(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample, name=name,
-                      size=size, tta=tta, pretrained=pretrained)
+    cfg = RunConfig.from_options(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample,
+                                 name=name, size=size, tta=tta, pretrained=pretrained)
     store = RunStore(runs_dir)
     res = probe_run(cfg, store, clf, views or 1, "none" if quiet else "auto")
     _print_result(res, store.load(res.run_id).config, runs_dir)
@@ -438,25 +339,16 @@ def ensemble_cmd(runs: Annotated[list[str], typer.Argument(help="Runs to combine
     """Combine stored runs' probabilities (no model is loaded), score honestly, store the ensemble as a run."""
     from .ensemble import ensemble
     from .runs import RunStore
-    from .submission import submission_for_run
-    store = RunStore(runs_dir)
     try:
         w = [float(x) for x in weights.split(",")] if weights else None
     except ValueError:
         raise FastclsError(f"--weights must be comma-separated numbers, got {weights!r}.") from None
-    members = [store.load(r) for r in runs]
-    if submission is not None:  # refuse before anything is written
-        lacking = [m.id for m in members if m.test_probs is None]
-        if lacking:
-            raise FastclsError(f"--submission needs test probabilities, but run(s) {', '.join(lacking)} have none. "
-                               "Leave those runs out or drop --submission.")
-    res = ensemble(store, runs, method=method, tta_beta=tta_beta, weights=w, name=name, seed=seed)
+    res = ensemble(RunStore(runs_dir), runs, method=method, tta_beta=tta_beta, weights=w, name=name, seed=seed,
+                   submission=submission, recipe_dirs=recipes or ())
     out.print(_table(res.table, title=f"Ensemble {res.run_id} ({res.method}, {res.metric} {res.score:.4f}, "
                                       f"evaluated {res.evaluated})"))
     if submission is not None:
-        df = submission_for_run(store.load(res.run_id), submission, beta=None, data=members[0].config.get("data"),
-                                recipe_dirs=recipes or ())
-        out.print(f"Wrote {submission}: {len(df)} rows.", highlight=False)
+        out.print(f"Wrote {submission}: {len(res.submission)} rows.", highlight=False)
 
 
 @app.command("submit")
@@ -501,15 +393,7 @@ def _sweep(plan, runs_dir: Path, quiet: bool, executor=None):
     """Run a planned sweep, print its table, and fail (exit 2) when trials failed."""
     from .runs import RunStore
     from .experiments.sweep import run_sweep
-    try:
-        res = run_sweep(plan, RunStore(runs_dir), progress="none" if quiet else "auto", executor=executor)
-    except KeyboardInterrupt:
-        local = executor is None or getattr(executor, "name", "local") == "local"
-        where = ("the interrupted one continues from its last finished epoch (full path) or starts again (fast path)"
-                 if local else "unfinished trials start again (their checkpoints were on the workers)")
-        err.print(f"Sweep {plan.id} interrupted. Run the same command again to resume: finished trials are kept, "
-                  f"{where}.", highlight=False)
-        raise typer.Exit(130)
+    res = run_sweep(plan, RunStore(runs_dir), progress="none" if quiet else "auto", executor=executor)
     done = sum(t["status"] == "done" for t in res.record["trials"])
     out.print(f"Sweep {plan.id}: {res.trained} trial(s) trained now, {done - res.trained} already in {runs_dir}.")
     _print_sweep(res.record, res.table, runs_dir)
@@ -536,14 +420,13 @@ def sweep_dropout_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (s
                       executor: Executor = "local", address: Address = None, gpus_per_trial: GpusPerTrial = None,
                       cpus_per_trial: CpusPerTrial = None):
     """One run per head dropout value (a resumable sweep), a table with the best marked, and a plot of metric vs ps."""
-    from .data import parse_trim
+    from .config import RunConfig
     from .experiments.executors import get_executor
     from .experiments.sweep import parse_values, plan_sweep
     ex = get_executor(executor, address, gpus_per_trial, cpus_per_trial)
-    base = make_config(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample,
-                       size=size, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, bs=bs, tta=tta,
-                       pretrained=pretrained, crop=crop or ("trim" if trim else None),
-                       trim=parse_trim(trim) if trim else None)
+    base = RunConfig.from_options(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample,
+                                  size=size, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, bs=bs, tta=tta,
+                                  pretrained=pretrained, crop=crop, trim=trim)
     grid = {"ps": parse_values("ps", ps) if ps else base.recipe.ps_grid}
     _sweep(plan_sweep(base, [arch], grid, fast=fast, views=views), runs_dir, quiet, ex)
 
@@ -565,17 +448,15 @@ def sweep_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
               executor: Executor = "local", address: Address = None, gpus_per_trial: GpusPerTrial = None,
               cpus_per_trial: CpusPerTrial = None):
     """A grid over archs and train options (every combination a run), validated before anything trains."""
-    from .data import parse_trim
+    from .config import RunConfig
     from .experiments.executors import get_executor
     from .recipe import get_recipe
     from .experiments.sweep import parse_values, plan_sweep
     ex = get_executor(executor, address, gpus_per_trial, cpus_per_trial)
     archs = _list(arch) or list(get_recipe(recipe, recipes or ()).archs)
-    base = make_config(recipe, archs[0], recipes=recipes, data=data, seed=seed, weights=weights, sample=sample,
-                       epochs=epochs, freeze_epochs=freeze_epochs, bs=bs, tta=tta, pretrained=pretrained,
-                       crop="trim" if trim and not crop else None, trim=parse_trim(trim) if trim else None)
-    for a in archs[1:]:
-        make_config(recipe, a, recipes=recipes)  # an unknown arch fails here, before anything trains
+    base = RunConfig.from_options(recipe, archs[0], recipes=recipes, data=data, seed=seed, weights=weights,
+                                  sample=sample, epochs=epochs, freeze_epochs=freeze_epochs, bs=bs, tta=tta,
+                                  pretrained=pretrained, trim=trim)  # a --crop grid sets each trial's crop
     grid = {k: parse_values(k, v) for k, v in (("ps", ps), ("size", size), ("lr", lr), ("crop", crop)) if v}
     _sweep(plan_sweep(base, archs, grid, fast=fast, views=views), runs_dir, quiet, ex)
 
@@ -590,7 +471,6 @@ def sweeps_cmd(runs_dir: RunsDir = Path("runs")):
         out.print(f"No sweeps in {runs_dir}.")
         return
     out.print(_table(df, title=f"Sweeps in {runs_dir}"))
-Out = Annotated[Optional[Path], typer.Option("--out", help="PNG file to write (default: <runs-dir>/pictures/...).")]
 
 
 @app.command("show-batch")
@@ -603,12 +483,10 @@ def show_batch_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see 
                    size: Size = None, crop: Crop = None, trim: Trim = None, seed: Seed = 42, sample: Sample = None,
                    runs_dir: RunsDir = Path("runs"), recipes: RecipeDirs = None):
     """Save a grid of what the network sees: training images after crop, resize and augmentation, with labels."""
-    from .data import parse_trim
-    from .recipe import get_recipe
+    from .recipe import crop_overrides, get_recipe
     from .report import plot_batch, save_figure
     r = get_recipe(recipe, recipes or ())
-    changes = {"size": size, "crop": crop or ("trim" if trim else None), "trim": parse_trim(trim) if trim else None}
-    r = r.override(**{k: v for k, v in changes.items() if v is not None})
+    r = r.override(**({"size": size} if size is not None else {}), **crop_overrides(crop, trim))
     fig = plot_batch(r, data=data, n=n, seed=seed, sample=sample, originals=originals)
     path = save_figure(fig, out_file or runs_dir / "pictures" / f"{r.name}-batch.png")
     out.print(f"Wrote {path}", highlight=False)
@@ -625,17 +503,11 @@ def lr_find_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fa
                 end_lr: Annotated[float, typer.Option("--end-lr", help="Last learning rate tried.")] = 10.0,
                 out_file: Out = None, runs_dir: RunsDir = Path("runs"), recipes: RecipeDirs = None):
     """fastai's learning-rate finder: save the loss-vs-LR plot and print the suggested learning rates."""
-    from .data import dls, read_items
-    from .report import lr_find, plot_lr_find, save_figure
-    from .train import learner
-    if num_it < 10:
-        raise FastclsError(f"--num-it must be at least 10, got {num_it}.")
-    if not 0 < start_lr < end_lr:
-        raise FastclsError(f"Need 0 < --start-lr < --end-lr, got {start_lr} and {end_lr}.")
-    cfg = make_config(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample, size=size,
-                      ps=ps, bs=bs, pretrained=pretrained)
-    learn = learner(dls(cfg.recipe, read_items(cfg.recipe, cfg.data), seed=seed, sample=sample), cfg)
-    res = lr_find(learn, num_it=num_it, start_lr=start_lr, end_lr=end_lr)
+    from .config import RunConfig
+    from .report import find_lr, plot_lr_find, save_figure
+    cfg = RunConfig.from_options(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample,
+                                 size=size, ps=ps, bs=bs, pretrained=pretrained)
+    res = find_lr(cfg, num_it=num_it, start_lr=start_lr, end_lr=end_lr)
     title = f"LR finder: {cfg.recipe.name}, {arch}, size {cfg.recipe.size}, bs {cfg.recipe.bs}"
     path = save_figure(plot_lr_find(res, title), out_file or runs_dir / "pictures" /
                        f"{cfg.recipe.name}-{arch}-lr-find.png")

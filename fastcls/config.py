@@ -38,16 +38,48 @@ class RunConfig:
             raise FastclsError(f"--on-bad-image must be 'fail' or 'skip', got {self.on_bad_image!r}.")
         if self.fold is not None and self.folds is None:
             raise FastclsError("--fold K needs --folds N (the number of folds K belongs to).")
+        if self.recipe.normalize == "dataset" and self.pretrained_body:
+            raise FastclsError(f"Recipe {self.recipe.name!r} normalises with the data set's own statistics, but "
+                               f"{self.arch}'s body is pretrained: it expects the statistics it was trained with "
+                               f"{self.norm_stats_of_model}. Normalise with the model's (--set normalize=model, or "
+                               "normalize='model' in the recipe) or train from scratch (--no-pretrained).")
         if self.weights and not self.recipe.allow_pretrained:
             raise FastclsError(f"Recipe {self.recipe.name!r} trains from scratch only (allow_pretrained=False: its "
                                f"rules forbid pretrained weights), so --weights {self.weights} cannot be used.")
+
+    @property
+    def pretrained_body(self) -> bool:
+        """Whether the body starts from pretrained weights (`--pretrained` on an arch that has them, or `--weights`)."""
+        from .archs import get_arch
+        return bool(self.weights) or (self.recipe.pretrained and get_arch(self.arch).timm_name is not None)
+
+    @property
+    def norm_stats_of_model(self) -> Optional[tuple]:
+        """The (mean, std) the arch's pretrained weights expect (its timm `pretrained_cfg`), or None."""
+        from .archs import arch_stats
+        return arch_stats(self.arch, True)
+
+    @property
+    def norm_stats(self) -> Optional[tuple]:
+        """The (mean, std) the run's loaders normalise with, or None ('none'; 'dataset': the loader computes them).
+
+        `normalize='model'` (the default) is the pretrained body's own statistics, ImageNet's from scratch;
+        'imagenet' is ImageNet's always.
+        """
+        from fastai.vision.data import imagenet_stats
+        n = self.recipe.normalize
+        if n in ("none", "dataset"):
+            return None
+        if n == "model" and self.pretrained_body and self.norm_stats_of_model is not None:
+            return tuple(list(map(float, v)) for v in self.norm_stats_of_model)
+        return tuple(list(v) for v in imagenet_stats)
 
     def to_dict(self) -> dict:
         d = self.recipe.to_dict()
         d["recipe"] = d.pop("name")
         d.update(arch=self.arch, data=self.data, seed=self.seed, weights=self.weights, sample=self.sample,
                  run_name=self.name, on_bad_image=self.on_bad_image, amp=self.amp, channels_last=self.channels_last,
-                 compile=self.compile, workers=self.workers)
+                 compile=self.compile, workers=self.workers, norm_stats=self.norm_stats)
         if self.folds:
             d.update(fold=self.fold, folds=self.folds)
         return d

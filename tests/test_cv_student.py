@@ -9,7 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fastcls.cli import app, make_config
+from fastcls.cli import app
+from fastcls.config import RunConfig
 from fastcls.data import assign_folds, read_items, sample_items
 from fastcls.recipe import get_recipe
 from fastcls.runs import RunData, RunStore
@@ -80,8 +81,8 @@ def test_oof_covers_every_item_once_and_folds_agree_across_archs(cv_store):
 
 def test_fold_assignment_is_stratified_and_ignores_arch():
     items = read_items(get_recipe("digits"))
-    a = assign_folds(items.train, make_config("digits", "simple_cnn").recipe, 5, 1)
-    b = assign_folds(items.train, make_config("digits", "resnet18").recipe, 5, 1)
+    a = assign_folds(items.train, RunConfig.from_options("digits", "simple_cnn").recipe, 5, 1)
+    b = assign_folds(items.train, RunConfig.from_options("digits", "resnet18").recipe, 5, 1)
     np.testing.assert_array_equal(a, b)
     counts = pd.crosstab(items.train["label"], a)
     assert (counts.max(axis=1) - counts.min(axis=1)).max() <= 1  # every class spread evenly over the folds
@@ -278,7 +279,7 @@ def test_probe_bad_classifier(tmp_path):
 @pytest.mark.parametrize("kind, command", [("pseudo", "fastcls pseudo-label"), ("distill", "fastcls distill")])
 def test_an_interrupted_student_is_not_resumed_from_the_recipes_data(tmp_path, kind, command):
     store = RunStore(tmp_path / "runs")
-    rid = store.begin(make_config("digits", "simple_cnn").to_dict(), kind=kind)
+    rid = store.begin(RunConfig.from_options("digits", "simple_cnn").to_dict(), kind=kind)
     store.set_status(rid, "interrupted", note="interrupted (Ctrl-C) after 1 of 2 epochs")
     res = _cli("resume", rid, "--runs-dir", store.root)
     assert res.exit_code == 2 and "cannot be resumed" in res.output and command in res.output
@@ -292,7 +293,7 @@ def test_ctrl_c_in_a_student_points_to_its_command(tmp_path, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(ftrain, "train", interrupted)
-    cfg = make_config("digits", "simple_cnn", size=16, epochs=1, sample=60, tta=0, pretrained=False)
+    cfg = RunConfig.from_options("digits", "simple_cnn", size=16, epochs=1, sample=60, tta=0, pretrained=False)
     store = RunStore(tmp_path / "runs")
     with pytest.raises(RunInterrupted, match="built by `fastcls pseudo-label`") as e:
         ftrain.fit_run(cfg, store, progress="none", kind="pseudo")

@@ -38,9 +38,9 @@ def test_space_estimate_covers_what_a_run_writes(digits_store, monkeypatch):
     seen = []
     real = RunStore.check_writable
     monkeypatch.setattr(RunStore, "check_writable", lambda self, need_bytes=0: seen.append(need_bytes) or real(self))
-    from fastcls.cli import make_config
+    from fastcls.config import RunConfig
     from fastcls.train import fit_run
-    cfg = make_config("digits", "simple_cnn", sample=200, size=16, epochs=1, freeze_epochs=0, bs=32, tta=1,
+    cfg = RunConfig.from_options("digits", "simple_cnn", sample=200, size=16, epochs=1, freeze_epochs=0, bs=32, tta=1,
                       pretrained=False)
     fit_run(cfg, RunStore(digits_store.parent / "runs-estimate"), progress="none")
     assert max(seen) > 2 * used

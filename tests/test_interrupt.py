@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from fastcls.archs import SimpleCNN
 from fastcls.train.checkpoint import RunInterrupted, read_checkpoint
-from fastcls.cli import make_config
+from fastcls.config import RunConfig
 from fastcls.runs import CHECKPOINT, RunStore
 from fastcls.train import fit_run, resume_run
 
@@ -38,9 +38,9 @@ def body_weights(tmp_path_factory):
 
 
 CONFIGS = {
-    "plain": lambda w: make_config("digits", "simple_cnn", **TINY3),
+    "plain": lambda w: RunConfig.from_options("digits", "simple_cnn", **TINY3),
     # frozen stage of 1 epoch + 2 unfrozen, early stopping with patience 1 (its state is checkpointed too)
-    "frozen": lambda w: make_config("digits", "simple_cnn", weights=w,
+    "frozen": lambda w: RunConfig.from_options("digits", "simple_cnn", weights=w,
                                     **{**TINY3, "freeze_epochs": 1, "epochs": 2, "tta": 0}, patience=1),
 }
 

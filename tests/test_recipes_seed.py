@@ -10,7 +10,7 @@ import torch
 from fastai.data.transforms import Normalize
 from PIL import Image
 
-from fastcls.cli import make_config
+from fastcls.config import RunConfig
 from fastcls.data import check_data, dls, read_items
 from fastcls.errors import FastclsError
 from fastcls.recipe import get_recipe
@@ -277,9 +277,8 @@ def test_crops_give_the_expected_box(tmp_path, crop, trim, size, box):
         rows.append((f"im{i}.png", "ab"[i % 2]))
     pd.DataFrame(rows, columns=["image", "class"]).to_csv(data / "train.csv", index=False)
     pd.DataFrame({"image": ["im0.png"]}).to_csv(data / "test.csv", index=False)
-    from fastcls.recipe import parse_trim
-    cfg = make_config("tshirts", "simple_cnn", data=data, size=24, crop=crop or ("trim" if trim else None),
-                      trim=parse_trim(trim) if trim else None, aug=False, normalize="none", bs=2)
+    cfg = RunConfig.from_options("tshirts", "simple_cnn", data=data, size=24, crop=crop, trim=trim, aug=False,
+                                 normalize="none", bs=2)
     d = dls(cfg.recipe, read_items(cfg.recipe, data), seed=0)
     for xb in (d.train.one_batch()[0], d.valid.one_batch()[0]):
         assert xb.shape[-2:] == (24, 24)

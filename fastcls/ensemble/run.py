@@ -22,6 +22,7 @@ import pandas as pd
 
 from ..errors import FastclsError
 from ..runs import RunData, RunStore
+from ..submission import submission_for_run
 from .combiners import _check_method, _fit, _fits, _normalise_weights
 from .members import _load_members
 from .scoring import _LabelScorer, _argmax
@@ -63,11 +64,12 @@ class EnsembleResult:
     oof_probs: Optional[np.ndarray] = field(repr=False, default=None)
     test_ids: Optional[list] = field(repr=False, default=None)
     test_probs: Optional[np.ndarray] = field(repr=False, default=None)
+    submission: Optional[pd.DataFrame] = field(repr=False, default=None)  # the written submission, when asked for
 
 
 def ensemble(store: RunStore, refs: list[str], method: str = "mean", tta_beta: Optional[float] = None,
              weights: Optional[list[float]] = None, name: Optional[str] = None, seed: int = 0, hill_steps: int = 50,
-             n_boot: int = 1000, folds: int = 5) -> EnsembleResult:
+             n_boot: int = 1000, folds: int = 5, submission=None, recipe_dirs=()) -> EnsembleResult:
     """Combine stored runs' probabilities, score the combination honestly and save it as an 'ensemble' run.
 
     Reads only the store (memory-mapped probabilities; never a model). Every check happens before anything is
@@ -92,6 +94,9 @@ def ensemble(store: RunStore, refs: list[str], method: str = "mean", tta_beta: O
         hill_steps: additions made by 'hill' after its best single member.
         n_boot: paired bootstrap resamples for the gain's 95% interval (0 for none).
         folds: K of the K-fold cross-validation of fitted choices.
+        submission: also write the recipe's submission CSV of the ensemble's test probabilities to this path
+            (checked before anything is stored: every member needs test probabilities).
+        recipe_dirs: extra recipe folders, to find the recipe's submission format by name.
 
     Returns:
         An `EnsembleResult`; its `table` has one row per member and one for the ensemble, with the metric score,
@@ -104,6 +109,11 @@ def ensemble(store: RunStore, refs: list[str], method: str = "mean", tta_beta: O
         raise FastclsError(f"tta_beta is the weight of the plain view and must lie in [0, 1]; got {tta_beta}.")
     if weights is not None:
         _normalise_weights(weights, len(refs))
+    if submission is not None:
+        lacking = [r.id for r in map(store.load, refs) if r.test_probs is None]
+        if lacking:
+            raise FastclsError(f"--submission needs test probabilities, but run(s) {', '.join(lacking)} have none. "
+                               "Leave those runs out or drop --submission.")
     members, runs, metric, y, valid_ids, test_ids = _load_members(store, refs)
     M, N, C = len(members), len(y), members[0].plain.shape[1]
     scorer = _LabelScorer(metric, y, C)
@@ -181,6 +191,11 @@ def ensemble(store: RunStore, refs: list[str], method: str = "mean", tta_beta: O
     rows.append({"kind": "ensemble", "id": run_id, "name": store.resolve(run_id)["name"], "arch": "ensemble",
                  "method": method, "beta": np.nan, "weight": np.nan, "metric": metric, "score": score,
                  "fit_score": fit_score, "evaluated": evaluated, "gain": gain, "gain_lo": lo, "gain_hi": hi})
+    sub = None
+    if submission is not None:
+        sub = submission_for_run(store.load(run_id), submission, beta=None, data=runs[0].config.get("data"),
+                                 recipe_dirs=recipe_dirs)
     return EnsembleResult(run_id=run_id, table=pd.DataFrame(rows), method=method, metric=metric, score=score,
                           evaluated=evaluated, weights=w_out, betas=betas, valid_ids=valid_ids,
-                          valid_probs=valid_probs, oof_probs=oof_probs, test_ids=test_ids, test_probs=test_probs)
+                          valid_probs=valid_probs, oof_probs=oof_probs, test_ids=test_ids, test_probs=test_probs,
+                          submission=sub)

@@ -133,7 +133,7 @@ def compute_features(cfg: RunConfig, items: fdata.Items, views: int, body: nn.Mo
     from fastai.torch_core import set_seed
     t0 = time.time()
     recipe = cfg.recipe.override(bs=FEATURE_BS)
-    d = fdata.dls(recipe, items, seed=cfg.seed, sample=cfg.sample)
+    d = fdata.dls(recipe, items, seed=cfg.seed, sample=cfg.sample, stats=cfg.norm_stats)
     if progress != "none":
         print(f"Computing {cfg.arch} features: {views} augmented view(s) of {len(d.train_ds)} training images, "
               f"{1 + recipe.tta} view(s) of valid and test", flush=True)

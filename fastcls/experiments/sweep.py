@@ -28,7 +28,7 @@ from typing import Iterable, Optional
 import pandas as pd
 
 from ..archs import build_body, check_size, make_head
-from ..errors import FastclsError, suggest
+from ..errors import FastclsError, RunInterrupted, suggest
 from .executors import LocalExecutor, Trial
 from ..metrics import get_metric
 from ..recipe import Recipe
@@ -328,13 +328,19 @@ def run_sweep(plan: SweepPlan, store, progress: str = "auto", executor=None, ite
                 rec.update(status="failed", error=msg)
             record["updated"] = _now()
             write_json(path, record)
-    except BaseException:  # Ctrl-C (a kill -9 skips this; the next run then ignores the stale 'running' mark)
+    except BaseException as e:  # Ctrl-C (a kill -9 skips this; the next run then ignores the stale 'running' mark)
         getattr(results, "close", lambda: None)()  # a cluster executor cancels the trials still running
         for rec in record["trials"]:
             if rec["status"] == "running":
                 rec["status"] = "interrupted"
         record.update(status="interrupted", updated=_now())
         write_json(path, record)
+        if isinstance(e, KeyboardInterrupt):
+            where = ("unfinished trials start again (their checkpoints were on the workers)" if remote else
+                     "the interrupted one continues from its last finished epoch (full path) or starts again "
+                     "(fast path)")
+            raise RunInterrupted(f"Sweep {plan.id} interrupted. Run the same command again to resume: finished "
+                                 f"trials are kept, {where}.", None) from e
         raise
     failed = [r for r in record["trials"] if r["status"] == "failed"]
     record["status"] = "failed" if failed else "done"
@@ -347,6 +353,18 @@ def run_sweep(plan: SweepPlan, store, progress: str = "auto", executor=None, ite
 
 
 # -- reading sweeps back -----------------------------------------------------------------------------------------------
+def load_run_or_sweep(store, ref: str, any_status: bool = False) -> tuple:
+    """What `ref` names in the store: ``(StoredRun, None)`` for a run (id, id prefix or name), else
+    ``(None, sweep record)`` for a sweep id; a FastclsError saying neither was found otherwise."""
+    try:
+        return store.load(ref, any_status=any_status), None
+    except FastclsError as e:
+        try:
+            return None, load_sweep(store.root, ref)
+        except FastclsError:
+            raise FastclsError(f"{e} No sweep {ref!r} either (list them with `fastcls sweeps`).") from None
+
+
 def load_sweep(root, ref: str) -> dict:
     """The record of the sweep `ref` names (its id or a unique id prefix) in the run store at `root`."""
     base = Path(root) / SWEEPS

@@ -160,14 +160,9 @@ def write_report(store, ref: str, out=None, top: int = 16, recipe_dirs=()) -> Re
     Returns:
         A `Report` with every written file; `notes` says what was skipped and why (e.g. images no longer readable).
     """
-    try:
-        run = store.load(ref)
-    except FastclsError as e:
-        from ..experiments.sweep import load_sweep
-        try:
-            load_sweep(store.root, ref)
-        except FastclsError:
-            raise e from None
+    from ..experiments.sweep import load_run_or_sweep
+    run, sweep = load_run_or_sweep(store, ref)
+    if sweep is not None:
         return write_sweep_report(store, ref, out, top, recipe_dirs)
     folder = Path(out) if out is not None else run.path / "report"
     folder.mkdir(parents=True, exist_ok=True)

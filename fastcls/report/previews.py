@@ -1,7 +1,7 @@
 """What the network sees and how fast it should learn: batch previews (`preview_batch`, `plot_batch`), the LR finder
 (`lr_find`, `plot_lr_find`)."""
 
-__all__ = ["preview_batch", "plot_batch", "LrFind", "lr_find", "plot_lr_find"]
+__all__ = ["preview_batch", "plot_batch", "LrFind", "lr_find", "find_lr", "plot_lr_find"]
 
 import tempfile
 from dataclasses import dataclass, field
@@ -107,6 +107,10 @@ def lr_find(learn, num_it: int = 100, start_lr: float = 1e-7, end_lr: float = 10
     folder, so nothing is written next to the user's files.
     """
     from fastai.callback.schedule import minimum, steep, valley
+    if num_it < 10:
+        raise FastclsError(f"--num-it must be at least 10, got {num_it}.")
+    if not 0 < start_lr < end_lr:
+        raise FastclsError(f"Need 0 < --start-lr < --end-lr, got {start_lr} and {end_lr}.")
     old_path, old_dir = learn.path, learn.model_dir
     funcs = (minimum, steep, valley)
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,6 +131,13 @@ def lr_find(learn, num_it: int = 100, start_lr: float = 1e-7, end_lr: float = 10
     suggestions = {k: float(v) for k, v in sug._asdict().items()}
     points = {k: (v, float(np.interp(np.log(v), np.log(lrs), losses))) for k, v in suggestions.items()}
     return LrFind(suggestions, lrs, losses, points)
+
+
+def find_lr(cfg, num_it: int = 100, start_lr: float = 1e-7, end_lr: float = 10.0) -> LrFind:
+    """`lr_find` on the learner a run of `cfg` (a `fastcls.config.RunConfig`) would train, on its data."""
+    from ..train import learner, prepare
+    p = prepare(cfg)
+    return lr_find(learner(p.dls(), p.cfg), num_it, start_lr, end_lr)
 
 
 def plot_lr_find(res: LrFind, title: str = "", skip_end: int = 5) -> Figure:

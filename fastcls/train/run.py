@@ -42,6 +42,14 @@ class Prepared:
     items: fdata.Items  # read and image-checked (`cfg.on_bad_image`)
     imbalance: tuple  # the recipe's imbalance strategies, parsed (`fastcls.imbalance.parse_imbalance`)
 
+    def dls(self, **changes):
+        """The run's fastai DataLoaders: its split or fold, sample, workers and normalisation (`cfg.norm_stats`);
+        `changes` override recipe settings (e.g. ``bs``)."""
+        cfg = self.cfg
+        return fdata.dls(cfg.recipe.override(**changes) if changes else cfg.recipe, self.items, seed=cfg.seed,
+                         sample=cfg.sample, num_workers=cfg.workers, stats=cfg.norm_stats,
+                         fold=(cfg.fold, cfg.folds) if cfg.folds else None)
+
 
 def prepare(cfg: RunConfig, items: Optional[fdata.Items] = None, store: Optional[RunStore] = None) -> Prepared:
     """Everything a run (or a cv, a student, a probe, a sweep) checks before training, done once.
@@ -156,8 +164,7 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
     progress = progress if fdist.is_main() else "none"
     prep = prepare(cfg, items, store)
     cfg, items, recipe = prep.cfg, prep.items, prep.cfg.recipe
-    d = fdata.dls(recipe, items, seed=cfg.seed, sample=cfg.sample, num_workers=cfg.workers,
-                  fold=(cfg.fold, cfg.folds) if cfg.folds else None)
+    d = prep.dls()
     resume = read_checkpoint(store.checkpoint_path(run_id)) if run_id else None
     learn = learner(d, cfg, load_weights=resume is None, plan=imbalance_plan(recipe, d, prep.imbalance))
     store.check_writable(_bytes_needed(learn, d, items, recipe))

@@ -1,0 +1,92 @@
+"""The CLI's shared options: one `Annotated` alias per option, so every command spells it the same way."""
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+__all__ = ["RunsDir", "RecipeDirs", "Quiet", "Data", "Size", "Ps", "Epochs", "FreezeEpochs", "Lr", "Bs", "Seed",
+           "Tta", "Pretrained", "Weights", "Name", "Sample", "Crop", "Trim", "OnBadImage", "RunRef", "PsGrid",
+           "Fast", "Views", "Imbalance", "LabelSmoothing", "TuneThresholds", "Cache", "Workers", "Amp",
+           "ChannelsLast", "Compile", "Folds", "Fold", "Runs", "StudentArch", "DropPath", "Executor", "Address",
+           "GpusPerTrial", "CpusPerTrial", "Distributed", "Out"]
+
+# -- shared options --------------------------------------------------------------------------------------
+RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Run store folder (holds index.sqlite and one folder per run).",
+                                       envvar="FASTCLS_RUNS")]
+RecipeDirs = Annotated[Optional[list[Path]], typer.Option("--recipes", help="Extra folder of recipe files (repeatable); "
+                                                          "wins over built-in and ./recipes on a name clash.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing while training; only the final table.")]
+Data = Annotated[Optional[Path], typer.Option("--data", help="Data folder (default: the recipe's own).")]
+Size = Annotated[Optional[int], typer.Option("--size", help="Image size in pixels (default: the recipe's).")]
+Ps = Annotated[Optional[float], typer.Option("--ps", help="Head dropout probability (default: the recipe's).")]
+Epochs = Annotated[Optional[int], typer.Option("--epochs", help="Epochs of the unfrozen stage.")]
+FreezeEpochs = Annotated[Optional[int], typer.Option("--freeze-epochs", help="Epochs of the frozen stage (head only; "
+                                                     "used with pretrained weights).")]
+Lr = Annotated[Optional[float], typer.Option("--lr", help="Maximum learning rate (the body gets lr/100..lr).")]
+Bs = Annotated[Optional[int], typer.Option("--bs", help="Batch size.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed for the split, the init and the batches.")]
+Tta = Annotated[Optional[int], typer.Option("--tta", help="Augmented TTA views stored beside the plain prediction.")]
+Pretrained = Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from pretrained "
+                                                    "weights (timm online, or the local weights folder).")]
+Weights = Annotated[Optional[Path], typer.Option("--weights", help="Local pretrained weights file (.safetensors/.pth).")]
+Name = Annotated[Optional[str], typer.Option("--name", help="Run name (default: recipe-arch-<id suffix>).")]
+Sample = Annotated[Optional[int], typer.Option("--sample", help="Train on a stratified subset of N items (quick checks).")]
+Crop = Annotated[Optional[str], typer.Option("--crop", help="Crop of the original image before resizing: 'trim' (the "
+                                             "recipe's margins, see --trim), 'center' (central square) or 'none'.")]
+Trim = Annotated[Optional[str], typer.Option("--trim", help="Trim margins top,bottom,left,right: pixels "
+                                             "(400,100,50,50) or fractions of the original (0.2,0.05,0.05,0.05); "
+                                             "implies --crop trim.")]
+OnBadImage = Annotated[str, typer.Option("--on-bad-image", help="Unreadable images (found before training): 'fail' "
+                                         "lists them and stops; 'skip' leaves them out with a warning.")]
+RunRef = Annotated[str, typer.Argument(help="Run id, unique id prefix, or run name.")]
+# sweeps: comma-separated grids, and the fast path
+PsGrid = Annotated[Optional[str], typer.Option("--ps", help="Head dropout values, comma-separated, e.g. 0.1,0.2,0.4 "
+                                               "(sweep-dropout default: the recipe's ps_grid).")]
+Fast = Annotated[Optional[bool], typer.Option("--fast/--full", help="--fast trains only the head, for the frozen "
+                                              "stage's epochs, on body features cached under RUNS/cache (unfrozen "
+                                              "epochs are not run); --full trains every trial as a normal run. "
+                                              "Default: --fast when --epochs is 0.")]
+Views = Annotated[Optional[int], typer.Option("--views", help="Augmented views of the training set cached for --fast "
+                                              "(default: one per frozen epoch).")]
+Imbalance = Annotated[Optional[str], typer.Option("--imbalance", help="Class-imbalance handling, comma-combinable: none, "
+                                                  "weights, focal, oversample, logit-adjust (default: the recipe's).")]
+LabelSmoothing = Annotated[Optional[float], typer.Option("--label-smoothing", help="Label smoothing epsilon in [0, 1) "
+                                                         "(default: the recipe's).")]
+TuneThresholds = Annotated[Optional[bool], typer.Option("--tune-thresholds/--no-tune-thresholds", help="Fit per-class "
+                                                        "offsets for macro-F1 on valid; apply them to the stored "
+                                                        "predictions (default: the recipe's).")]
+Cache = Annotated[Optional[bool], typer.Option("--cache/--no-cache", help="Pre-resized images: the disk cache "
+                                               "($FASTCLS_CACHE; default: on for image files > 2x the size) and one "
+                                               "in-memory copy when it fits in 1 GiB; --no-cache turns both off.")]
+Workers = Annotated[Optional[int], typer.Option("--workers", min=0, help="DataLoader worker processes (default: 0 on "
+                                                "CPU, where the model needs the cores; cores-1 with a GPU).")]
+Amp = Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision (default: on with a GPU: bf16, or "
+                                             "fp16 where bf16 is unsupported; --amp on CPU runs bf16 autocast).")]
+ChannelsLast = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="Channels-last memory "
+                                                      "format (default: on with a GPU, off on CPU).")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model (slow to start; off by default).")]
+# k-fold, students, probes (fastcls.cv, fastcls.student, fastcls.probe)
+Folds = Annotated[Optional[int], typer.Option("--folds", help="K-fold: one run per fold plus a parent 'cv' run holding "
+                                              "the out-of-fold valid and fold-averaged test probabilities "
+                                              "(stratified; grouped where the recipe splits by group).")]
+Fold = Annotated[Optional[int], typer.Option("--fold", help="With --folds: train only this fold (0..K-1); the cv run "
+                                             "is stored once every fold is.")]
+Runs = Annotated[list[str], typer.Argument(help="Run ids, unique id prefixes or names (a cv or ensemble run too).")]
+StudentArch = Annotated[Optional[str], typer.Option("--arch", help="The student's architecture (default: the first "
+                                                    "teacher run's).")]
+DropPath = Annotated[Optional[float], typer.Option("--drop-path", help="Stochastic depth rate of the student (timm "
+                                                   "archs that have it; default: the recipe's, 0.1 for pseudo-label).")]
+# executors: where independent trials (sweep points, folds) run
+Executor = Annotated[str, typer.Option("--executor", help="'local': trials one after another here; 'ray': each trial "
+                                       "a Ray task (pip install fastcls[ray]), results stored by this process.")]
+Address = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (e.g. auto, HOST:6379, "
+                                                "ray://HOST:10001); default $RAY_ADDRESS, else a local instance.")]
+GpusPerTrial = Annotated[Optional[float], typer.Option("--gpus-per-trial", help="GPUs each Ray trial reserves "
+                                                       "(fractions share one; default 0).")]
+CpusPerTrial = Annotated[Optional[float], typer.Option("--cpus-per-trial", help="CPUs each Ray trial reserves "
+                                                       "(default 1).")]
+Distributed = Annotated[bool, typer.Option("--distributed", help="Require several processes for this one run "
+                                            "(started by `accelerate launch` or `torchrun`; only rank 0 stores and "
+                                            "prints).")]
+Out = Annotated[Optional[Path], typer.Option("--out", help="PNG file to write (default: <runs-dir>/pictures/...).")]
