@@ -66,8 +66,8 @@ def run_fastcls(name: str, arch: str, a, env: dict, runs: Path) -> dict:
     fastcls("sweep-dropout", recipe, arch, "--ps", a.ps_grid, "--fast", "--epochs", 0, "--freeze-epochs",
             a.freeze_epochs, *common, env=env)
     sweeps = sorted((runs / "sweeps").glob("*/sweep.json"), key=lambda p: p.stat().st_mtime)
-    best = json.loads(sweeps[-1].read_text())["best"]
-    ps = float(best["key"].split("ps=")[1].split(",")[0]) if "ps=" in best["key"] else None
+    rec = json.loads(sweeps[-1].read_text())
+    ps = rec["trials"][rec["best"]["trial"]]["params"]["ps"]
     t_sweep = time.time() - t0
     run_name = f"{name}-{arch}-ft"
     fastcls("train", recipe, arch, "--ps", ps, "--freeze-epochs", a.freeze_epochs, "--epochs", a.epochs,

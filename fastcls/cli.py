@@ -16,7 +16,7 @@ from .cli_options import (RunsDir, RecipeDirs, Quiet, Data, Size, Ps, Epochs, Fr
                           Pretrained, Weights, Name, Sample, Crop, Trim, OnBadImage, RunRef, PsGrid, Fast, Views,
                           Imbalance, LabelSmoothing, TuneThresholds, Cache, Workers, Amp, ChannelsLast, Compile,
                           Folds, Fold, Runs, StudentArch, DropPath, Executor, Address, GpusPerTrial, CpusPerTrial,
-                          Distributed, Out)
+                          Distributed, Out, LayerDecay, BnStats)
 from .errors import FastclsError, RunInterrupted
 
 app = typer.Typer(help="fastcls: rapid image-classification experiments - recipes, runs, sweeps, ensembles.",
@@ -106,7 +106,8 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
               tune_thresholds: TuneThresholds = None, cache: Cache = None, workers: Workers = None,
               amp: Amp = None, channels_last: ChannelsLast = None, compile: Compile = False, folds: Folds = None,
               fold: Fold = None, distributed: Distributed = False, executor: Executor = "local",
-              address: Address = None, gpus_per_trial: GpusPerTrial = None, cpus_per_trial: CpusPerTrial = None):
+              address: Address = None, gpus_per_trial: GpusPerTrial = None, cpus_per_trial: CpusPerTrial = None,
+              layer_decay: LayerDecay = None):
     """Train one run and store it (config, metrics, weights, TTA probabilities) in the run store.
 
     Ctrl-C or SIGTERM stops it with its last finished epoch saved; `fastcls resume RUN` continues it.
@@ -130,7 +131,7 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
                                  compile=compile, workers=workers, fold=fold, folds=folds, crop=crop, trim=trim,
                                  size=size, ps=ps, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, bs=bs, tta=tta,
                                  pretrained=pretrained, imbalance=imbalance, label_smoothing=label_smoothing,
-                                 tune_thresholds=tune_thresholds, cache=cache)
+                                 tune_thresholds=tune_thresholds, cache=cache, layer_decay=layer_decay)
     store = RunStore(runs_dir)
     if folds is not None:
         from .experiments.cv import run_cv
@@ -305,14 +306,15 @@ def probe_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
               clf: Annotated[str, typer.Option("--clf", help="logreg, lda or hgb.")] = "logreg",
               views: Views = None, data: Data = None, size: Size = None, tta: Tta = None, seed: Seed = 42,
               pretrained: Pretrained = None, weights: Weights = None, name: Name = None, sample: Sample = None,
-              runs_dir: RunsDir = Path("runs"), quiet: Quiet = False, recipes: RecipeDirs = None):
+              runs_dir: RunsDir = Path("runs"), quiet: Quiet = False, recipes: RecipeDirs = None,
+              bn_stats: BnStats = None):
     """Fit a scikit-learn classifier on the frozen body's pooled features (the sweeps' feature cache) and store
     it as a run with valid and test probabilities."""
     from .config import RunConfig
     from .experiments.probe import probe_run
     from .runs import RunStore
     cfg = RunConfig.from_options(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample,
-                                 name=name, size=size, tta=tta, pretrained=pretrained)
+                                 name=name, size=size, tta=tta, pretrained=pretrained, bn_stats=bn_stats)
     store = RunStore(runs_dir)
     res = probe_run(cfg, store, clf, views or 1, "none" if quiet else "auto")
     _print_result(res, store.load(res.run_id).config, runs_dir)
@@ -386,6 +388,10 @@ def _print_sweep(rec: dict, table, runs_dir: Path):
                                        f"computed in {info['extract_seconds']:.1f} s and cached"))
     if rec.get("plot"):
         out.print(f"plot: {folder / rec['plot']}")
+    if rec["mode"] == "fast" and rec.get("best") and "ps" in rec["grid"]:
+        p = rec["trials"][rec["best"]["trial"]]["params"]
+        out.print(f"next: fine-tune the best head dropout (frozen, then unfrozen stage): fastcls train {rec['recipe']} "
+                  f"{p['arch']} --ps {p['ps']:g}", highlight=False)
     out.print(f"results: {folder / 'results.csv'}   record: {folder / 'sweep.json'}")
 
 
@@ -418,7 +424,7 @@ def sweep_dropout_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (s
                       runs_dir: RunsDir = Path("runs"), sample: Sample = None, quiet: Quiet = False,
                       recipes: RecipeDirs = None, crop: Crop = None, trim: Trim = None,
                       executor: Executor = "local", address: Address = None, gpus_per_trial: GpusPerTrial = None,
-                      cpus_per_trial: CpusPerTrial = None):
+                      cpus_per_trial: CpusPerTrial = None, bn_stats: BnStats = None, layer_decay: LayerDecay = None):
     """One run per head dropout value (a resumable sweep), a table with the best marked, and a plot of metric vs ps."""
     from .config import RunConfig
     from .experiments.executors import get_executor
@@ -426,7 +432,8 @@ def sweep_dropout_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (s
     ex = get_executor(executor, address, gpus_per_trial, cpus_per_trial)
     base = RunConfig.from_options(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample,
                                   size=size, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, bs=bs, tta=tta,
-                                  pretrained=pretrained, crop=crop, trim=trim)
+                                  pretrained=pretrained, crop=crop, trim=trim, bn_stats=bn_stats,
+                                  layer_decay=layer_decay)
     grid = {"ps": parse_values("ps", ps) if ps else base.recipe.ps_grid}
     _sweep(plan_sweep(base, [arch], grid, fast=fast, views=views), runs_dir, quiet, ex)
 
@@ -446,7 +453,7 @@ def sweep_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
               pretrained: Pretrained = None, weights: Weights = None, runs_dir: RunsDir = Path("runs"),
               sample: Sample = None, quiet: Quiet = False, recipes: RecipeDirs = None, trim: Trim = None,
               executor: Executor = "local", address: Address = None, gpus_per_trial: GpusPerTrial = None,
-              cpus_per_trial: CpusPerTrial = None):
+              cpus_per_trial: CpusPerTrial = None, bn_stats: BnStats = None, layer_decay: LayerDecay = None):
     """A grid over archs and train options (every combination a run), validated before anything trains."""
     from .config import RunConfig
     from .experiments.executors import get_executor
@@ -456,7 +463,8 @@ def sweep_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
     archs = _list(arch) or list(get_recipe(recipe, recipes or ()).archs)
     base = RunConfig.from_options(recipe, archs[0], recipes=recipes, data=data, seed=seed, weights=weights,
                                   sample=sample, epochs=epochs, freeze_epochs=freeze_epochs, bs=bs, tta=tta,
-                                  pretrained=pretrained, trim=trim)  # a --crop grid sets each trial's crop
+                                  pretrained=pretrained, trim=trim, bn_stats=bn_stats,
+                                  layer_decay=layer_decay)  # a --crop grid sets each trial's crop
     grid = {k: parse_values(k, v) for k, v in (("ps", ps), ("size", size), ("lr", lr), ("crop", crop)) if v}
     _sweep(plan_sweep(base, archs, grid, fast=fast, views=views), runs_dir, quiet, ex)
 

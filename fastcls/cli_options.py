@@ -9,7 +9,7 @@ __all__ = ["RunsDir", "RecipeDirs", "Quiet", "Data", "Size", "Ps", "Epochs", "Fr
            "Tta", "Pretrained", "Weights", "Name", "Sample", "Crop", "Trim", "OnBadImage", "RunRef", "PsGrid",
            "Fast", "Views", "Imbalance", "LabelSmoothing", "TuneThresholds", "Cache", "Workers", "Amp",
            "ChannelsLast", "Compile", "Folds", "Fold", "Runs", "StudentArch", "DropPath", "Executor", "Address",
-           "GpusPerTrial", "CpusPerTrial", "Distributed", "Out"]
+           "GpusPerTrial", "CpusPerTrial", "Distributed", "Out", "LayerDecay", "BnStats"]
 
 # -- shared options --------------------------------------------------------------------------------------
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Run store folder (holds index.sqlite and one folder per run).",
@@ -90,3 +90,9 @@ Distributed = Annotated[bool, typer.Option("--distributed", help="Require severa
                                             "(started by `accelerate launch` or `torchrun`; only rank 0 stores and "
                                             "prints).")]
 Out = Annotated[Optional[Path], typer.Option("--out", help="PNG file to write (default: <runs-dir>/pictures/...).")]
+LayerDecay = Annotated[Optional[float], typer.Option("--layer-decay", help="Layer-wise LR decay for the unfrozen stage, "
+                                                    "e.g. 0.8: one group per body stage, each 0.8x the next one's "
+                                                    "lr (default: discriminative LRs lr/100..lr).")]
+BnStats = Annotated[Optional[str], typer.Option("--bn-stats", help="Fast path: 'keep' the frozen body's batch-norm "
+                                                "statistics as loaded, or 'reestimate' them on training images "
+                                                "(default 'auto': keep for a pretrained body).")]

@@ -83,6 +83,12 @@ class Recipe:
     ps: float = 0.5
     drop_path: float = 0.0  # stochastic depth (timm's drop_path_rate) for archs that have it; others ignore it
     ps_grid: tuple = (0.1, 0.2, 0.4, 0.6)
+    # layer-wise LR decay for the unfrozen stage (timm style): one group per body stage, each `layer_decay` times the
+    # next one's lr; None: fastai's discriminative LRs, slice(lr / 100, lr) over the arch's groups
+    layer_decay: Optional[float] = None
+    # the fast path's frozen body: 'keep' its batch-norm statistics as loaded (fastai 0.7's precompute), 'reestimate'
+    # them on augmented training images; 'auto': keep for a pretrained body, re-estimate for a random one
+    bn_stats: Literal["auto", "keep", "reestimate"] = "auto"
     bs: int = 64
     wd: Optional[float] = None
     label_smoothing: float = 0.0
@@ -106,6 +112,7 @@ class Recipe:
                   ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
                   ("ps_grid", all(0 <= p < 1 for p in self.ps_grid), "values in [0, 1)"),
                   ("patience", self.patience is None or self.patience > 0, "> 0 (or None)"),
+                  ("layer_decay", self.layer_decay is None or 0 < self.layer_decay <= 1, "in (0, 1] (or None)"),
                   ("trim", len(self.trim) == 4 and all(v >= 0 for v in self.trim),
                    "4 margins >= 0 (top, bottom, left, right)"),
                   ("color_jitter", 0 <= self.color_jitter < 1, "in [0, 1)"),

@@ -7,14 +7,15 @@ TTA views of valid and test), the pooled vectors (`AdaptiveConcatPool2d`: max th
 head is the full model's head (same modules), so a fast run stores full-model weights and the same kinds of
 probabilities as a full run.
 
-The body runs in eval mode. Its batch-norm statistics are first re-estimated on (up to `BN_IMAGES`) augmented
-training images, as the body of a fastai frozen stage ends up with them; without this a randomly initialised body's
-features are off-scale for the head. Difference from fastai's frozen stage, by design: the batch-norm weights stay
-fixed (fastai's `freeze()` trains them).
+The body runs in eval mode. A pretrained body is used exactly as loaded, its batch-norm statistics included (what
+fastai 0.7's precompute did). A randomly initialised body has no statistics worth keeping: its features would be
+off-scale for the head, so its batch-norm statistics are first re-estimated on (up to `BN_IMAGES`) augmented training
+images. `Recipe.bn_stats` ('keep' / 'reestimate') overrides either choice. Difference from fastai's frozen stage, by
+design: the batch-norm weights stay fixed (fastai's `freeze()` trains them).
 """
 
 __all__ = ["FeatureSet", "FEATURE_BS", "feature_key", "data_fingerprint", "frozen_body", "compute_features",
-           "cached_features", "fit_head_run"]
+           "cached_features", "fit_head_run", "reestimate_bn"]
 
 import hashlib
 import itertools
@@ -45,6 +46,7 @@ BN_IMAGES = 512  # training images (at most) that re-estimate the body's batch-n
 FEATURE_BS = 64  # extraction batch size: fixed, so the cache does not depend on the head's training batch size
 # recipe settings that only affect the head's training or the report: sweeping them reuses the same features
 HEAD_ONLY = frozenset({"description", "metric", "archs", "epochs", "freeze_epochs", "lr", "ps", "ps_grid", "bs", "wd",
+                       "layer_decay",
                        "label_smoothing", "imbalance", "patience", "sub_id_col", "sub_label_col", "sub_id",
                        "sub_template"})
 
@@ -126,6 +128,11 @@ def frozen_body(cfg: RunConfig) -> tuple[nn.Module, str]:
     return body, h.hexdigest()
 
 
+def reestimate_bn(cfg: RunConfig) -> bool:
+    """Whether the fast path re-estimates the frozen body's batch-norm statistics (`Recipe.bn_stats`)."""
+    return cfg.recipe.bn_stats == "reestimate" or (cfg.recipe.bn_stats == "auto" and not cfg.pretrained_body)
+
+
 def compute_features(cfg: RunConfig, items: fdata.Items, views: int, body: nn.Module,
                      progress: str = "auto") -> FeatureSet:
     """Run the frozen `body` over `views` augmented passes of the training items and the plain + TTA views of valid
@@ -144,8 +151,9 @@ def compute_features(cfg: RunConfig, items: fdata.Items, views: int, body: nn.Mo
     device = d.device if d.device is not None else torch.device("cpu")
     body.to(device)
     set_seed(cfg.seed)
-    with torch.no_grad():
-        update_bn(itertools.islice(d.train, max(1, BN_IMAGES // FEATURE_BS)), body, device=device)
+    if reestimate_bn(cfg):  # a random body has no statistics worth keeping; a pretrained one is used as loaded
+        with torch.no_grad():
+            update_bn(itertools.islice(d.train, max(1, BN_IMAGES // FEATURE_BS)), body, device=device)
     set_seed(cfg.seed)
     train_x, train_y = pooled_features(body, pool, d.train, views - 1)
     valid_x, valid_y = pooled_features(body, pool, d.valid, recipe.tta)

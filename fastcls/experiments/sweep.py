@@ -105,7 +105,8 @@ def plan_sweep(base: RunConfig, archs: Optional[Iterable[str]] = None, grid: Opt
         archs: architectures to sweep (default: `base.arch`).
         grid: recipe setting -> values (e.g. {'ps': (0.1, 0.2), 'size': (64, 128)}); every combination is a trial.
         fast: train only the head on cached body features for the frozen stage (default: when the recipe has no
-            unfrozen epochs). With unfrozen epochs the fast path still trains the frozen stage only.
+            unfrozen epochs, or for a ps-only sweep of a pretrained body). With unfrozen epochs the fast path still
+            trains the frozen stage only (then fine-tune the best ps with `fastcls train ... --ps BEST`).
         views: augmented views of the training set cached for the fast path (default: one per frozen epoch).
 
     Returns:
@@ -125,7 +126,9 @@ def plan_sweep(base: RunConfig, archs: Optional[Iterable[str]] = None, grid: Opt
         if dup:
             raise FastclsError(f"The sweep lists {k}={dup[0]!r} twice; give each value once.")
     recipe = base.recipe
-    fast = recipe.epochs == 0 if fast is None else bool(fast)
+    if fast is None:  # a pretrained body's ps sweep: the frozen stage on cached features, then fine-tune the best ps
+        fast = recipe.epochs == 0 or (base.pretrained_body and set(grid or {}) <= {"ps"})
+    fast = bool(fast)
     mode = "fast" if fast else "full"
     views = views if views is not None else max(1, recipe.freeze_epochs)
     if views < 1:

@@ -9,7 +9,7 @@ import numpy as np
 from fastai.learner import Learner
 from fastai.torch_core import set_seed, trainable_params
 
-from ..archs import build_model, check_size, get_arch, splitter
+from ..archs import build_model, check_size, get_arch, layer_decay_lrs, splitter, stage_splitter
 from ..config import RunConfig
 from ..hardware import accelerate
 from ..imbalance import ImbalancePlan, parse_imbalance, plan
@@ -50,7 +50,7 @@ def learner(dls, cfg: RunConfig, model=None, load_weights: bool = True,
     metrics = [get_metric(n).fastai() for n in metric_names(recipe)]  # the monitored metric last (see `train`)
     plan = plan if plan is not None else imbalance_plan(recipe, dls)
     learn = Learner(dls, model, loss_func=plan.loss, metrics=metrics,
-                    splitter=splitter if full else trainable_params, wd=recipe.wd if recipe.wd is not None else None)
+                    splitter=(stage_splitter if recipe.layer_decay else splitter) if full else trainable_params, wd=recipe.wd if recipe.wd is not None else None)
     if full and (recipe.pretrained or cfg.weights):
         learn.freeze()
     learn.imbalance = plan
@@ -58,8 +58,12 @@ def learner(dls, cfg: RunConfig, model=None, load_weights: bool = True,
     return learn
 
 
-def schedule(cfg: RunConfig) -> list[tuple[str, int, object, bool]]:
-    """The run's stages as (name, epochs, lr, unfreeze): the frozen stage (pretrained bodies), then the unfrozen one."""
+def schedule(cfg: RunConfig, n_groups: Optional[int] = None) -> list[tuple[str, int, object, bool]]:
+    """The run's stages as (name, epochs, lr, unfreeze): the frozen stage (pretrained bodies), then the unfrozen one.
+
+    The unfrozen stage's lr is fastai's discriminative ``slice(lr / 100, lr)`` over the arch's groups, or with
+    `recipe.layer_decay` one lr per group (`fastcls.archs.layer_decay_lrs` over `n_groups`, the learner's groups).
+    """
     recipe = cfg.recipe
     lr = recipe.lr
     frozen = bool((recipe.pretrained or cfg.weights) and recipe.freeze_epochs > 0)
@@ -68,7 +72,11 @@ def schedule(cfg: RunConfig) -> list[tuple[str, int, object, bool]]:
         stages.append(("frozen", recipe.freeze_epochs, lr, False))
         lr /= 2
     if recipe.epochs > 0:
-        stages.append(("unfrozen" if frozen else "train", recipe.epochs, slice(lr / 100, lr) if frozen else lr, True))
+        if recipe.layer_decay and n_groups:
+            lrs = layer_decay_lrs(n_groups, lr, recipe.layer_decay)
+        else:
+            lrs = slice(lr / 100, lr) if frozen else lr
+        stages.append(("unfrozen" if frozen else "train", recipe.epochs, lrs, True))
     return stages
 
 

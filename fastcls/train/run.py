@@ -112,7 +112,8 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, c
         checkpoint.attach(keep, lines, es)
         cbs.append(checkpoint)
     set_seed(cfg.seed)
-    for i, (stage, n_epochs, lr, unfreeze) in enumerate(schedule(cfg) if stages is None else stages):
+    stages = schedule(cfg, len(learn.splitter(learn.model))) if stages is None else stages
+    for i, (stage, n_epochs, lr, unfreeze) in enumerate(stages):
         if unfreeze:
             learn.unfreeze()
         lines.stage = stage
