@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from fastcls.train.checkpoint import RunInterrupted  # noqa: E402
-from fastcls.cli import make_config  # noqa: E402
+from fastcls.config import RunConfig  # noqa: E402
 from fastcls.runs import RunStore  # noqa: E402
 from fastcls.train import fit_run, resume_run  # noqa: E402
 
@@ -53,7 +53,7 @@ def main():
     ap.add_argument("--sample", type=int, default=300)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = make_config("digits", a.arch, seed=3, sample=a.sample, size=a.size, epochs=a.epochs, freeze_epochs=0, bs=16,
+    cfg = RunConfig.from_options("digits", a.arch, seed=3, sample=a.sample, size=a.size, epochs=a.epochs, freeze_epochs=0, bs=16,
                       tta=1, pretrained=False)
     store = RunStore(tempfile.mkdtemp())
     t0 = time.time()
