@@ -53,8 +53,8 @@ def main():
     ap.add_argument("--sample", type=int, default=300)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = RunConfig.from_options("digits", a.arch, seed=3, sample=a.sample, size=a.size, epochs=a.epochs, freeze_epochs=0, bs=16,
-                      tta=1, pretrained=False)
+    cfg = RunConfig.from_options("digits", a.arch, seed=3, sample=a.sample, size=a.size, epochs=a.epochs,
+                                 freeze_epochs=0, bs=16, tta=1, pretrained=False)
     store = RunStore(tempfile.mkdtemp())
     t0 = time.time()
     ref = fit_run(cfg, store, progress="none").run_id
