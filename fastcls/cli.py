@@ -117,15 +117,12 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
     """
     from .train import distributed as fdist
     from .config import RunConfig
+    from .experiments.cv import train_or_cv
     from .experiments.executors import get_executor
     from .runs import RunStore
-    from .train import fit_run
     if distributed:
         fdist.check_launched()
     ex = get_executor(executor, address, gpus_per_trial, cpus_per_trial)
-    if folds is None and ex.remote:  # an option combination the CLI offers; fit_run takes no executor
-        raise FastclsError("--executor ray runs the folds of --folds K as Ray tasks; add --folds K, or train this "
-                           "one run here (for one run on several GPUs see --distributed).")
     cfg = RunConfig.from_options(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample,
                                  name=name, on_bad_image=on_bad_image, amp=amp, channels_last=channels_last,
                                  compile=compile, workers=workers, fold=fold, folds=folds, crop=crop, trim=trim,
@@ -133,18 +130,13 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
                                  pretrained=pretrained, imbalance=imbalance, label_smoothing=label_smoothing,
                                  tune_thresholds=tune_thresholds, cache=cache, layer_decay=layer_decay)
     store = RunStore(runs_dir)
+    res = train_or_cv(cfg, store, progress="none" if quiet else "auto", executor=ex)
     if folds is not None:
-        from .experiments.cv import run_cv
-        res = run_cv(cfg, store, folds, fold, progress="none" if quiet else "auto", executor=ex)
-        title = (f"cv run {res.run_id} ({res.cv_id}) stored in {runs_dir}" if res.run_id else
-                 f"{res.cv_id}: {sum(r is not None for r in res.fold_runs)} of {folds} folds stored; the cv run is "
-                 "stored once every fold is")
-        out.print(_table(res.table, title=title))
-        return
-    res = fit_run(cfg, store, progress="none" if quiet else "auto")
-    if not fdist.is_main():  # the other ranks trained into a scratch store; rank 0 reports the stored run
-        return
-    _print_result(res, store.load(res.run_id).config, runs_dir)  # the recipe may leave the size to the data
+        out.print(_table(res.table, title=(f"cv run {res.run_id} ({res.cv_id}) stored in {runs_dir}" if res.run_id else
+                                           f"{res.cv_id}: {sum(r is not None for r in res.fold_runs)} of {folds} "
+                                           "folds stored; the cv run is stored once every fold is")))
+    elif fdist.is_main():  # the other ranks trained into a scratch store; rank 0 reports the stored run
+        _print_result(res, store.load(res.run_id).config, runs_dir)  # the recipe may leave the size to the data
 
 
 def _print_result(res, cfg: dict, runs_dir):

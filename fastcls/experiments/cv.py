@@ -15,7 +15,7 @@ Folds run through an executor (`fastcls.executors`: here one after another, or e
 `fit_fold(trial, store, ...)`, a plain function of the trial's `RunConfig` and the store it trains into.
 """
 
-__all__ = ["CVResult", "cv_id", "plan_folds", "fit_fold", "run_cv", "assemble_cv"]
+__all__ = ["CVResult", "cv_id", "plan_folds", "fit_fold", "run_cv", "assemble_cv", "train_or_cv"]
 
 import hashlib
 import json
@@ -236,3 +236,17 @@ def _scores(run) -> dict:
     if f"test_{name}" in m:
         out[f"test_{name}"] = m[f"test_{name}"]
     return out
+
+
+def train_or_cv(cfg: RunConfig, store: RunStore, progress: str = "auto", executor=None):
+    """`fastcls train`: one run (`fit_run`), or with `cfg.folds` its k-fold cv (`run_cv`, folds on `executor`).
+
+    Raises:
+        FastclsError: a remote executor for a single run (it runs folds; one run on several GPUs is --distributed).
+    """
+    if cfg.folds is None:
+        if executor is not None and getattr(executor, "remote", False):
+            raise FastclsError("--executor ray runs the folds of --folds K as Ray tasks; add --folds K, or train this "
+                               "one run here (for one run on several GPUs see --distributed).")
+        return fit_run(cfg, store, progress)
+    return run_cv(cfg, store, cfg.folds, cfg.fold, progress, executor=executor)
