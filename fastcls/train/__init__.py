@@ -1,4 +1,4 @@
-"""Training one run: learner, callbacks, checkpoints, prepare / fit / resume / store, hardware switches,
+"""Training one run: learner, callbacks, checkpoints, prepare / fit / resume / store,
 multi-process runs."""
 
 from .callbacks import EarlyStop, EpochLine, KeepBest
