@@ -159,8 +159,9 @@ def main():
         # the fine-tuned runs' ensemble and its submission (fastcls), and the plain mean of fastai's members
         t0 = time.time()
         sub = work / f"{name}-submission.csv"
+        has_test = RunStore(runs).load(f"{name}-{archs[0]}-ft").test_probs is not None
         fastcls("ensemble", *[f"{name}-{arch}-ft" for arch in archs], "--method", "mean", "--name", f"{name}-ens",
-                "--runs-dir", runs, "--submission", sub, "--recipes", ROOT / "recipes", env=env)
+                "--runs-dir", runs, *(["--submission", sub] if has_test else []), env=env)
         e = RunStore(runs).load(f"{name}-ens")
         row = {"tool": "fastcls", "data": name, "arch": "ensemble (mean)", "seconds": round(time.time() - t0, 1),
                "valid": e.metrics.get(metric), "test": e.metrics.get(f"test_{metric}"),

@@ -38,14 +38,16 @@ class RunConfig:
             raise FastclsError(f"--on-bad-image must be 'fail' or 'skip', got {self.on_bad_image!r}.")
         if self.fold is not None and self.folds is None:
             raise FastclsError("--fold K needs --folds N (the number of folds K belongs to).")
-        if self.recipe.normalize == "dataset" and self.pretrained_body:
-            raise FastclsError(f"Recipe {self.recipe.name!r} normalises with the data set's own statistics, but "
-                               f"{self.arch}'s body is pretrained: it expects the statistics it was trained with "
-                               f"{self.norm_stats_of_model}. Normalise with the model's (--set normalize=model, or "
-                               "normalize='model' in the recipe) or train from scratch (--no-pretrained).")
         if self.weights and not self.recipe.allow_pretrained:
             raise FastclsError(f"Recipe {self.recipe.name!r} trains from scratch only (allow_pretrained=False: its "
                                f"rules forbid pretrained weights), so --weights {self.weights} cannot be used.")
+        if self.recipe.normalize == "dataset" and self.pretrained_body:
+            stats = self.norm_stats_of_model
+            raise FastclsError(f"Recipe {self.recipe.name!r} normalises with the data set's own statistics, but "
+                               f"{self.arch}'s body is pretrained: it expects the statistics it was trained with"
+                               + (f" (mean {list(stats[0])}, std {list(stats[1])})" if stats else "") +
+                               ". Normalise with the model's (--normalize model, or normalize='model' in the recipe) "
+                               "or train from scratch (--no-pretrained).")
 
     @property
     def pretrained_body(self) -> bool:

@@ -127,7 +127,7 @@ def plan_sweep(base: RunConfig, archs: Optional[Iterable[str]] = None, grid: Opt
             raise FastclsError(f"The sweep lists {k}={dup[0]!r} twice; give each value once.")
     recipe = base.recipe
     if fast is None:  # a pretrained body's ps sweep: the frozen stage on cached features, then fine-tune the best ps
-        fast = recipe.epochs == 0 or (base.pretrained_body and set(grid or {}) <= {"ps"})
+        fast = recipe.epochs == 0 or (base.pretrained_body and recipe.freeze_epochs > 0 and set(grid or {}) <= {"ps"})
     fast = bool(fast)
     mode = "fast" if fast else "full"
     views = views if views is not None else max(1, recipe.freeze_epochs)
