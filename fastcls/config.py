@@ -109,16 +109,16 @@ class RunConfig:
         from .archs import get_arch
         from .imbalance import parse_imbalance
         r = get_recipe(recipe, recipes or ())
-        arch = arch or r.archs[0]
-        get_arch(arch)
         named = {k: v for k, v in overrides.items() if v is not None}
-        named.update({k: v for k, v in aug_overrides(aug).items() if k not in named})
         set_values = parse_sets(r, sets)
         for k in set(named) & set(set_values):
             if named[k] != set_values[k]:
                 raise FastclsError(f"--set {k}={set_values[k]} disagrees with the named option giving {k}={named[k]!r}; "
                                    "give the setting once.")
-        r = r.override(**{**set_values, **named}, **crop_overrides(crop, trim))
+        # a preset (--aug) < --set < the named options; the explicit settings win over the preset's
+        r = r.override(**{**aug_overrides(aug), **set_values, **named}, **crop_overrides(crop, trim))
+        arch = arch or r.archs[0]  # --set archs=... may have changed the first
+        get_arch(arch)
         if overrides.get("imbalance") is not None or "imbalance" in set_values:
             r = r.override(imbalance=",".join(parse_imbalance(r.imbalance)))
         return cls(r, arch, str(data) if data else None, seed, str(weights) if weights else None, sample, name,
