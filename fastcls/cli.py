@@ -16,7 +16,7 @@ from .cli_options import (RunsDir, RecipeDirs, Quiet, Data, Size, Ps, Epochs, Fr
                           Pretrained, Weights, Name, Sample, Crop, Trim, OnBadImage, RunRef, PsGrid, Fast, Views,
                           Imbalance, LabelSmoothing, TuneThresholds, Cache, Workers, Amp, ChannelsLast, Compile,
                           Folds, Fold, Runs, StudentArch, DropPath, Executor, Address, GpusPerTrial, CpusPerTrial,
-                          Distributed, Out, LayerDecay, BnStats)
+                          Distributed, Out, LayerDecay, BnStats, ArchOpt, recipe_flags)
 from .errors import FastclsError, RunInterrupted
 
 app = typer.Typer(help="fastcls: rapid image-classification experiments - recipes, runs, sweeps, ensembles.",
@@ -95,8 +95,9 @@ def archs_cmd(all_timm: Annotated[bool, typer.Option("--all", help="List every t
 
 @app.command("train")
 @_cli
+@recipe_flags
 def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fastcls recipes`).")],
-              arch: Annotated[str, typer.Argument(help="Architecture (see `fastcls archs`).")],
+              arch: ArchOpt = None,
               data: Data = None, size: Size = None, ps: Ps = None, epochs: Epochs = None,
               freeze_epochs: FreezeEpochs = None, lr: Lr = None, bs: Bs = None, seed: Seed = 42, tta: Tta = None,
               pretrained: Pretrained = None, weights: Weights = None, name: Name = None,
@@ -107,7 +108,7 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
               amp: Amp = None, channels_last: ChannelsLast = None, compile: Compile = False, folds: Folds = None,
               fold: Fold = None, distributed: Distributed = False, executor: Executor = "local",
               address: Address = None, gpus_per_trial: GpusPerTrial = None, cpus_per_trial: CpusPerTrial = None,
-              layer_decay: LayerDecay = None):
+              layer_decay: LayerDecay = None, flags=None):
     """Train one run and store it (config, metrics, weights, TTA probabilities) in the run store.
 
     Ctrl-C or SIGTERM stops it with its last finished epoch saved; `fastcls resume RUN` continues it.
@@ -128,7 +129,7 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
                                  compile=compile, workers=workers, fold=fold, folds=folds, crop=crop, trim=trim,
                                  size=size, ps=ps, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, bs=bs, tta=tta,
                                  pretrained=pretrained, imbalance=imbalance, label_smoothing=label_smoothing,
-                                 tune_thresholds=tune_thresholds, cache=cache, layer_decay=layer_decay)
+                                 tune_thresholds=tune_thresholds, cache=cache, layer_decay=layer_decay, **flags)
     store = RunStore(runs_dir)
     res = train_or_cv(cfg, store, progress="none" if quiet else "auto", executor=ex)
     if folds is not None:
@@ -408,15 +409,16 @@ def _list(text: Optional[str]) -> list:
 
 @app.command("sweep-dropout")
 @_cli
+@recipe_flags
 def sweep_dropout_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fastcls recipes`).")],
-                      arch: Annotated[str, typer.Argument(help="Architecture (see `fastcls archs`).")],
-                      ps: PsGrid = None, fast: Fast = None, views: Views = None, data: Data = None, size: Size = None,
+                      arch: ArchOpt = None, ps: PsGrid = None, fast: Fast = None, views: Views = None, data: Data = None, size: Size = None,
                       epochs: Epochs = None, freeze_epochs: FreezeEpochs = None, lr: Lr = None, bs: Bs = None,
                       seed: Seed = 42, tta: Tta = None, pretrained: Pretrained = None, weights: Weights = None,
                       runs_dir: RunsDir = Path("runs"), sample: Sample = None, quiet: Quiet = False,
                       recipes: RecipeDirs = None, crop: Crop = None, trim: Trim = None,
                       executor: Executor = "local", address: Address = None, gpus_per_trial: GpusPerTrial = None,
-                      cpus_per_trial: CpusPerTrial = None, bn_stats: BnStats = None, layer_decay: LayerDecay = None):
+                      cpus_per_trial: CpusPerTrial = None, bn_stats: BnStats = None, layer_decay: LayerDecay = None,
+                      flags=None):
     """One run per head dropout value (a resumable sweep), a table with the best marked, and a plot of metric vs ps."""
     from .config import RunConfig
     from .experiments.executors import get_executor
@@ -425,13 +427,14 @@ def sweep_dropout_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (s
     base = RunConfig.from_options(recipe, arch, recipes=recipes, data=data, seed=seed, weights=weights, sample=sample,
                                   size=size, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, bs=bs, tta=tta,
                                   pretrained=pretrained, crop=crop, trim=trim, bn_stats=bn_stats,
-                                  layer_decay=layer_decay)
+                                  layer_decay=layer_decay, **flags)
     grid = {"ps": parse_values("ps", ps) if ps else base.recipe.ps_grid}
-    _sweep(plan_sweep(base, [arch], grid, fast=fast, views=views), runs_dir, quiet, ex)
+    _sweep(plan_sweep(base, [base.arch], grid, fast=fast, views=views), runs_dir, quiet, ex)
 
 
 @app.command("sweep")
 @_cli
+@recipe_flags
 def sweep_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fastcls recipes`).")],
               arch: Annotated[Optional[str], typer.Option("--arch", help="Architectures, comma-separated (default: "
                                                            "the recipe's archs).")] = None,
@@ -445,7 +448,8 @@ def sweep_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
               pretrained: Pretrained = None, weights: Weights = None, runs_dir: RunsDir = Path("runs"),
               sample: Sample = None, quiet: Quiet = False, recipes: RecipeDirs = None, trim: Trim = None,
               executor: Executor = "local", address: Address = None, gpus_per_trial: GpusPerTrial = None,
-              cpus_per_trial: CpusPerTrial = None, bn_stats: BnStats = None, layer_decay: LayerDecay = None):
+              cpus_per_trial: CpusPerTrial = None, bn_stats: BnStats = None, layer_decay: LayerDecay = None,
+              flags=None):
     """A grid over archs and train options (every combination a run), validated before anything trains."""
     from .config import RunConfig
     from .experiments.executors import get_executor
@@ -455,8 +459,8 @@ def sweep_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
     archs = _list(arch) or list(get_recipe(recipe, recipes or ()).archs)
     base = RunConfig.from_options(recipe, archs[0], recipes=recipes, data=data, seed=seed, weights=weights,
                                   sample=sample, epochs=epochs, freeze_epochs=freeze_epochs, bs=bs, tta=tta,
-                                  pretrained=pretrained, trim=trim, bn_stats=bn_stats,
-                                  layer_decay=layer_decay)  # a --crop grid sets each trial's crop
+                                  pretrained=pretrained, trim=trim, bn_stats=bn_stats, layer_decay=layer_decay,
+                                  **flags)  # a --crop grid sets each trial's crop
     grid = {k: parse_values(k, v) for k, v in (("ps", ps), ("size", size), ("lr", lr), ("crop", crop)) if v}
     _sweep(plan_sweep(base, archs, grid, fast=fast, views=views), runs_dir, quiet, ex)
 

@@ -1,5 +1,7 @@
 """The CLI's shared options: one `Annotated` alias per option, so every command spells it the same way."""
 
+import functools
+import inspect
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,7 +11,9 @@ __all__ = ["RunsDir", "RecipeDirs", "Quiet", "Data", "Size", "Ps", "Epochs", "Fr
            "Tta", "Pretrained", "Weights", "Name", "Sample", "Crop", "Trim", "OnBadImage", "RunRef", "PsGrid",
            "Fast", "Views", "Imbalance", "LabelSmoothing", "TuneThresholds", "Cache", "Workers", "Amp",
            "ChannelsLast", "Compile", "Folds", "Fold", "Runs", "StudentArch", "DropPath", "Executor", "Address",
-           "GpusPerTrial", "CpusPerTrial", "Distributed", "Out", "LayerDecay", "BnStats"]
+           "GpusPerTrial", "CpusPerTrial", "Distributed", "Out", "LayerDecay", "BnStats",
+           "ArchOpt", "Wd", "Patience", "ValidPct", "RunDropPath", "Normalize", "Aug", "Sets", "SplitSeed",
+           "RECIPE_FLAGS", "recipe_flags"]
 
 # -- shared options --------------------------------------------------------------------------------------
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Run store folder (holds index.sqlite and one folder per run).",
@@ -25,7 +29,8 @@ FreezeEpochs = Annotated[Optional[int], typer.Option("--freeze-epochs", help="Ep
                                                      "used with pretrained weights).")]
 Lr = Annotated[Optional[float], typer.Option("--lr", help="Maximum learning rate (the body gets lr/100..lr).")]
 Bs = Annotated[Optional[int], typer.Option("--bs", help="Batch size.")]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed for the split, the init and the batches.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed for the init, augmentation and batch order (the "
+                                    "validation split and folds have their own: --split-seed).")]
 Tta = Annotated[Optional[int], typer.Option("--tta", help="Augmented TTA views stored beside the plain prediction.")]
 Pretrained = Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from pretrained "
                                                     "weights (timm online, or the local weights folder).")]
@@ -96,3 +101,44 @@ LayerDecay = Annotated[Optional[float], typer.Option("--layer-decay", help="Laye
 BnStats = Annotated[Optional[str], typer.Option("--bn-stats", help="Fast path: 'keep' the frozen body's batch-norm "
                                                 "statistics as loaded, or 'reestimate' them on training images "
                                                 "(default 'auto': keep for a pretrained body).")]
+
+# the training toolkit: every recipe setting from the command line (named flags for the common ones, --set for all)
+ArchOpt = Annotated[Optional[str], typer.Argument(help="Architecture (see `fastcls archs`; default: the recipe's "
+                                                  "first arch).")]
+Wd = Annotated[Optional[float], typer.Option("--wd", help="Weight decay (default: the recipe's, else fastai's).")]
+Patience = Annotated[Optional[int], typer.Option("--patience", help="Early stopping: epochs without improvement of the "
+                                                 "monitored metric (default: the recipe's; off when unset).")]
+ValidPct = Annotated[Optional[float], typer.Option("--valid-pct", help="Validation fraction in (0, 1) for a random or "
+                                                   "stratified split (default: the recipe's).")]
+RunDropPath = Annotated[Optional[float], typer.Option("--drop-path", help="Stochastic depth rate (timm archs that have "
+                                                      "it; default: the recipe's).")]
+Normalize = Annotated[Optional[str], typer.Option("--normalize", help="Input normalisation: model, imagenet, dataset "
+                                                  "or none (default: the recipe's).")]
+Aug = Annotated[Optional[str], typer.Option("--aug", help="Augmentation strength: none, light, default (the "
+                                            "recipe's) or strong (see fastcls.recipe.AUG_PRESETS).")]
+Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Any recipe setting, field=value (repeatable), e.g. "
+                                                   "--set max_rotate=15 --set archs=resnet18,resnet34; validated "
+                                                   "like a recipe file; the run's config records it.")]
+SplitSeed = Annotated[Optional[int], typer.Option("--split-seed", help="Seed of the validation split, folds and "
+                                                  "--sample subset (default: the recipe's split_seed, fixed), so runs "
+                                                  "differing only in --seed share validation items.")]
+
+RECIPE_FLAGS = {"wd": Wd, "patience": Patience, "valid_pct": ValidPct, "drop_path": RunDropPath, "normalize": Normalize,
+                "aug": Aug, "sets": Sets, "split_seed": SplitSeed}
+
+
+def recipe_flags(fn):
+    """Give a command every option of `RECIPE_FLAGS`; they reach it as one dict, its `flags` parameter (for
+    `RunConfig.from_options(..., **flags)`), so the commands that build a run config offer the same flags."""
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.name != "flags"]
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=a)
+               for k, a in RECIPE_FLAGS.items()]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        flags = {k: kwargs.pop(k, None) for k in RECIPE_FLAGS}
+        return fn(*args, flags=flags, **kwargs)
+    wrapper.__signature__ = sig.replace(parameters=params)
+    wrapper.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k != "flags"}, **RECIPE_FLAGS}
+    return wrapper

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from .errors import FastclsError
-from .recipe import Recipe, crop_overrides, get_recipe
+from .recipe import Recipe, aug_overrides, crop_overrides, get_recipe, parse_sets
 
 
 @dataclass(frozen=True)
@@ -87,17 +87,21 @@ class RunConfig:
         return d
 
     @classmethod
-    def from_options(cls, recipe: str, arch: str, *, recipes=(), data=None, seed: int = 42, weights=None,
+    def from_options(cls, recipe: str, arch: Optional[str] = None, *, recipes=(), data=None, seed: int = 42, weights=None,
                      sample: Optional[int] = None, name: Optional[str] = None, on_bad_image: str = "fail",
                      amp: Optional[bool] = None, channels_last: Optional[bool] = None, compile: Union[bool, str] = False,
                      workers: Optional[int] = None, fold: Optional[int] = None, folds: Optional[int] = None,
-                     crop: Optional[str] = None, trim: Optional[str] = None, **overrides) -> "RunConfig":
+                     crop: Optional[str] = None, trim: Optional[str] = None, sets=None, aug: Optional[str] = None,
+                     **overrides) -> "RunConfig":
         """A validated config from command-line style options: what `fastcls train` and the sweeps build.
 
         Args:
             recipe: a recipe name (see `fastcls.recipe.find_recipes`); `recipes` are extra recipe folders.
-            arch: an architecture name (curated entry or any timm model); checked here.
+            arch: an architecture name (curated entry or any timm model); checked here. None: the recipe's first.
             crop, trim: `--crop` / `--trim` as typed (`--trim` alone implies the trim crop; see `crop_overrides`).
+            sets: `--set field=value` strings, any recipe setting (`fastcls.recipe.parse_sets`); a named option
+                given too must agree with it.
+            aug: `--aug light|default|strong|none` (`fastcls.recipe.AUG_PRESETS`).
             overrides: recipe settings (`size`, `ps`, `epochs`, `imbalance`, ...); None means "the recipe's".
             The rest are the run's own settings (see the class).
 
@@ -106,10 +110,18 @@ class RunConfig:
         """
         from .archs import get_arch
         from .imbalance import parse_imbalance
-        get_arch(arch)
         r = get_recipe(recipe, recipes or ())
-        r = r.override(**{k: v for k, v in overrides.items() if v is not None}, **crop_overrides(crop, trim))
-        if overrides.get("imbalance") is not None:
+        named = {k: v for k, v in overrides.items() if v is not None}
+        set_values = parse_sets(r, sets)
+        for k in set(named) & set(set_values):
+            if named[k] != set_values[k]:
+                raise FastclsError(f"--set {k}={set_values[k]} disagrees with the named option giving {k}={named[k]!r}; "
+                                   "give the setting once.")
+        # a preset (--aug) < --set < the named options; the explicit settings win over the preset's
+        r = r.override(**{**aug_overrides(aug), **set_values, **named}, **crop_overrides(crop, trim))
+        arch = arch or r.archs[0]  # --set archs=... may have changed the first
+        get_arch(arch)
+        if overrides.get("imbalance") is not None or "imbalance" in set_values:
             r = r.override(imbalance=",".join(parse_imbalance(r.imbalance)))
         return cls(r, arch, str(data) if data else None, seed, str(weights) if weights else None, sample, name,
                    on_bad_image, amp=amp, channels_last=channels_last, compile=compile, workers=workers, fold=fold,
@@ -146,6 +158,8 @@ class RunConfig:
                                    "with --recipes DIR.") from None
             base = Recipe(name=name)
         values.pop("items", None)  # stored by name only; the recipe file provides the function
+        if "split_seed" not in values:  # stored before the split had its own seed: the run's seed split it
+            values["split_seed"] = run["seed"] if run["seed"] is not None else 42
         recipe = base.override(**{k: v for k, v in values.items() if v != base.to_dict().get(k)})
         return cls(recipe, run["arch"], run["data"], run["seed"] if run["seed"] is not None else 42, run["weights"],
                    run["sample"], run["run_name"], run["on_bad_image"] or "fail", amp=run["amp"],

@@ -6,7 +6,7 @@ folder wins on a name clash, so a user's own `recipes/tshirts.py` replaces the b
 """
 
 __all__ = ["Recipe", "RecipeEntry", "builtin_recipe_dir", "crop_overrides", "find_recipes", "get_recipe", "load_recipe_file",
-           "parse_trim"]
+           "parse_trim", "AUG_PRESETS", "aug_overrides", "parse_sets"]
 
 import dataclasses
 import importlib.util
@@ -102,6 +102,9 @@ class Recipe:
     sub_id: Literal["stem", "name", "id"] = "stem"  # how a test item's id is written: file stem, file name, item id
     sub_template: Optional[str] = None  # a CSV whose row order and columns the submission must follow
     sub_label: Literal["name", "index"] = "name"  # write the class name, or its index in `classes` (else the vocab)
+    # -- the split's own seed: the validation split, the folds and --sample's subset depend on it, never on the run's
+    # --seed (init, augmentation, batch order), so runs differing only in --seed share validation items
+    split_seed: int = 42
 
     def __post_init__(self):
         checks = [("size", self.size is None or self.size > 0, "a positive number of pixels (or None: inferred)"),
@@ -117,7 +120,8 @@ class Recipe:
                    "4 margins >= 0 (top, bottom, left, right)"),
                   ("color_jitter", 0 <= self.color_jitter < 1, "in [0, 1)"),
                   ("classes", self.classes is None or len(set(map(str, self.classes))) == len(self.classes) >= 2,
-                   "at least 2 distinct class names (or None: inferred from the data)")]
+                   "at least 2 distinct class names (or None: inferred from the data)"),
+                  ("split_seed", self.split_seed >= 0, ">= 0")]
         for key, ok, want in checks:
             if not ok:
                 raise FastclsError(f"Recipe {self.name!r}: setting {key!r} must be {want}, got {getattr(self, key)!r}.")
@@ -288,4 +292,102 @@ def crop_overrides(crop: Optional[str] = None, trim: Optional[str] = None) -> di
         out["crop"] = crop or "trim"
     if trim:
         out["trim"] = parse_trim(trim)
+    return out
+
+
+# --aug presets: the augmentation settings each name sets (`default` keeps the recipe's own)
+AUG_PRESETS = {
+    "none": dict(aug=False),
+    "light": dict(aug=True, max_rotate=5.0, max_zoom=1.05, max_lighting=0.1, color_jitter=0.0),
+    "default": {},
+    "strong": dict(aug=True, max_rotate=20.0, max_zoom=1.3, max_lighting=0.4, color_jitter=0.2),
+}
+
+
+def aug_overrides(aug: Optional[str]) -> dict:
+    """The recipe overrides of `--aug NAME` (see `AUG_PRESETS`); {} for None or 'default' (the recipe's own)."""
+    if aug is None:
+        return {}
+    if aug not in AUG_PRESETS:
+        raise FastclsError(f"--aug must be one of {', '.join(AUG_PRESETS)}, got {aug!r}.{suggest(aug, AUG_PRESETS)}")
+    return dict(AUG_PRESETS[aug])
+
+
+_NONE_WORDS, _TRUE_WORDS, _FALSE_WORDS = ("none", "null"), ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _parse_text(text: str, tp):
+    """`text` (as typed after `--set field=`) read as the annotation `tp`; ValueError when it cannot be."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if text.strip().lower() in _NONE_WORDS and type(None) in args:
+            return None
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _parse_text(text, a)
+            except ValueError:
+                pass
+        raise ValueError(text)
+    if origin is Literal:
+        for a in args:
+            if str(a) == text.strip():
+                return a
+        raise ValueError(text)
+    if tp is bool:
+        word = text.strip().lower()
+        if word in _TRUE_WORDS + _FALSE_WORDS:
+            return word in _TRUE_WORDS
+        raise ValueError(text)
+    if tp in (int, float):
+        return tp(text)
+    if tp is str:
+        return text
+    if tp is tuple:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        return tuple(_scalar(p) for p in parts)
+    raise ValueError(text)  # functions (a custom items reader) come from a recipe file only
+
+
+def _scalar(text: str):
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_sets(recipe: Recipe, sets) -> dict:
+    """`--set field=value` options (repeatable) as recipe overrides, each value read as its field's type.
+
+    Args:
+        recipe: the recipe whose fields the names must be.
+        sets: strings 'field=value'; tuples are comma-separated (`archs=resnet18,resnet34`), None is `none`.
+
+    Returns:
+        {field: value}; `Recipe.override` then checks them like any override.
+
+    Raises:
+        FastclsError: no '=', an unknown field (with close names), a value that is not of the field's type, the same
+            field twice with different values.
+    """
+    fields = {f.name: f for f in dataclasses.fields(recipe)}
+    hints = typing.get_type_hints(type(recipe))
+    out = {}
+    for item in sets or ():
+        key, sep, text = str(item).partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise FastclsError(f"--set takes field=value (e.g. --set wd=0.05), got {item!r}.")
+        if key not in fields or key == "name":
+            raise FastclsError(f"--set {item}: recipe {recipe.name!r} has no setting {key!r}.{suggest(key, fields)} "
+                               f"Settings: {', '.join(sorted(set(fields) - {'name'}))}.")
+        try:
+            value = _parse_text(text, hints[key])
+        except ValueError:
+            raise FastclsError(f"--set {item}: setting {key!r} must be {_type_name(hints[key])}, got {text!r}.") \
+                from None
+        if key in out and out[key] != value:
+            raise FastclsError(f"--set gives {key!r} twice ({out[key]!r} and {value!r}); give it once.")
+        out[key] = value
     return out

@@ -272,14 +272,41 @@ def read_custom(path: Path, recipe: Recipe) -> Items:
     return recipe.items(path, recipe)
 
 
+def _has_layout(recipe: Recipe, path: Path) -> bool:
+    """Whether `path` looks like the recipe's layout (its train folder, table or arrays are there)."""
+    if recipe.layout == "folder":
+        return (path / recipe.train_dir).is_dir() and any((path / recipe.train_dir).iterdir())
+    if recipe.layout == "csv":
+        return (path / recipe.csv).is_file()
+    if recipe.layout == "npz":
+        return (path / recipe.npz_train).is_file()
+    try:  # custom: its items function decides
+        return len(read_layout(recipe, path).train) > 0
+    except Exception:
+        return False
+
+
 def resolve_data_path(recipe: Recipe, data=None) -> Optional[Path]:
-    """The data folder to read: --data, else the recipe's default; a clear error when neither exists."""
+    """The data folder to read: --data, else the recipe's default, else `$FASTCLS_DATA/<recipe>` when it exists,
+    else the current folder when it has the recipe's layout; a clear error naming the places looked."""
     if recipe.layout == "digits":
         return None
     raw = data if data is not None else recipe.data
     if raw is None:
-        raise FastclsError(f"Recipe {recipe.name!r} has no default data folder. Pass one with --data PATH "
-                           f"(expected layout: {_layout_help(recipe)}).")
+        env = os.environ.get("FASTCLS_DATA")
+        looked = []
+        if env:
+            looked.append(Path(env).expanduser() / recipe.name)
+            if looked[-1].is_dir():
+                return looked[-1]
+        looked.append(Path.cwd())
+        if _has_layout(recipe, Path.cwd()):
+            return Path.cwd()
+        places = (f"$FASTCLS_DATA/{recipe.name} ({looked[0]}: not there)" if env else
+                  "$FASTCLS_DATA/<recipe> ($FASTCLS_DATA is not set)")
+        raise FastclsError(f"Recipe {recipe.name!r} has no default data folder, and none was found: looked in "
+                           f"{places} and the current folder ({Path.cwd()}: not the recipe's layout). Pass one with "
+                           f"--data PATH (expected layout: {_layout_help(recipe)}).")
     path = Path(raw).expanduser()
     if not path.exists():
         raise FastclsError(f"Data folder {path} does not exist (recipe {recipe.name!r}). "

@@ -72,20 +72,23 @@ def norm_stats(recipe: Recipe, items: Items, df: pd.DataFrame, stats=None):
 
 def dls(recipe: Recipe, items: Items, seed: int = 42, sample: Optional[int] = None, num_workers: Optional[int] = None,
         stats=None, fold: Optional[tuple] = None):
-    """fastai DataLoaders for the recipe's items, split reproducibly by `seed`; `sample` takes a stratified subset.
+    """fastai DataLoaders for the recipe's items, split by the recipe's `split_seed`; `seed` seeds the batches.
+
+    `sample` takes a stratified subset (drawn with `split_seed` too, so runs differing only in `seed` share items).
 
     The vocab is the recipe's `classes` when it declares them (their order), else the sorted labels. With
     `normalize='dataset'` the train split's mean/std are used, or `stats` (e.g. a stored run's) when given.
     Images are cropped and resized once where `fastcls.data.cache.pre_resized` says so (`out.cached`: "memory",
     "disk+memory", "disk" or None); `num_workers` None means `default_workers()`. `fold=(k, K)` validates on fold
-    k of `assign_folds(..., K, seed)` instead of the recipe's split.
+    k of `assign_folds(..., K, recipe.split_seed)` instead of the recipe's split.
     """
     recipe = resolve_recipe(recipe, items)
-    train = sample_items(items.train, sample, seed)
+    split_seed = recipe.split_seed
+    train = sample_items(items.train, sample, split_seed)
     if fold is None:
-        df = assign_split(train, recipe, seed).reset_index(drop=True)
+        df = assign_split(train, recipe, split_seed).reset_index(drop=True)
     else:
-        df = train.reset_index(drop=True).assign(is_valid=assign_folds(train, recipe, fold[1], seed) == fold[0])
+        df = train.reset_index(drop=True).assign(is_valid=assign_folds(train, recipe, fold[1], split_seed) == fold[0])
     stats = norm_stats(recipe, items, df, stats)
     vocab = [str(c) for c in recipe.classes] if recipe.classes else sorted(df["label"].unique().tolist())
     get_x, tfms, cached = pre_resized(recipe, items, [df, items.test], ImageGetter(items.arrays, items.blank),

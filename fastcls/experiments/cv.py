@@ -6,8 +6,8 @@ probabilities are the fold runs' held-out predictions over every training item (
 and whose test probabilities are the mean of the fold runs' test probabilities, view by view. The fold runs point to
 it through the index's `parent` column. The parent is an ordinary run: listed, shown, ensembled, submitted.
 
-Folds depend only on the items, labels, groups, k and seed (never on the arch), so cv runs of different archs share
-their validation items and ensemble or stack out of fold. A cv's id (`cv_id`) is a hash of what defines it, and fold
+Folds depend only on the items, labels, groups, k and the recipe's split_seed (never on the arch or --seed), so cv
+runs of different archs share their validation items and ensemble or stack out of fold. A cv's id (`cv_id`) is a hash of what defines it, and fold
 runs are named after it, so the same command run again reuses the folds already stored (an interrupted fold
 continues from its checkpoint), and `--fold K` trains one fold: the parent is stored once all folds are.
 
@@ -96,7 +96,7 @@ def fit_fold(trial: Trial, store: RunStore, progress: str = "auto", items: Optio
 
 def _fold_items(cfg: RunConfig, items: fdata.Items) -> pd.DataFrame:
     """The training rows the folds split (after --sample), in item order."""
-    return fdata.sample_items(items.train, cfg.sample, cfg.seed)
+    return fdata.sample_items(items.train, cfg.sample, cfg.recipe.split_seed)
 
 
 def run_cv(cfg: RunConfig, store: RunStore, k: int = 5, fold: Optional[int] = None, progress: str = "auto",
@@ -122,7 +122,7 @@ def run_cv(cfg: RunConfig, store: RunStore, k: int = 5, fold: Optional[int] = No
     trials = plan_folds(cfg, k, fold)
     prep = prepare(cfg, items, store)
     items, recipe = prep.items, prep.cfg.recipe
-    fdata.assign_folds(_fold_items(cfg, items), recipe, k, cfg.seed)  # too few groups: say so before training
+    fdata.assign_folds(_fold_items(cfg, items), recipe, k, recipe.split_seed)  # too few groups: say so before training
     cid = cv_id(cfg, k)
     executor = executor or LocalExecutor()
     failed = []
@@ -185,7 +185,7 @@ def assemble_cv(store: RunStore, fold_runs: list, cfg: RunConfig, items: fdata.I
     if (seen != 1).any():
         bad = int(np.flatnonzero(seen != 1)[0])
         raise FastclsError(f"The folds {', '.join(fold_runs)} hold item {ids[bad]!r} {seen[bad]} times out of fold; "
-                           "each item must be held out exactly once. Train the folds again with the same seed.")
+                           "each item must be held out exactly once. Train the folds again with the same split_seed.")
     test_probs, test_ids = None, None
     if all(r.test_probs is not None for r in runs):
         test_ids = [str(i) for i in runs[0].test_ids]

@@ -75,8 +75,8 @@ def _student_config(store: RunStore, runs: list, arch: Optional[str], recipes, d
 def _split_items(cfg: RunConfig, items: fdata.Items) -> pd.DataFrame:
     """The training items (after --sample) with the (resolved) recipe's own validation split for the seed in
     `is_valid`."""
-    train = fdata.sample_items(items.train, cfg.sample, cfg.seed)
-    return fdata.assign_split(train, cfg.recipe, cfg.seed).reset_index(drop=True)
+    train = fdata.sample_items(items.train, cfg.sample, cfg.recipe.split_seed)
+    return fdata.assign_split(train, cfg.recipe, cfg.recipe.split_seed).reset_index(drop=True)
 
 
 def _given(cfg: RunConfig, items: fdata.Items, train: pd.DataFrame, name: str) -> tuple[RunConfig, fdata.Items]:
