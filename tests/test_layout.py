@@ -17,6 +17,7 @@ LAYERS = [
     {"data"},
     {"train"},
     {"ensemble", "experiments"},
+    {"inference"},
     {"report"},
     {"cli_options", "cli", "__main__"},
 ]
