@@ -161,8 +161,8 @@ def read_inputs(recipe, data=None) -> fdata.Items:
     if path is not None and not path.exists():
         raise FastclsError(f"--data {path} does not exist: give the recipe's data folder, a folder of images or a "
                            "CSV of image paths.")
-    if path is None or recipe.layout == "digits" or (path / (recipe.test_dir or "\0")).is_dir() or \
-            (recipe.npz_test and (path / recipe.npz_test).is_file()):
+    if path is None or (recipe.layout != "digits" and ((path / (recipe.test_dir or "\0")).is_dir() or
+                                                      (recipe.npz_test and (path / recipe.npz_test).is_file()))):
         try:
             items = fdata.read_layout(recipe, fdata.resolve_data_path(recipe, path))
         except FastclsError:
