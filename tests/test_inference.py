@@ -61,7 +61,7 @@ def test_run_reproduces_stored_views(store):
     views = res.members[run.id]
     assert views.shape == run.test_probs.shape == (3, 297, 10)
     np.testing.assert_allclose(views[0], run.test_probs[0], atol=1e-4)
-    assert np.abs(views[1] - views[0]).max() > 1e-3  # augmented views differ from the plain one
+    assert np.abs(views[1] - views[0]).max() > 1e-5  # augmented views differ from the plain one (exact equal: 0)
     np.testing.assert_allclose(res.probs, 0.25 * views[0] + 0.75 * views[1:].mean(0), atol=1e-6)
     assert res.ids == list(run.test_ids)
     plain = predict(store, "a")
