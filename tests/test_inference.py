@@ -112,7 +112,7 @@ def test_export_predicts_offline_in_a_fresh_process(store, images, tmp_path):
     """An exported stacked ensemble of a cv run and a run predicts from another folder, with the store deleted."""
     cv_id = store.load("k").id
     ens = ensemble(store, ["a", "b"], method="stack", n_boot=0, folds=3)
-    want = predict(store, ens.run_id, data=images, out=tmp_path / "want.csv")
+    predict(store, ens.run_id, data=images, out=tmp_path / "want.csv")
     bundle = export(store, ens.run_id, tmp_path / "bundle")
     cv_bundle = export(store, cv_id, tmp_path / "cv-bundle")
     man = json.loads((bundle / "manifest.json").read_text())
