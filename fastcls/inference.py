@@ -197,7 +197,8 @@ def _check_inputs(items: fdata.Items, on_bad: str) -> fdata.Items:
     if on_bad == "fail":
         raise FastclsError(f"{len(listed)} of {len(items.test)} images cannot be read; nothing was written:\n{lines}\n"
                            "Fix or delete them, or pass --on-bad-image skip to predict them from a blank image.")
-    print(f"fastcls: warning: {len(listed)} unreadable image(s) predicted from a blank image:\n{lines}", file=sys.stderr)
+    print(f"fastcls: warning: {len(listed)} unreadable image(s) predicted from a blank image:\n{lines}",
+          file=sys.stderr)
     return dataclasses.replace(items, bad=listed, blank=frozenset(b["path"] for b in listed))
 
 
