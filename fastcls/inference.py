@@ -43,8 +43,8 @@ def _net(run, path: Optional[Path] = None) -> dict:
     """One trained model of a stored run: config, normalisation statistics, weights file and its checksum."""
     weights = run.weights_path
     if not weights.is_file():
-        raise FastclsError(f"Run {run.id} has no weights file {weights}: it cannot predict new images "
-                           "(runs from the sweeps' feature fast path keep only their head; train it in full).")
+        raise FastclsError(f"Run {run.id} has no weights file {weights}: it cannot predict new images. Nothing was "
+                           "written; train the run again (or restore the file).")
     cfg = run.config
     stats = run.meta.get("normalize_stats") if "normalize_stats" in run.meta else \
         RunConfig.from_dict(cfg, lenient=True).norm_stats
