@@ -599,6 +599,10 @@ def weights_path_cmd():
     out.print(str(weights_dir()), highlight=False, soft_wrap=True)
 
 
+from .cli_predict import register  # noqa: E402  (predict, export: in their own module, this one is full)
+register(app, _cli, out)
+
+
 def main():
     app()
 

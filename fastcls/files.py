@@ -6,7 +6,7 @@ removes. Locks are `flock`s, so the kernel frees them when their process dies; w
 no-ops.
 """
 
-__all__ = ["write_atomic", "write_json", "write_npy", "read_json", "json_default", "LOCK", "new_lock", "try_lock",
+__all__ = ["write_atomic", "file_sha256", "write_json", "write_npy", "read_json", "json_default", "LOCK", "new_lock", "try_lock",
            "unlock", "writer_gone", "remove_stray_files", "exclusive"]
 
 import json
@@ -48,6 +48,16 @@ def write_atomic(path, write: Callable[[Path], None]):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 hex digest of a file, read in 1 MiB blocks (weights files: checked before they are loaded)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_json(path: Path, obj):

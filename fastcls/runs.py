@@ -27,8 +27,8 @@ import pandas as pd
 
 from ._faults import fault
 from .errors import FastclsError
-from .files import (LOCK, exclusive, json_default, new_lock, read_json, remove_stray_files, try_lock, unlock,
-                    write_atomic, write_json, write_npy, writer_gone)
+from .files import (LOCK, exclusive, file_sha256, json_default, new_lock, read_json, remove_stray_files, try_lock,
+                    unlock, write_atomic, write_json, write_npy, writer_gone)
 
 INDEX = "index.sqlite"
 CHECKPOINT = "checkpoint.safetensors"  # a resumable training state, in the folder of a run not yet done
@@ -321,9 +321,9 @@ class RunStore:
         _check_run(run)
 
         def fill(tmp, rid):
-            _write_run_files(tmp, run)
+            facts = _write_run_files(tmp, run)
             write_json(tmp / "meta.json", self._meta(rid, run.name, run.kind, "done", run.config, run.seconds,
-                                                      run.sweep, run.parent, run.extra))
+                                                      run.sweep, run.parent, {**run.extra, **facts}))
         return self._commit(fill)
 
     def _commit(self, fill) -> str:
@@ -429,9 +429,9 @@ class RunStore:
         _check_run(run)
         path = self.root / rid
         meta = read_json(path / "meta.json") or {}
-        _write_run_files(path, run)
+        facts = _write_run_files(path, run)
         fault("finish-files")
-        meta.update(status="done", seconds=run.seconds, note=None, **environment_info(), **run.extra)
+        meta.update(status="done", seconds=run.seconds, note=None, **environment_info(), **run.extra, **facts)
         write_json(path / "meta.json", meta)
         fault("finish-meta")
         self._index(path)
@@ -527,8 +527,9 @@ def _check_run(run: RunData):
         raise FastclsError(f"{where}: {len(run.valid_targets)} valid targets for {np.asarray(run.valid_probs).shape[1]} rows.")
 
 
-def _write_run_files(folder: Path, run: RunData):
-    """Every file of a finished run except meta.json, each written atomically."""
+def _write_run_files(folder: Path, run: RunData) -> dict:
+    """Every file of a finished run except meta.json, each written atomically; returns facts for meta.json (the
+    weights file's SHA-256, which `fastcls predict` and `fastcls export` verify)."""
     for fname, obj in (("config.json", run.config), ("metrics.json", run.metrics), ("vocab.json", list(run.vocab)),
                        ("valid_ids.json", [str(i) for i in run.valid_ids])):
         write_json(folder / fname, obj)
@@ -543,6 +544,8 @@ def _write_run_files(folder: Path, run: RunData):
         from safetensors.torch import save_file
         tensors = {k: v.detach().cpu().contiguous() for k, v in run.weights.items()}
         write_atomic(folder / "model.safetensors", lambda p: save_file(tensors, str(p)))
+        return {"weights_sha256": file_sha256(folder / "model.safetensors")}
+    return {}
 
 
 def _row_from_folder(path: Path) -> dict:

@@ -1,0 +1,48 @@
+"""`fastcls predict` and `fastcls export` (`fastcls.inference`), registered on the app by `register`: the same thin
+commands as `fastcls.cli`'s, in their own module."""
+
+__all__ = ["register"]
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .cli_options import Bs, OnBadImage, RunRef, RunsDir
+
+
+def register(app: typer.Typer, cli, out):
+    """Add the commands to `app`, each wrapped by `cli` (FastclsError -> one paragraph, exit 2), printing to `out`."""
+    @app.command("predict")
+    @cli
+    def predict_cmd(run: Annotated[str, typer.Argument(help="Run id, prefix or name (a cv run or ensemble too), "
+                                                      "or a folder written by `fastcls export`.")],
+                    data: Annotated[Optional[Path], typer.Option(
+                        "--data", help="The recipe's data folder (its test layout), a folder of images, or a CSV of "
+                        "image paths (default: the run's data).")] = None,
+                    out_file: Annotated[Optional[Path], typer.Option("--out", help="Submission CSV to write.")] = None,
+                    probs: Annotated[Optional[Path], typer.Option(
+                        "--probs", help="Also write ids, vocab and probabilities as .npz.")] = None,
+                    bs: Bs = None,
+                    device: Annotated[Optional[str], typer.Option(
+                        "--device", help="cpu, cuda, cuda:1 (default: a GPU when there is one).")] = None,
+                    no_tta: Annotated[bool, typer.Option("--no-tta", help="Plain view only.")] = False,
+                    on_bad_image: OnBadImage = "fail", runs_dir: RunsDir = Path("runs")):
+        """Predict new images with a stored run, cv run or ensemble, or an exported folder; write the submission."""
+        from .inference import predict
+        res = predict(runs_dir, run, data=data, out=out_file, probs_out=probs, bs=bs, device=device, tta=not no_tta,
+                      on_bad_image=on_bad_image)
+        out.print(f"Predicted {len(res.ids)} images with {len(res.members)} member(s)"
+                  + (f"; wrote {out_file}" if out_file else "") + (f" and {probs}" if probs else "")
+                  + (f"; {len(res.bad)} unreadable image(s) predicted from a blank image" if res.bad else "") + ".",
+                  highlight=False)
+
+    @app.command("export")
+    @cli
+    def export_cmd(run: RunRef, out_dir: Annotated[Path, typer.Option("--out", help="New folder to write.")],
+                   runs_dir: RunsDir = Path("runs")):
+        """Write a run, cv run or ensemble as a self-contained folder `fastcls predict DIR --data PATH` runs offline."""
+        from .inference import export
+        folder = export(runs_dir, run, out_dir)
+        out.print(f"Exported {run} to {folder}. Predict with: fastcls predict {folder} --data PATH --out "
+                  "submission.csv", highlight=False)

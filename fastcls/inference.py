@@ -1,0 +1,379 @@
+"""Inference on new images: `predict` a stored run, cv run or ensemble (or an exported bundle) on a folder of images,
+and `export` one as a self-contained folder for an offline machine.
+
+Both work from one plan, the *manifest* (`manifest`): the label vocabulary, the recipe's settings (submission
+format), each member's fold models (config, normalisation statistics, safetensors weights and their SHA-256), its
+post-hoc steps and TTA blend weight, and the ensemble's stored method and weights ('stack': the fitted logistic
+regression as plain arrays). A member's views are the mean of its fold models' views (cv runs average their folds
+as stored), then its post-hoc steps, then its TTA blend; the members are combined by `fastcls.ensemble.combiners`.
+Nothing is unpickled: models are rebuilt from their config (`fastcls.archs.build_model`) and safetensors weights.
+"""
+
+__all__ = ["FORMAT_VERSION", "Prediction", "manifest", "load_bundle", "read_inputs", "predict", "write_probs", "export"]
+
+import dataclasses
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import pandas as pd
+
+from . import data as fdata
+from .archs import build_model
+from .config import RunConfig
+from .ensemble.combiners import Combiner, fit_combiner
+from .ensemble.members import _load_members
+from .errors import FastclsError
+from .files import file_sha256, read_json, write_atomic, write_json
+from .posthoc import PostHoc
+from .predict import predict_views, tta_blend
+from .runs import RunStore
+from .submission import write_submission
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SUBMIT_BETA = 0.25  # a single run's TTA blend, as `fastcls submit` writes it
+
+
+# -- the plan: from the store or from a bundle -----------------------------------------------------------------------
+def _net(run, path: Optional[Path] = None) -> dict:
+    """One trained model of a stored run: config, normalisation statistics, weights file and its checksum."""
+    weights = run.weights_path
+    if not weights.is_file():
+        raise FastclsError(f"Run {run.id} has no weights file {weights}: it cannot predict new images. Nothing was "
+                           "written; train the run again (or restore the file).")
+    cfg = run.config
+    stats = run.meta.get("normalize_stats") if "normalize_stats" in run.meta else \
+        RunConfig.from_dict(cfg, lenient=True).norm_stats
+    return {"id": run.id, "config": cfg, "stats": stats, "weights": str(weights),
+            "sha256": run.meta.get("weights_sha256"), "tta": int(cfg.get("tta") or 0)}
+
+
+def _member(store: RunStore, run, beta) -> dict:
+    """A run as an ensemble member (or the whole prediction): its fold models, post-hoc steps and TTA blend."""
+    if run.kind == "ensemble":
+        raise FastclsError(f"Run {run.id} is an ensemble; an ensemble of ensembles cannot predict new images yet. "
+                           "Ensemble the member runs themselves.")
+    if run.kind == "cv":
+        nets = [_net(store.load(r)) for r in run.config.get("fold_runs") or []]
+        if not nets:
+            raise FastclsError(f"cv run {run.id} lists no fold runs in its config.")
+    else:
+        nets = [_net(run)]
+    return {"id": run.id, "name": run.name, "kind": run.kind, "beta": beta, "posthoc": run.meta.get("posthoc"),
+            "nets": nets}
+
+
+def _stack_arrays(store: RunStore, run) -> dict:
+    """The stacking model an ensemble was stored with, refitted on its members' stored validation probabilities
+    exactly as `fastcls.ensemble.ensemble` fitted it on all rows, as plain arrays (no pickle)."""
+    cfg = run.config
+    members, _, metric, y, _, _ = _load_members(store, cfg["members"])
+    probs = [m.probs(b) for m, b in zip(members, cfg["tta_beta"])]
+    model = fit_combiner("stack", probs, y, metric, seed=cfg.get("seed", 0)).model
+    if isinstance(model, (int, np.integer)):
+        return {"only_class": np.array([int(model)])}
+    scaler, lr = model[0], model[-1]
+    return {"mean": scaler.mean_, "scale": scaler.scale_, "coef": lr.coef_, "intercept": lr.intercept_,
+            "classes": lr.classes_}
+
+
+def manifest(store: RunStore, ref: str) -> tuple[dict, dict]:
+    """The prediction plan of stored run `ref` (a run, cv run or ensemble) and its arrays (the stacking model).
+
+    Returns:
+        (manifest dict, arrays dict); weights paths point into the store.
+    """
+    run = store.load(ref)
+    arrays = {}
+    if run.kind == "ensemble":
+        cfg = run.config
+        runs = [store.load(r) for r in cfg["members"]]
+        members = [_member(store, r, b) for r, b in zip(runs, cfg["tta_beta"])]
+        combine = {"method": cfg["method"], "weights": cfg.get("weights")}
+        if cfg["method"] == "stack":
+            arrays = {f"stack_{k}": v for k, v in _stack_arrays(store, run).items()}
+        recipe_cfg = runs[0].config
+    else:
+        members, combine, recipe_cfg = [_member(store, run, SUBMIT_BETA)], None, run.config
+    return {"format": FORMAT_VERSION, "id": run.id, "name": run.name, "kind": run.kind, "vocab": list(run.vocab),
+            "recipe": recipe_cfg, "members": members, "combine": combine}, arrays
+
+
+def load_bundle(folder) -> tuple[dict, dict]:
+    """The manifest and arrays of an exported folder (`export`); weights paths resolved inside it.
+
+    Raises:
+        FastclsError: no manifest, or one written by a newer fastcls (a format this version does not know).
+    """
+    folder = Path(folder)
+    man = read_json(folder / MANIFEST)
+    if not isinstance(man, dict):
+        raise FastclsError(f"{folder} is not an exported fastcls bundle: no readable {MANIFEST} in it.")
+    version = man.get("format")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FastclsError(f"Bundle {folder} has format version {version!r}, newer than this fastcls reads "
+                           f"({FORMAT_VERSION}). Install the fastcls that exported it (or newer).")
+    for m in man["members"]:
+        for n in m["nets"]:
+            n["weights"] = str(folder / n["weights"])
+    arrays = {}
+    if (folder / "arrays.npz").is_file():
+        with np.load(folder / "arrays.npz", allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    return man, arrays
+
+
+def _plan(source, ref: Optional[str]) -> tuple[dict, dict]:
+    """A plan from an exported bundle (`ref`, or `source` when `ref` is None, a folder holding a manifest), else from
+    run `ref` of the store `source` (a `RunStore` or its folder)."""
+    for folder in (ref, source) if ref is not None else (source,):
+        if isinstance(folder, (str, Path)) and (Path(folder) / MANIFEST).is_file():
+            return load_bundle(folder)
+    if ref is None:
+        raise FastclsError(f"{source} is not an exported bundle (no {MANIFEST} in it); give a run to predict with.")
+    if not isinstance(source, RunStore):
+        if not (Path(source) / "index.sqlite").exists() and not Path(source).is_dir():
+            raise FastclsError(f"{ref} is not an exported bundle (no {MANIFEST}) and there is no run store at "
+                               f"{source}: pass --runs-dir, or the folder `fastcls export` wrote.")
+        source = RunStore(source)
+    return manifest(source, ref)
+
+
+# -- inputs ----------------------------------------------------------------------------------------------------------
+def read_inputs(recipe, data=None) -> fdata.Items:
+    """The images to predict as `Items` with only a test table (`id`, `x`; arrays for array layouts).
+
+    `data`: the recipe's data folder (its test layout), a folder of images (ids: paths relative to it), or a CSV of
+    image paths (the recipe's `file_col`, else a column `path`/`file`/`x`, else the first; relative to the CSV's
+    folder; ids: the paths as written). None: the recipe's own data (the run's --data).
+    """
+    path = None if data is None else Path(data).expanduser()
+    if path is not None and path.suffix.lower() == ".csv" and path.is_file():
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        col = next((c for c in (recipe.file_col, "path", "file", "x") if c in df), df.columns[0])
+        ids = df[col].tolist()
+        xs = [str(p if Path(p).is_absolute() else path.parent / p) for p in ids]
+        return fdata.Items(pd.DataFrame(columns=["id", "x", "label"]), pd.DataFrame({"id": ids, "x": xs}))
+    if path is not None and not path.exists():
+        raise FastclsError(f"--data {path} does not exist: give the recipe's data folder, a folder of images or a "
+                           "CSV of image paths.")
+    if path is None or (recipe.layout != "digits" and ((path / (recipe.test_dir or "\0")).is_dir() or
+                                                      (recipe.npz_test and (path / recipe.npz_test).is_file()))):
+        try:
+            items = fdata.read_layout(recipe, fdata.resolve_data_path(recipe, path))
+        except FastclsError:
+            if path is None:
+                raise
+            items = None
+        if items is not None and items.test is not None and len(items.test):
+            return dataclasses.replace(items, train=items.train.iloc[:0])
+    if path is None or not path.is_dir():
+        raise FastclsError(f"No test images found in {path or 'the recipe data'} (recipe {recipe.name!r}).")
+    files = [p for p in sorted(path.rglob("*")) if p.suffix.lower() in fdata.IMAGE_EXTS and
+             not p.name.startswith(".") and p.is_file()]
+    if not files:
+        raise FastclsError(f"No images in {path} (looked for {', '.join(sorted(fdata.IMAGE_EXTS))}, recursively).")
+    return fdata.Items(pd.DataFrame(columns=["id", "x", "label"]),
+                       pd.DataFrame({"id": [str(p.relative_to(path)) for p in files], "x": [str(p) for p in files]}))
+
+
+def _check_inputs(items: fdata.Items, on_bad: str) -> fdata.Items:
+    """Every image decoded once (training's check and verdict cache): 'fail' names the bad files, 'skip' predicts
+    them from a blank image (their rows stay) and lists them in `items.bad`."""
+    if on_bad not in ("fail", "skip"):
+        raise FastclsError(f"--on-bad-image must be 'fail' or 'skip', got {on_bad!r}.")
+    if items.arrays:
+        return items
+    bad = dict(fdata.scan_images(list(items.test["x"]), fdata.cache_home()))
+    if not bad:
+        return items
+    listed = [{"split": "test", "id": str(r.id), "path": str(r.x), "reason": bad[r.x]}
+              for r in items.test.itertuples() if r.x in bad]
+    lines = "\n".join(f"  {b['path']}: {b['reason']}" for b in listed[:20])
+    if on_bad == "fail":
+        raise FastclsError(f"{len(listed)} of {len(items.test)} images cannot be read; nothing was written:\n{lines}\n"
+                           "Fix or delete them, or pass --on-bad-image skip to predict them from a blank image.")
+    print(f"fastcls: warning: {len(listed)} unreadable image(s) predicted from a blank image:\n{lines}",
+          file=sys.stderr)
+    return dataclasses.replace(items, bad=listed, blank=frozenset(b["path"] for b in listed))
+
+
+# -- running the models ----------------------------------------------------------------------------------------------
+def _load_model(net: dict, n_classes: int, verify: bool = True):
+    """The net's model rebuilt from its config and safetensors weights (checksum verified when recorded)."""
+    from safetensors.torch import load_file
+    weights = Path(net["weights"])
+    if not weights.is_file():
+        raise FastclsError(f"Weights file {weights} (run {net['id']}) is missing; nothing was written.")
+    if verify and net.get("sha256") and file_sha256(weights) != net["sha256"]:
+        raise FastclsError(f"Weights file {weights} (run {net['id']}) does not match the checksum recorded when it "
+                           "was stored: it was altered or damaged. Nothing was written; export the run again.")
+    cfg = RunConfig.from_dict(net["config"], lenient=True)
+    r = cfg.recipe
+    model = build_model(cfg.arch, n_classes, ps=r.ps, pretrained=False, drop_path=r.drop_path)
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except (RuntimeError, OSError, ValueError) as e:
+        raise FastclsError(f"Weights file {weights} (run {net['id']}) does not fit {cfg.arch}: "
+                           f"{str(e).splitlines()[0]}") from None
+    return cfg, model.eval()
+
+
+def _net_views(net: dict, items: fdata.Items, vocab: list, bs: Optional[int], device, tta: bool):
+    """(views, N, C) probabilities of one model on the items: the run's item pipeline, normalisation and TTA."""
+    from fastai.data.block import DataBlock
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.vision.data import ImageBlock
+    from .hardware import accelerate
+    cfg, model = _load_model(net, len(vocab))
+    r = cfg.recipe
+    stats = tuple(net["stats"]) if net.get("stats") is not None else None
+    n = len(items.test)
+    block = DataBlock(blocks=(ImageBlock,), get_x=fdata.ImageGetter(items.arrays, items.blank),
+                      splitter=lambda rows: ([0], list(range(n))), item_tfms=fdata.item_tfms(r),
+                      batch_tfms=fdata.batch_tfms(r, stats))
+    dls = block.dataloaders(items.test.reset_index(drop=True), bs=bs or r.bs, num_workers=0, device=device)
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat())
+    accelerate(learn, None, None, False)
+    return predict_views(learn, dls.valid, net["tta"] if tta else 0)[0]
+
+
+def _member_probs(member: dict, items, vocab, bs, device, tta: bool):
+    """A member's (views, blended probabilities): fold models' views averaged, post-hoc steps, TTA blend."""
+    views = None
+    for net in member["nets"]:
+        v = _net_views(net, items, vocab, bs, device, tta).astype(np.float64)
+        views = v if views is None else views[:min(len(views), len(v))] + v[:min(len(views), len(v))]
+    views = (views / len(member["nets"])).astype(np.float32)
+    post = PostHoc.from_dict(member.get("posthoc"))
+    if post.applied:
+        views = post.apply(views).astype(np.float32)
+    beta = member.get("beta")
+    return views, (views[0] if beta is None or len(views) == 1 else tta_blend(views, beta))
+
+
+def _combiner(combine: dict, arrays: dict, n_classes: int) -> Combiner:
+    """The ensemble's stored rule as a `Combiner`; 'stack' rebuilt from its arrays (scaler + logistic regression)."""
+    method, w = combine["method"], combine.get("weights")
+    comb = Combiner(method, n_classes, weights=None if w is None else np.asarray(w, dtype=np.float64))
+    if method == "stack":
+        if "stack_only_class" in arrays:
+            comb.model = int(arrays["stack_only_class"][0])
+            return comb
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+        scaler, lr = StandardScaler(), LogisticRegression()
+        scaler.mean_, scaler.scale_ = arrays["stack_mean"], arrays["stack_scale"]
+        scaler.var_, scaler.n_features_in_ = arrays["stack_scale"] ** 2, len(arrays["stack_mean"])
+        lr.coef_, lr.intercept_, lr.classes_ = arrays["stack_coef"], arrays["stack_intercept"], arrays["stack_classes"]
+        lr.n_features_in_ = len(arrays["stack_mean"])
+        comb.model = make_pipeline(scaler, lr)
+    return comb
+
+
+@dataclass
+class Prediction:
+    """What `predict` computed: item ids, blended probabilities, each member's views, and the submission written."""
+
+    ids: list
+    probs: np.ndarray  # (N, C), columns in `vocab` order
+    vocab: list
+    members: dict = field(repr=False, default_factory=dict)  # member id -> (views, N, C) after its post-hoc steps
+    bad: list = field(default_factory=list)  # unreadable images predicted from a blank image
+    submission: Optional[pd.DataFrame] = field(repr=False, default=None)
+
+
+def predict(source: Union[RunStore, str, Path], ref: Optional[str] = None, data=None, out=None, probs_out=None,
+            bs: Optional[int] = None, device=None, tta: bool = True, on_bad_image: str = "fail") -> Prediction:
+    """Predict new images with a stored run, cv run or ensemble (`source` a `RunStore` or its folder, `ref` the run),
+    or an exported bundle folder (`ref` its path, or `source` with no `ref`).
+
+    Args:
+        data: the recipe's data folder (its test layout), a folder of images or a CSV of image paths; None: the
+            run's own data.
+        out: write the recipe's submission CSV here; probs_out: write ids, vocab and probabilities (.npz) here.
+        bs: batch size (default: the run's); device: e.g. 'cpu', 'cuda' (default: a GPU when there is one).
+        tta: compute each run's TTA views (off: the plain view only).
+        on_bad_image: 'fail' or 'skip', as in training.
+
+    Returns:
+        A `Prediction`. Nothing is written unless every member predicted.
+    """
+    man, arrays = _plan(source, ref)
+    vocab = man["vocab"]
+    recipe = RunConfig.from_dict(man["recipe"], lenient=True).recipe
+    items = _check_inputs(read_inputs(recipe, data if data is not None else man["recipe"].get("data")), on_bad_image)
+    per_member, blends = {}, []
+    for m in man["members"]:
+        per_member[m["id"]], b = _member_probs(m, items, vocab, bs, device, tta)
+        blends.append(b)
+    probs = blends[0] if man["combine"] is None else _combiner(man["combine"], arrays, len(vocab)).apply(blends)
+    ids = [str(i) for i in items.test["id"]]
+    sub = None
+    if out is not None:
+        where = data if data is not None and Path(data).is_dir() else man["recipe"].get("data")
+        sub = write_submission(recipe, ids, probs, vocab, out, data=where)
+    if probs_out is not None:
+        write_probs(probs_out, ids, vocab, probs)
+    return Prediction(ids, probs, vocab, per_member, items.bad, sub)
+
+
+def write_probs(path, ids, vocab, probs):
+    """ids, vocab and probabilities as one .npz (no pickle), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(p):
+        with open(p, "wb") as f:
+            np.savez(f, ids=np.array(ids, dtype=str), vocab=np.array(vocab, dtype=str), probs=probs)
+    write_atomic(path, write)
+
+
+# -- export ----------------------------------------------------------------------------------------------------------
+def export(store: Union[RunStore, str, Path], ref: str, out) -> Path:
+    """Write run `ref` (a run, cv run or ensemble) as a self-contained folder that `predict(folder, data=...)` runs
+    with no run store and no training data: manifest.json (format version, vocab, recipe settings, members with
+    their configs, statistics, TTA and post-hoc steps, the ensemble's method and weights), weights/*.safetensors
+    (checksums verified on the way in and recorded) and arrays.npz (a stacking model).
+
+    Raises:
+        FastclsError: a weights file missing or altered; `out` exists and is not empty. Nothing is left half-written.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FastclsError(f"--out {out} exists and is not empty; give a new folder.")
+    man, arrays = manifest(store if isinstance(store, RunStore) else RunStore(store), ref)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "weights").mkdir(parents=True)
+    try:
+        for m in man["members"]:
+            for n in m["nets"]:
+                src = Path(n["weights"])
+                if not src.is_file():
+                    raise FastclsError(f"Weights file {src} (run {n['id']}) is missing; nothing was exported.")
+                dst = tmp / "weights" / f"{n['id']}.safetensors"
+                shutil.copyfile(src, dst)
+                digest = file_sha256(dst)
+                if n.get("sha256") and digest != n["sha256"]:
+                    raise FastclsError(f"Weights file {src} (run {n['id']}) does not match the checksum recorded "
+                                       "when it was stored: it was altered or damaged. Nothing was exported.")
+                n["weights"], n["sha256"] = f"weights/{dst.name}", digest
+        if arrays:
+            with open(tmp / "arrays.npz", "wb") as f:
+                np.savez(f, **arrays)
+        write_json(tmp / MANIFEST, man)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
