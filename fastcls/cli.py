@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .cli_options import (RunsDir, RecipeDirs, Quiet, Data, Size, Ps, Epochs, FreezeEpochs, Lr, Bs, Seed, Tta,
@@ -22,8 +23,9 @@ from .errors import FastclsError, RunInterrupted
 app = typer.Typer(help="fastcls: rapid image-classification experiments - recipes, runs, sweeps, ensembles.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 # rich wraps at 80 columns when not on a terminal; logs and CliRunner get the full table instead
-out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+# markup only where a call asks for it (markup=True, user text escaped): a path or name like '/x/data[/old]' prints as is
+out = Console(width=None if sys.stdout.isatty() else 200, markup=False)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200, markup=False)
 
 
 
@@ -40,10 +42,10 @@ def _cli(fn):
                 check_single(name if name != "train" else "train --folds")
             return fn(*args, **kwargs)
         except FastclsError as e:
-            err.print(f"[bold red]Error:[/] {e}", highlight=False)
+            err.print(f"[bold red]Error:[/] {escape(str(e))}", highlight=False, markup=True)  # user text is never markup
             raise typer.Exit(2)
         except RunInterrupted as e:  # Ctrl-C / SIGTERM while training: say how to resume
-            err.print(f"[bold yellow]Interrupted:[/] {e}", highlight=False)
+            err.print(f"[bold yellow]Interrupted:[/] {escape(str(e))}", highlight=False, markup=True)
             raise typer.Exit(e.exit_code)
     return wrapper
 
@@ -205,12 +207,12 @@ def show_cmd(run: Annotated[str, typer.Argument(help="Run id, unique id prefix, 
     if rec is not None:
         _print_sweep(rec, sweep_table(rec, store), runs_dir)
         return
-    out.print(f"[bold]Run {r.id}[/] ({r.name}, {r.kind}, {r.status}) in {r.path}")
+    out.print(f"[bold]Run {escape(r.id)}[/] " + escape(f"({r.name}, {r.kind}, {r.status}) in {r.path}"), highlight=False, markup=True)
     if r.status == "running":
         out.print(f"In progress (process {r.meta.get('writer', {}).get('pid')}); its history so far is below.",
                   highlight=False)
     elif r.status != "done":
-        out.print(f"{r.meta.get('note') or r.status}. Continue it with `fastcls resume {r.id}`.", highlight=False)
+        out.print(escape(f"{r.meta.get('note') or r.status}. Continue it with `fastcls resume {r.id}`."), highlight=False)
     out.print_json(json.dumps({"metrics": r.metrics, "config": r.config}, default=str))
     if r.history is not None and len(r.history):
         out.print(_table(r.history, title="History"))
@@ -229,16 +231,16 @@ def check_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
     from .data import check_data
     from .recipe import get_recipe
     rep = check_data(get_recipe(recipe, recipes or ()), data, verify_images=not no_verify)
-    out.print(f"[bold]Recipe {rep.recipe}[/] (layout {rep.layout}) on {rep.path}", highlight=False)
+    out.print(f"[bold]Recipe {escape(rep.recipe)}[/] (layout {rep.layout}) on {escape(str(rep.path))}", highlight=False, markup=True)
     if len(rep.counts):
         df = rep.counts if rep.counts["valid"].any() else \
             rep.counts[["class", "total"]].rename(columns={"total": "images"})
         out.print(_table(df.astype({c: int for c in df.columns if c != "class"})))
         out.print(f"{len(df)} classes, {int(rep.counts['total'].sum())} labelled images, {rep.n_test} test images.")
     for w in rep.warnings:
-        out.print(f"[yellow]Warning:[/] {w}", highlight=False)
+        out.print(f"[yellow]Warning:[/] {escape(w)}", highlight=False, markup=True)
     for p in rep.problems:
-        out.print(f"[bold red]Problem:[/] {p}", highlight=False)
+        out.print(f"[bold red]Problem:[/] {escape(p)}", highlight=False, markup=True)
     if not rep.ok:
         out.print(f"{len(rep.problems)} problem(s): training on this folder would fail.")
         raise typer.Exit(1)
@@ -339,8 +341,8 @@ def ensemble_cmd(runs: Annotated[list[str], typer.Argument(help="Runs to combine
         raise FastclsError(f"--weights must be comma-separated numbers, got {weights!r}.") from None
     res = ensemble(RunStore(runs_dir), runs, method=method, tta_beta=tta_beta, weights=w, name=name, seed=seed,
                    submission=submission, recipe_dirs=recipes or ())
-    out.print(_table(res.table, title=f"Ensemble {res.run_id} ({res.method}, {res.metric} {res.score:.4f}, "
-                                      f"evaluated {res.evaluated})"))
+    out.print(_table(res.table, title=f"Ensemble {res.run_id or '(not stored: the store is read-only)'} "
+                                      f"({res.method}, {res.metric} {res.score:.4f}, evaluated {res.evaluated})"))
     if submission is not None:
         out.print(f"Wrote {submission}: {len(res.submission)} rows.", highlight=False)
 
@@ -536,10 +538,10 @@ def report_cmd(run: RunRef,
     from .report import write_report
     rep = write_report(RunStore(runs_dir), run, out=out_dir, top=top, recipe_dirs=recipes or ())
     for note in rep.notes:
-        err.print(f"[yellow]Note:[/] {note}", highlight=False)
+        err.print(f"[yellow]Note:[/] {escape(note)}", highlight=False, markup=True)
     for key, path in rep.files.items():
         out.print(f"{key:22s} {path}", highlight=False)
-    out.print(f"[bold]Report:[/] {rep.html}", highlight=False)
+    out.print(f"[bold]Report:[/] {escape(str(rep.html))}", highlight=False, markup=True)
 
 
 weights_app = typer.Typer(help="The local pretrained-weights folder ($FASTCLS_WEIGHTS) that --pretrained uses offline.",
@@ -593,6 +595,28 @@ def weights_path_cmd():
     """Print the weights folder (set it with FASTCLS_WEIGHTS)."""
     from .weights import weights_dir
     out.print(str(weights_dir()), highlight=False, soft_wrap=True)
+
+
+@app.command("doctor")
+@_cli
+def doctor_cmd(runs_dir: RunsDir = Path("runs"),
+               fix: Annotated[bool, typer.Option("--fix", help="Rebuild the index from the run folders and mark "
+                                                 "damaged runs 'broken' (nothing is deleted).")] = False):
+    """Check a run store: index vs folders, every run file present and loadable, ids inside the store.
+
+    Exit status 0 when the store is sound (or --fix repaired it), 1 when problems remain.
+    """
+    import pandas as pd
+    from .doctor import diagnose
+    d = diagnose(runs_dir, fix=fix)
+    if d.problems:
+        out.print(_table(pd.DataFrame([vars(p) for p in d.problems]), title=f"Problems in {runs_dir}"))
+    for f in d.fixed:
+        out.print(f"Fixed: {f}", highlight=False)
+    out.print(f"{d.runs} run folder(s), {len(d.problems)} problem(s)" + ("." if d.problems or not fix else
+                                                                          ": nothing to fix."), highlight=False)
+    if d.problems and not d.fixed:
+        raise typer.Exit(1)
 
 
 def main():

@@ -7,7 +7,7 @@ no-ops.
 """
 
 __all__ = ["write_atomic", "write_json", "write_npy", "read_json", "json_default", "LOCK", "new_lock", "try_lock",
-           "unlock", "writer_gone", "remove_stray_files", "exclusive"]
+           "unlock", "writer_gone", "remove_stray_files", "exclusive", "inside"]
 
 import json
 import os
@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ._faults import fault
+from .errors import FastclsError
 
 try:
     import fcntl
@@ -154,3 +155,19 @@ def exclusive(path):
         yield
     finally:
         os.close(fd)  # releases the flock
+
+
+# -- confinement: names read from a run folder never lead outside it -------------------------------------------------
+def inside(root, name, what: str = "run") -> Path:
+    """`root / name` when `name` is one plain entry of `root` that resolves inside it (no separator, no `..`, no
+    absolute path, no symlink out of it); else a FastclsError naming the folder. Names read from a store (run ids
+    from meta.json or the index, file names) go through this before anything is read or written there."""
+    root, name = Path(root), str(name)
+    path = root / name
+    plain = name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name \
+        and Path(name).name == name
+    if not plain or path.resolve().parent != root.resolve():
+        raise FastclsError(f"The store {root} names the {what} {name!r}, which is not a folder inside it; it was not "
+                           f"read or written. The store may have been tampered with: `fastcls doctor --runs-dir {root}` "
+                           "lists its problems.")
+    return path

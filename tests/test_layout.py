@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parents[1] / "fastcls"
 # lower layers first; a module may import only from its own layer or below (within a layer: no circle)
 LAYERS = [
     {"errors", "_faults", "files", "metrics"},
-    {"runs", "recipe", "weights", "hardware", "imbalance", "posthoc", "plots"},
+    {"runs", "runfiles", "doctor", "recipe", "weights", "hardware", "imbalance", "posthoc", "plots"},
     {"archs", "predict"},
     {"config"},
     {"submission"},
