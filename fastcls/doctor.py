@@ -23,7 +23,7 @@ _READS = ("meta", "config", "vocab", "metrics", "valid_ids", "valid_probs", "val
 
 @dataclass
 class Problem:
-    """One thing wrong: which run ('' for the store itself), which file, what."""
+    """One thing wrong: which run ('' for the store itself), which file of it ('' for the folder), what."""
 
     run: str
     path: str
@@ -57,14 +57,14 @@ def _index_rows(root: Path):
 def _run_problems(path: Path) -> list:
     """The problems of one run folder, reading each file the way the commands do."""
     if path.is_symlink() or path.resolve().parent != path.parent.resolve():
-        return [Problem(path.name, str(path), f"is a link to {os.path.realpath(path)}, outside the store")]
+        return [Problem(path.name, "", f"is a link to {os.path.realpath(path)}, outside the store")]
     meta = read_json(path / "meta.json")
     if isinstance(meta, dict) and meta.get("id", path.name) != path.name:
-        return [Problem(path.name, str(path / "meta.json"), f"names the run {meta.get('id')!r}, not its folder "
+        return [Problem(path.name, "meta.json", f"names the run {meta.get('id')!r}, not its folder "
                         f"{path.name!r}")]
     status = meta.get("status") if isinstance(meta, dict) else None
     if status == "broken":
-        return [Problem(path.name, str(path / "meta.json"), f"marks the run broken: {meta.get('note')}")]
+        return [Problem(path.name, "meta.json", f"marks the run broken: {meta.get('note')}")]
     run = StoredRun(path, {"id": path.name, "name": None, "kind": None, "status": status})
     reads = _READS if status == "done" else ("meta", "config")  # a run in progress has no predictions yet
     out = []
@@ -72,12 +72,12 @@ def _run_problems(path: Path) -> list:
         try:
             getattr(run, attr)
         except DamagedRunFile as e:
-            out.append(Problem(path.name, str(e.path), e.what))
+            out.append(Problem(path.name, e.path.name, e.what))
     for name in ("model.safetensors", CHECKPOINT):
         try:
             check_safetensors(path, name)
         except DamagedRunFile as e:
-            out.append(Problem(path.name, str(e.path), e.what))
+            out.append(Problem(path.name, e.path.name, e.what))
     return out
 
 
@@ -97,11 +97,11 @@ def diagnose(root, fix: bool = False) -> Diagnosis:
     d = Diagnosis(root, len(folders))
     rows, index_error = _index_rows(root)
     if index_error:
-        d.problems.append(Problem("", str(root / INDEX), f"is damaged ({index_error})"))
+        d.problems.append(Problem("", INDEX, f"is damaged ({index_error})"))
     names = {p.name for p in folders}
     for rid in rows:
         if rid not in names:
-            d.problems.append(Problem(rid, str(root / INDEX), f"lists run {rid!r}, which has no folder in the store"))
+            d.problems.append(Problem(rid, INDEX, f"lists run {rid!r}, which has no folder in the store"))
     broken = {}
     for path in folders:
         probs = _run_problems(path)
@@ -109,31 +109,34 @@ def diagnose(root, fix: bool = False) -> Diagnosis:
         if probs:
             broken[path.name] = probs
         elif rows and path.name not in rows:
-            d.problems.append(Problem(path.name, str(path), "is not in the index"))
+            d.problems.append(Problem(path.name, "", "is not in the index"))
     if not fix or not d.problems:
         return d
     if not RunStore(root).writable():
         raise FastclsError(f"{root} is read-only, so `--fix` cannot repair it. Copy it somewhere writable "
                            f"(cp -r {root} COPY) and run `fastcls doctor --fix --runs-dir COPY`.")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    store = RunStore(root)
+    rebuild = bool(index_error) or any(p.path == INDEX or p.problem == "is not in the index" for p in d.problems)
     for rid, probs in broken.items():
         path = root / rid
-        if path.is_symlink():
-            continue  # never written through: it points outside the store; the rebuilt index leaves it out
         meta = read_json(path / "meta.json")
+        if path.is_symlink() or (isinstance(meta, dict) and meta.get("status") == "broken"):
+            continue  # a link out of the store is never written through (a rebuilt index leaves it out)
         if not isinstance(meta, dict) or meta.get("id", rid) != rid:
             if (path / "meta.json").exists():
                 os.replace(path / "meta.json", path / f"meta.json.damaged-{stamp}")
-            meta = {"id": rid, "name": None}
-        if meta.get("status") != "broken":
-            meta.update(id=rid, status_before=meta.get("status"), status="broken",
-                        note="; ".join(f"{Path(p.path).name} {p.problem}" for p in probs))
-            write_json(path / "meta.json", meta)
-            d.fixed.append(f"marked run {rid} broken")
-    if not (d.fixed or index_error or any(p.path.endswith(INDEX) or p.problem == "is not in the index"
-                                          for p in d.problems)):
-        return d  # only runs already marked broken: nothing left that --fix can do
-    aside = RunStore(root).rebuild_index(index_error)
-    d.fixed.append(f"rebuilt the index from {d.runs} run folder(s)" + (f"; the old one is kept as {aside}"
-                                                                       if aside else ""))
+            write_json(path / "meta.json", {"id": rid, "name": None})
+            rebuild = True
+        note = "; ".join(f"{p.path or 'folder'} {p.problem}" for p in probs)
+        if rebuild:  # the index is rebuilt below: only the folder's meta.json
+            write_json(path / "meta.json", {**(read_json(path / "meta.json") or {}), "status": "broken",
+                                            "status_before": (meta or {}).get("status"), "note": note})
+        else:
+            store.set_status(rid, "broken", status_before=(meta or {}).get("status"), note=note)
+        d.fixed.append(f"marked run {rid} broken")
+    if rebuild:
+        aside = store.rebuild_index(index_error)
+        d.fixed.append(f"rebuilt the index from {d.runs} run folder(s)" + (f"; the old one is kept as {aside}"
+                                                                           if aside else ""))
     return d

@@ -167,7 +167,7 @@ def inside(root, name, what: str = "run") -> Path:
     plain = name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name \
         and Path(name).name == name
     if not plain or path.resolve().parent != root.resolve():
-        raise FastclsError(f"The store {root} names the {what} {name!r}, which is not a folder inside it; it was not "
-                           f"read or written. The store may have been tampered with: `fastcls doctor --runs-dir {root}` "
+        raise FastclsError(f"The store {root} names the {what} {name!r}, which does not lead to a {what} inside it; it "
+                           f"was not read or written. The store may have been tampered with: `fastcls doctor --runs-dir {root}` "
                            "lists its problems.")
     return path

@@ -187,7 +187,7 @@ class RunStore:
 
     def _connect(self, write: bool = True) -> sqlite3.Connection:
         """The index; a reader neither switches on WAL nor creates anything (immutable on a read-only store)."""
-        path = self.root / INDEX
+        path = inside(self.root, INDEX, what="index") if (self.root / INDEX).is_symlink() else self.root / INDEX
         if write:
             con = sqlite3.connect(path, timeout=60)
         else:
@@ -210,10 +210,10 @@ class RunStore:
                 rows = [dict(r) for r in con.execute(f"SELECT * FROM runs {where} ORDER BY created DESC, id DESC",
                                                      args)]
         except sqlite3.DatabaseError as e:
-            if isinstance(e, sqlite3.OperationalError) and "no such table" not in str(e):
+            if not _index_damaged(e):
                 raise FastclsError(f"The index {self.root / INDEX} cannot be read ({e}).") from None
             raise self._damaged_index(e) from None
-        return [r for r in rows if _plain_id(self.root, r["id"])]  # a tampered index row naming a path: no run
+        return [r for r in rows if _plain_id(r["id"])]  # a tampered index row naming a path: no run
 
     def _damaged_index(self, e) -> FastclsError:
         return FastclsError(f"The index {self.root / INDEX} is damaged ({e}). Rebuild it from the run folders with "
@@ -268,7 +268,7 @@ class RunStore:
                         raise sqlite3.DatabaseError("quick_check failed")
                     indexed = dict(con.execute("SELECT id, status FROM runs").fetchall())
             except sqlite3.DatabaseError as e:
-                if isinstance(e, sqlite3.OperationalError) and "no such table" not in str(e):
+                if not _index_damaged(e):
                     raise
                 self.rebuild_index(e)
                 return
@@ -574,12 +574,15 @@ def _row_from_folder(path: Path) -> dict:
             "config": json.dumps(cfg, default=json_default)}
 
 
-def _plain_id(root: Path, rid) -> bool:
-    try:
-        inside(root, rid)
-        return True
-    except FastclsError:
-        return False
+def _index_damaged(e: sqlite3.DatabaseError) -> bool:
+    """Whether `e` says the index file is damaged (not merely locked or unopenable)."""
+    return not isinstance(e, sqlite3.OperationalError) or any(
+        s in str(e) for s in ("no such table", "no such column", "malformed", "quick_check"))
+
+
+def _plain_id(rid) -> bool:
+    """Whether `rid` could name a folder of the store at all (a folder linked out of it is refused when loaded)."""
+    return isinstance(rid, str) and rid not in ("", ".", "..") and Path(rid).name == rid and "\\" not in rid
 
 
 def _mb(n: int) -> str:
