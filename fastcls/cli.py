@@ -18,14 +18,14 @@ from .cli_options import (RunsDir, RecipeDirs, Quiet, Data, Size, Ps, Epochs, Fr
                           Imbalance, LabelSmoothing, TuneThresholds, Cache, Workers, Amp, ChannelsLast, Compile,
                           Folds, Fold, Runs, StudentArch, DropPath, Executor, Address, GpusPerTrial, CpusPerTrial,
                           Distributed, Out, LayerDecay, BnStats)
+from .cli_table import table as _table
 from .errors import FastclsError, RunInterrupted
 
 app = typer.Typer(help="fastcls: rapid image-classification experiments - recipes, runs, sweeps, ensembles.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 # rich wraps at 80 columns when not on a terminal; logs and CliRunner get the full table instead
-# markup only where a call asks for it (markup=True, user text escaped): a path or name like '/x/data[/old]' prints as is
 out = Console(width=None if sys.stdout.isatty() else 200, markup=False)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200, markup=False)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200, markup=False)  # markup=True: escape user text
 
 
 
@@ -42,24 +42,12 @@ def _cli(fn):
                 check_single(name if name != "train" else "train --folds")
             return fn(*args, **kwargs)
         except FastclsError as e:
-            err.print(f"[bold red]Error:[/] {escape(str(e))}", highlight=False, markup=True)  # user text is never markup
+            err.print(f"[bold red]Error:[/] {escape(str(e))}", highlight=False, markup=True)
             raise typer.Exit(2)
         except RunInterrupted as e:  # Ctrl-C / SIGTERM while training: say how to resume
             err.print(f"[bold yellow]Interrupted:[/] {escape(str(e))}", highlight=False, markup=True)
             raise typer.Exit(e.exit_code)
     return wrapper
-
-
-def _table(df, title: str = "", best_col: Optional[str] = None) -> Table:
-    t = Table(title=title, title_justify="left")
-    for c in df.columns:
-        t.add_column(str(c), justify="right" if df[c].dtype.kind in "fiu" else "left")
-    best = df[best_col].idxmax() if best_col and best_col in df and df[best_col].notna().any() else None
-    for i, row in df.iterrows():
-        cells = [("" if v is None or (isinstance(v, float) and v != v) else (f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}") if isinstance(v, float) else str(v))
-                 for v in row]
-        t.add_row(*cells, style="bold green" if i == best else None)
-    return t
 
 
 @app.command("recipes")
@@ -207,12 +195,13 @@ def show_cmd(run: Annotated[str, typer.Argument(help="Run id, unique id prefix, 
     if rec is not None:
         _print_sweep(rec, sweep_table(rec, store), runs_dir)
         return
-    out.print(f"[bold]Run {escape(r.id)}[/] " + escape(f"({r.name}, {r.kind}, {r.status}) in {r.path}"), highlight=False, markup=True)
+    out.print(f"[bold]Run {escape(r.id)}[/] " + escape(f"({r.name}, {r.kind}, {r.status}) in {r.path}"),
+              highlight=False, markup=True)
     if r.status == "running":
         out.print(f"In progress (process {r.meta.get('writer', {}).get('pid')}); its history so far is below.",
                   highlight=False)
     elif r.status != "done":
-        out.print(escape(f"{r.meta.get('note') or r.status}. Continue it with `fastcls resume {r.id}`."), highlight=False)
+        out.print(f"{r.meta.get('note') or r.status}. Continue it with `fastcls resume {r.id}`.", highlight=False)
     out.print_json(json.dumps({"metrics": r.metrics, "config": r.config}, default=str))
     if r.history is not None and len(r.history):
         out.print(_table(r.history, title="History"))
@@ -231,7 +220,8 @@ def check_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
     from .data import check_data
     from .recipe import get_recipe
     rep = check_data(get_recipe(recipe, recipes or ()), data, verify_images=not no_verify)
-    out.print(f"[bold]Recipe {escape(rep.recipe)}[/] (layout {rep.layout}) on {escape(str(rep.path))}", highlight=False, markup=True)
+    out.print(f"[bold]Recipe {escape(rep.recipe)}[/] (layout {rep.layout}) on {escape(str(rep.path))}",
+              highlight=False, markup=True)
     if len(rep.counts):
         df = rep.counts if rep.counts["valid"].any() else \
             rep.counts[["class", "total"]].rename(columns={"total": "images"})
@@ -599,24 +589,14 @@ def weights_path_cmd():
 
 @app.command("doctor")
 @_cli
-def doctor_cmd(runs_dir: RunsDir = Path("runs"),
-               fix: Annotated[bool, typer.Option("--fix", help="Rebuild the index from the run folders and mark "
-                                                 "damaged runs 'broken' (nothing is deleted).")] = False):
-    """Check a run store: index vs folders, every run file present and loadable, ids inside the store.
-
-    Exit status 0 when the store is sound (or --fix repaired it), 1 when problems remain.
-    """
-    import pandas as pd
+def doctor_cmd(runs_dir: RunsDir = Path("runs"), fix: Annotated[bool, typer.Option("--fix", help="Rebuild the index "
+               "and mark damaged runs 'broken' (nothing is deleted).")] = False):
+    """Check a run store (index vs folders, run files present and loadable, ids inside it); exit 1 on problems."""
     from .doctor import diagnose
     d = diagnose(runs_dir, fix=fix)
-    if d.problems:
-        out.print(_table(pd.DataFrame([vars(p) for p in d.problems]), title=f"Problems in {runs_dir}"))
-    for f in d.fixed:
-        out.print(f"Fixed: {f}", highlight=False)
-    out.print(f"{d.runs} run folder(s), {len(d.problems)} problem(s)" + ("." if d.problems or not fix else
-                                                                          ": nothing to fix."), highlight=False)
-    if d.problems and not d.fixed:
-        raise typer.Exit(1)
+    out.print(*([_table(d.table(), title=f"Problems in {runs_dir}")] if d.problems else []),
+              *(f"Fixed: {f}" for f in d.fixed), d.summary(), sep="\n", highlight=False)
+    raise typer.Exit(1 if d.problems and not d.fixed else 0)
 
 
 def main():

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import pandas as pd
+
 from .errors import FastclsError
 from .files import read_json, write_json
 from .runfiles import DamagedRunFile, check_safetensors
@@ -38,6 +40,13 @@ class Diagnosis:
     runs: int
     problems: list = field(default_factory=list)
     fixed: list = field(default_factory=list)
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame([vars(p) for p in self.problems], columns=["run", "path", "problem"])
+
+    def summary(self) -> str:
+        return f"{self.runs} run folder(s), {len(self.problems)} problem(s)" + (
+            ": the store is sound." if not self.problems else " (listed above).")
 
 
 def _index_rows(root: Path):

@@ -168,6 +168,7 @@ def inside(root, name, what: str = "run") -> Path:
         and Path(name).name == name
     if not plain or path.resolve().parent != root.resolve():
         raise FastclsError(f"The store {root} names the {what} {name!r}, which does not lead to a {what} inside it; it "
-                           f"was not read or written. The store may have been tampered with: `fastcls doctor --runs-dir {root}` "
+                           f"was not read or written. The store may have been tampered with: `fastcls doctor "
+                           f"--runs-dir {root}` "
                            "lists its problems.")
     return path

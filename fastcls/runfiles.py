@@ -1,11 +1,13 @@
-"""Writing a run folder's files (checked first), and reading them back, checked: present, parseable, of the right type and shape, inside the folder.
+"""Writing a run folder's files (checked first), and reading them back checked: present, parseable, of the right
+type and shape, inside the folder.
 
 A run store is copied, shared and downloaded, so its files may be damaged (a zero-byte `.npy`, a truncated JSON)
 or tampered with (a symlink out of the folder, an array of the wrong shape). Each reader here ends such a file in
 one FastclsError naming it and what to do (`fastcls doctor`), never in a traceback deeper down.
 """
 
-__all__ = ["check_run", "write_run_files", "DamagedRunFile", "damaged", "read_run_json", "read_run_npy", "read_run_csv", "check_safetensors"]
+__all__ = ["check_run", "write_run_files", "DamagedRunFile", "damaged", "read_run_json", "read_run_npy",
+           "read_run_csv", "check_safetensors"]
 
 import json
 import os
@@ -134,7 +136,8 @@ def check_run(run):
             raise FastclsError(f"{where}: {split} probability rows do not sum to 1 (max error "
                                f"{np.abs(sums - 1).max():.3g}); nothing was stored.")
     if len(run.valid_targets) != np.asarray(run.valid_probs).shape[1]:
-        raise FastclsError(f"{where}: {len(run.valid_targets)} valid targets for {np.asarray(run.valid_probs).shape[1]} rows.")
+        raise FastclsError(f"{where}: {len(run.valid_targets)} valid targets for "
+                           f"{np.asarray(run.valid_probs).shape[1]} rows.")
 
 
 def write_run_files(folder: Path, run):

@@ -566,7 +566,8 @@ def _row_from_folder(path: Path) -> dict:
     status = meta.get("status", "done")
     if meta.get("id", path.name) != path.name or status not in STATUSES:  # a run's id is its folder's name
         status = "broken"
-    return {"id": path.name, "name": meta.get("name"), "kind": meta.get("kind", "train"), "status": status, "recipe": cfg.get("recipe"), "arch": cfg.get("arch"),
+    return {"id": path.name, "name": meta.get("name"), "kind": meta.get("kind", "train"), "status": status,
+            "recipe": cfg.get("recipe"), "arch": cfg.get("arch"),
             "size": cfg.get("size"), "ps": cfg.get("ps"), "metric_name": mname,
             "metric": metrics.get(mname) if mname else None, "valid_loss": metrics.get("valid_loss"),
             "seconds": round(float(meta.get("seconds") or 0), 2), "created": meta.get("created"),

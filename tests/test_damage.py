@@ -181,7 +181,7 @@ def test_read_only_store_every_reading_command_works(world, tmp_path_factory):
         results = {cmd: _invoke(_args(cmd, base / "runs", rid, out)) for cmd in ("runs", "show", "ensemble", "submit")}
         ens_sub = _invoke(["ensemble", rid, rid, "--submission", out / "ens.csv", "--runs-dir", base / "runs"])
     for cmd, res in results.items():
-        assert res.exit_code == 0, f"{cmd}: {res.output}" + "".join(__import__("traceback").format_exception(*res.exc_info))
+        assert res.exit_code == 0, f"{cmd}: {res.output} {res.exception!r}"
     assert "not stored: the store is read-only" in results["ensemble"].output
     assert ens_sub.exit_code == 0, ens_sub.output
     assert (out / "ens.csv").read_text().count("\n") == (out / "sub.csv").read_text().count("\n")
