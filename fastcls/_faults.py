@@ -1,8 +1,8 @@
 """Fault injection for the reliability tests: make a real process die, pause or be interrupted at a named point.
 
-Set `FASTCLS_FAULT=<point>[:kill|pause|interrupt]` (kill is the default). `kill` sends SIGKILL to the process itself
+Set `FASTCLS_FAULT=<point>[:kill|pause|interrupt|enospc]` (kill is the default). `kill` sends SIGKILL to the process itself
 (a real `kill -9` at a known moment), `pause` prints a line to stderr and sleeps so a test can send a signal,
-`interrupt` raises KeyboardInterrupt as Ctrl-C would. Unset (the normal case) it costs one dict lookup.
+`interrupt` raises KeyboardInterrupt as Ctrl-C would, `enospc` raises the OSError of a full disk. Unset (the normal case) it costs one dict lookup.
 """
 
 __all__ = ["fault"]
@@ -28,3 +28,6 @@ def fault(point: str):
         time.sleep(600)
     elif action == "interrupt":
         raise KeyboardInterrupt(f"FASTCLS_FAULT at {point}")
+    elif action == "enospc":
+        import errno
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), point)

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .cli_options import (RunsDir, RecipeDirs, Quiet, Data, Size, Ps, Epochs, FreezeEpochs, Lr, Bs, Seed, Tta,
@@ -17,13 +18,14 @@ from .cli_options import (RunsDir, RecipeDirs, Quiet, Data, Size, Ps, Epochs, Fr
                           Imbalance, LabelSmoothing, TuneThresholds, Cache, Workers, Amp, ChannelsLast, Compile,
                           Folds, Fold, Runs, StudentArch, DropPath, Executor, Address, GpusPerTrial, CpusPerTrial,
                           Distributed, Out, LayerDecay, BnStats, ArchOpt, recipe_flags)
+from .cli_table import table as _table
 from .errors import FastclsError, RunInterrupted
 
 app = typer.Typer(help="fastcls: rapid image-classification experiments - recipes, runs, sweeps, ensembles.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 # rich wraps at 80 columns when not on a terminal; logs and CliRunner get the full table instead
-out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+out = Console(width=None if sys.stdout.isatty() else 200, markup=False)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200, markup=False)  # markup=True: escape user text
 
 
 
@@ -40,24 +42,12 @@ def _cli(fn):
                 check_single(name if name != "train" else "train --folds")
             return fn(*args, **kwargs)
         except FastclsError as e:
-            err.print(f"[bold red]Error:[/] {e}", highlight=False)
+            err.print(f"[bold red]Error:[/] {escape(str(e))}", highlight=False, markup=True)
             raise typer.Exit(2)
         except RunInterrupted as e:  # Ctrl-C / SIGTERM while training: say how to resume
-            err.print(f"[bold yellow]Interrupted:[/] {e}", highlight=False)
+            err.print(f"[bold yellow]Interrupted:[/] {escape(str(e))}", highlight=False, markup=True)
             raise typer.Exit(e.exit_code)
     return wrapper
-
-
-def _table(df, title: str = "", best_col: Optional[str] = None) -> Table:
-    t = Table(title=title, title_justify="left")
-    for c in df.columns:
-        t.add_column(str(c), justify="right" if df[c].dtype.kind in "fiu" else "left")
-    best = df[best_col].idxmax() if best_col and best_col in df and df[best_col].notna().any() else None
-    for i, row in df.iterrows():
-        cells = [("" if v is None or (isinstance(v, float) and v != v) else (f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}") if isinstance(v, float) else str(v))
-                 for v in row]
-        t.add_row(*cells, style="bold green" if i == best else None)
-    return t
 
 
 @app.command("recipes")
@@ -206,7 +196,8 @@ def show_cmd(run: Annotated[str, typer.Argument(help="Run id, unique id prefix, 
     if rec is not None:
         _print_sweep(rec, sweep_table(rec, store), runs_dir)
         return
-    out.print(f"[bold]Run {r.id}[/] ({r.name}, {r.kind}, {r.status}) in {r.path}")
+    out.print(f"[bold]Run {escape(r.id)}[/] " + escape(f"({r.name}, {r.kind}, {r.status}) in {r.path}"),
+              highlight=False, markup=True)
     if r.status == "running":
         out.print(f"In progress (process {r.meta.get('writer', {}).get('pid')}); its history so far is below.",
                   highlight=False)
@@ -230,16 +221,17 @@ def check_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
     from .data import check_data
     from .recipe import get_recipe
     rep = check_data(get_recipe(recipe, recipes or ()), data, verify_images=not no_verify)
-    out.print(f"[bold]Recipe {rep.recipe}[/] (layout {rep.layout}) on {rep.path}", highlight=False)
+    out.print(f"[bold]Recipe {escape(rep.recipe)}[/] (layout {rep.layout}) on {escape(str(rep.path))}",
+              highlight=False, markup=True)
     if len(rep.counts):
         df = rep.counts if rep.counts["valid"].any() else \
             rep.counts[["class", "total"]].rename(columns={"total": "images"})
         out.print(_table(df.astype({c: int for c in df.columns if c != "class"})))
         out.print(f"{len(df)} classes, {int(rep.counts['total'].sum())} labelled images, {rep.n_test} test images.")
     for w in rep.warnings:
-        out.print(f"[yellow]Warning:[/] {w}", highlight=False)
+        out.print(f"[yellow]Warning:[/] {escape(w)}", highlight=False, markup=True)
     for p in rep.problems:
-        out.print(f"[bold red]Problem:[/] {p}", highlight=False)
+        out.print(f"[bold red]Problem:[/] {escape(p)}", highlight=False, markup=True)
     if not rep.ok:
         out.print(f"{len(rep.problems)} problem(s): training on this folder would fail.")
         raise typer.Exit(1)
@@ -340,8 +332,8 @@ def ensemble_cmd(runs: Annotated[list[str], typer.Argument(help="Runs to combine
         raise FastclsError(f"--weights must be comma-separated numbers, got {weights!r}.") from None
     res = ensemble(RunStore(runs_dir), runs, method=method, tta_beta=tta_beta, weights=w, name=name, seed=seed,
                    submission=submission, recipe_dirs=recipes or ())
-    out.print(_table(res.table, title=f"Ensemble {res.run_id} ({res.method}, {res.metric} {res.score:.4f}, "
-                                      f"evaluated {res.evaluated})"))
+    out.print(_table(res.table, title=f"Ensemble {res.run_id or '(not stored: the store is read-only)'} "
+                                      f"({res.method}, {res.metric} {res.score:.4f}, evaluated {res.evaluated})"))
     if submission is not None:
         out.print(f"Wrote {submission}: {len(res.submission)} rows.", highlight=False)
 
@@ -540,10 +532,10 @@ def report_cmd(run: RunRef,
     from .report import write_report
     rep = write_report(RunStore(runs_dir), run, out=out_dir, top=top, recipe_dirs=recipes or ())
     for note in rep.notes:
-        err.print(f"[yellow]Note:[/] {note}", highlight=False)
+        err.print(f"[yellow]Note:[/] {escape(note)}", highlight=False, markup=True)
     for key, path in rep.files.items():
         out.print(f"{key:22s} {path}", highlight=False)
-    out.print(f"[bold]Report:[/] {rep.html}", highlight=False)
+    out.print(f"[bold]Report:[/] {escape(str(rep.html))}", highlight=False, markup=True)
 
 
 weights_app = typer.Typer(help="The local pretrained-weights folder ($FASTCLS_WEIGHTS) that --pretrained uses offline.",
@@ -599,8 +591,8 @@ def weights_path_cmd():
     out.print(str(weights_dir()), highlight=False, soft_wrap=True)
 
 
-from .cli_predict import register  # noqa: E402  (predict, export: in their own module, this one is full)
-register(app, _cli, out)
+from .cli_tools import register  # noqa: E402  (predict, export, doctor: in their own module)
+register(app, _cli, out, _table)
 
 
 def main():

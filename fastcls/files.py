@@ -6,8 +6,9 @@ removes. Locks are `flock`s, so the kernel frees them when their process dies; w
 no-ops.
 """
 
-__all__ = ["write_atomic", "file_sha256", "write_json", "write_npy", "read_json", "json_default", "LOCK", "new_lock", "try_lock",
-           "unlock", "writer_gone", "remove_stray_files", "exclusive"]
+__all__ = ["write_atomic", "write_json", "write_npy", "read_json", "json_default", "LOCK", "new_lock", "try_lock",
+           "unlock", "writer_gone", "remove_stray_files", "exclusive", "inside",
+           "file_sha256"]
 
 import json
 import os
@@ -19,6 +20,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ._faults import fault
+from .errors import FastclsError
 
 try:
     import fcntl
@@ -164,3 +166,20 @@ def exclusive(path):
         yield
     finally:
         os.close(fd)  # releases the flock
+
+
+# -- confinement: names read from a run folder never lead outside it -------------------------------------------------
+def inside(root, name, what: str = "run") -> Path:
+    """`root / name` when `name` is one plain entry of `root` that resolves inside it (no separator, no `..`, no
+    absolute path, no symlink out of it); else a FastclsError naming the folder. Names read from a store (run ids
+    from meta.json or the index, file names) go through this before anything is read or written there."""
+    root, name = Path(root), str(name)
+    path = root / name
+    plain = name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name \
+        and Path(name).name == name
+    if not plain or path.resolve().parent != root.resolve():
+        raise FastclsError(f"The store {root} names the {what} {name!r}, which does not lead to a {what} inside it; it "
+                           f"was not read or written. The store may have been tampered with: `fastcls doctor "
+                           f"--runs-dir {root}` "
+                           "lists its problems.")
+    return path

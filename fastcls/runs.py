@@ -14,6 +14,7 @@ import shutil
 import socket
 import sqlite3
 import subprocess
+import sys
 import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
@@ -27,12 +28,13 @@ import pandas as pd
 
 from ._faults import fault
 from .errors import FastclsError
-from .files import (LOCK, exclusive, file_sha256, json_default, new_lock, read_json, remove_stray_files, try_lock,
-                    unlock, write_atomic, write_json, write_npy, writer_gone)
+from .files import (LOCK, exclusive, inside, json_default, new_lock, read_json, remove_stray_files, try_lock, unlock,
+                    write_atomic, write_json, writer_gone)
+from .runfiles import check_run as _check_run, read_run_csv, read_run_json, read_run_npy, write_run_files
 
 INDEX = "index.sqlite"
 CHECKPOINT = "checkpoint.safetensors"  # a resumable training state, in the folder of a run not yet done
-STATUSES = ("running", "interrupted", "failed", "done")
+STATUSES = ("running", "interrupted", "failed", "done", "broken")  # broken: a damaged run (`fastcls doctor`)
 _COLUMNS = ("id", "name", "kind", "status", "recipe", "arch", "size", "ps", "metric_name", "metric", "valid_loss",
             "seconds", "created", "sweep", "parent", "config")
 
@@ -87,24 +89,15 @@ class RunData:
 
 
 class StoredRun:
-    """A run read back from the store; arrays are memory-mapped on first access."""
+    """A run read back from the store; arrays are memory-mapped on first access.
+
+    Every file is checked as it is read (`fastcls.runfiles`): a missing, damaged or out-of-folder file, or one of
+    the wrong type or shape, is one FastclsError naming it.
+    """
 
     def __init__(self, path: Path, row: dict):
         self.path, self.row = Path(path), row
         self.id, self.name, self.kind = row["id"], row["name"], row["kind"]
-
-    def _json(self, name):
-        return json.loads((self.path / name).read_text())
-
-    def _npy(self, name):
-        p = self.path / name
-        if not p.exists():
-            return None
-        try:
-            return np.load(p, mmap_mode="r", allow_pickle=False)  # never unpickle what a run folder holds
-        except ValueError as e:
-            raise FastclsError(f"{p} (run {self.id}) is not a plain numeric array ({e}); it was not loaded. "
-                               "Delete the run and train it again.") from None
 
     @property
     def status(self) -> str:
@@ -116,45 +109,46 @@ class StoredRun:
 
     @cached_property
     def config(self) -> dict:
-        return self._json("config.json")
+        return read_run_json(self.path, "config.json", dict)
 
     @cached_property
     def metrics(self) -> dict:
-        return self._json("metrics.json") if (self.path / "metrics.json").exists() else {}
+        return read_run_json(self.path, "metrics.json", dict, required=False) or {}
 
     @cached_property
     def vocab(self) -> list:
-        return self._json("vocab.json")
+        return read_run_json(self.path, "vocab.json", list)
 
     @cached_property
     def meta(self) -> dict:
-        return self._json("meta.json")
+        return read_run_json(self.path, "meta.json", dict)
 
     @cached_property
     def valid_probs(self) -> np.ndarray:
-        return self._npy("valid_probs.npy")
+        return read_run_npy(self.path, "valid_probs.npy", (3,), "f", shape={1: len(self.valid_ids), 2: len(self.vocab)})
 
     @cached_property
     def valid_targets(self) -> np.ndarray:
-        return self._npy("valid_targets.npy")
+        return read_run_npy(self.path, "valid_targets.npy", (1, 2), "iub", shape={0: len(self.valid_ids)})
 
     @cached_property
     def valid_ids(self) -> list:
-        return self._json("valid_ids.json")
+        return read_run_json(self.path, "valid_ids.json", list)
 
     @cached_property
     def test_probs(self) -> Optional[np.ndarray]:
-        return self._npy("test_probs.npy")
+        ids = self.test_ids  # test probabilities and their ids come together, or not at all
+        return read_run_npy(self.path, "test_probs.npy", (3,), "f", required=ids is not None,
+                            shape=None if ids is None else {1: len(ids), 2: len(self.vocab)})
 
     @cached_property
     def test_ids(self) -> Optional[list]:
-        p = self.path / "test_ids.json"
-        return json.loads(p.read_text()) if p.exists() else None
+        required = (self.path / "test_probs.npy").exists() or (self.path / "test_probs.npy").is_symlink()
+        return read_run_json(self.path, "test_ids.json", list, required=required)
 
     @cached_property
     def history(self) -> Optional[pd.DataFrame]:
-        p = self.path / "history.csv"
-        return pd.read_csv(p) if p.exists() else None
+        return read_run_csv(self.path, "history.csv")
 
     @property
     def weights_path(self) -> Path:
@@ -181,20 +175,50 @@ class RunStore:
         self._locks: dict = {}  # run id -> open file holding that run's .lock while this process writes it
 
     # -- index ------------------------------------------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.root / INDEX, timeout=60)
+    def _dir(self, rid: str) -> Path:
+        """The folder of run `rid`, refused (FastclsError) unless it is a plain folder name inside the store."""
+        return inside(self.root, rid)
+
+    def writable(self) -> bool:
+        """Whether this process may write the store (False: a read-only copy, e.g. a downloaded store)."""
+        index, eff = self.root / INDEX, os.access in os.supports_effective_ids
+        return os.access(self.root, os.W_OK, effective_ids=eff) and (
+            not index.exists() or os.access(index, os.W_OK, effective_ids=eff))
+
+    def _connect(self, write: bool = True) -> sqlite3.Connection:
+        """The index; a reader neither switches on WAL nor creates anything (immutable on a read-only store)."""
+        path = inside(self.root, INDEX, what="index") if (self.root / INDEX).is_symlink() else self.root / INDEX
+        if write:
+            con = sqlite3.connect(path, timeout=60)
+        else:
+            mode = "ro" if self.writable() else "ro&immutable=1"  # immutable: SQLite writes no -shm beside it
+            con = sqlite3.connect(f"{path.resolve().as_uri()}?mode={mode}", uri=True, timeout=60)
         con.row_factory = sqlite3.Row
         con.execute("PRAGMA busy_timeout=60000")
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute(f"CREATE TABLE IF NOT EXISTS runs ({', '.join(c + (' PRIMARY KEY' if c == 'id' else '') for c in _COLUMNS)})")
+        if write:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute(f"CREATE TABLE IF NOT EXISTS runs "
+                        f"({', '.join(c + (' PRIMARY KEY' if c == 'id' else '') for c in _COLUMNS)})")
         return con
 
     def _rows(self, where: str = "", args=()) -> list[dict]:
         self._repair()
         if not (self.root / INDEX).exists():
             return []
-        with closing(self._connect()) as con:
-            return [dict(r) for r in con.execute(f"SELECT * FROM runs {where} ORDER BY created DESC, id DESC", args)]
+        try:
+            with closing(self._connect(write=False)) as con:
+                rows = [dict(r) for r in con.execute(f"SELECT * FROM runs {where} ORDER BY created DESC, id DESC",
+                                                     args)]
+        except sqlite3.DatabaseError as e:
+            if not _index_damaged(e):
+                raise FastclsError(f"The index {self.root / INDEX} cannot be read ({e}).") from None
+            raise self._damaged_index(e) from None
+        return [r for r in rows if _plain_id(r["id"])]  # a tampered index row naming a path: no run
+
+    def _damaged_index(self, e) -> FastclsError:
+        return FastclsError(f"The index {self.root / INDEX} is damaged ({e}). Rebuild it from the run folders with "
+                            f"`fastcls doctor --fix --runs-dir {self.root}` (the damaged file is kept aside); on a "
+                            "read-only store, copy the folder somewhere writable first.")
 
     def _index(self, path: Path):
         """Write (or rewrite) the index row of the run folder `path` from its files: the folder is the truth."""
@@ -234,10 +258,20 @@ class RunStore:
         if self._repaired or not self.root.is_dir():
             return
         self._repaired = True
+        if not self.writable():  # a read-only copy: read it as it is
+            return
         indexed = {}
         if (self.root / INDEX).exists():
-            with closing(self._connect()) as con:
-                indexed = dict(con.execute("SELECT id, status FROM runs").fetchall())
+            try:
+                with closing(self._connect()) as con:
+                    if con.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                        raise sqlite3.DatabaseError("quick_check failed")
+                    indexed = dict(con.execute("SELECT id, status FROM runs").fetchall())
+            except sqlite3.DatabaseError as e:
+                if not _index_damaged(e):
+                    raise
+                self.rebuild_index(e)
+                return
         for entry in os.scandir(self.root):
             if not entry.is_dir(follow_symlinks=False):
                 continue
@@ -248,6 +282,22 @@ class RunStore:
             elif (not entry.name.startswith(".") and indexed.get(entry.name) != "done"
                   and (path / "meta.json").is_file()):
                 self._settle(path, indexed.get(entry.name))
+
+    def rebuild_index(self, reason=None) -> Optional[Path]:
+        """Index every run folder afresh (the folders are the truth). A damaged index is kept aside, renamed
+        `index.sqlite.damaged-<time>`, and said so on stderr; returns where it went (None: there was none)."""
+        index, aside = self.root / INDEX, None
+        if index.exists():
+            aside = index.with_name(f"{INDEX}.damaged-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+            for suffix in ("", "-wal", "-shm"):
+                if Path(f"{index}{suffix}").exists():
+                    os.replace(f"{index}{suffix}", f"{aside}{suffix}")
+            print(f"fastcls: the index {index} " + (f"was damaged ({reason})" if reason else "is rebuilt") +
+                  f"; the old one is kept as {aside} and a new index was built from the run folders.", file=sys.stderr)
+        self._repaired = False
+        self._repair()  # the new index has no rows, so every run folder is indexed
+        return aside
+
 
     def _settle(self, path: Path, indexed_status: Optional[str]):
         """Make the index agree with a run folder that is not indexed as 'done'."""
@@ -321,7 +371,7 @@ class RunStore:
         _check_run(run)
 
         def fill(tmp, rid):
-            facts = _write_run_files(tmp, run)
+            facts = write_run_files(tmp, run)
             write_json(tmp / "meta.json", self._meta(rid, run.name, run.kind, "done", run.config, run.seconds,
                                                       run.sweep, run.parent, {**run.extra, **facts}))
         return self._commit(fill)
@@ -368,7 +418,7 @@ class RunStore:
 
     def run_files(self, rid: str) -> dict:
         """The files of the finished run `rid` (name -> bytes), for `import_run` into another store."""
-        path = self.root / rid
+        path = self._dir(rid)
         return {p.name: p.read_bytes() for p in sorted(path.iterdir())
                 if p.is_file() and not p.name.startswith(".") and p.name != CHECKPOINT}
 
@@ -392,7 +442,7 @@ class RunStore:
 
     def claim(self, rid: str):
         """Take over an interrupted or failed run to continue it (`fastcls resume`); refuses a run in progress."""
-        path = self.root / rid
+        path = self._dir(rid)
         for _ in range(20):  # another process's repair may hold the lock for a moment
             fd = try_lock(path)
             if fd is not None:
@@ -402,9 +452,9 @@ class RunStore:
             raise FastclsError(f"Run {rid} in {self.root} is being written by another process right now; wait for it "
                                "to finish (see `fastcls runs`).")
         meta = read_json(path / "meta.json") or {}
-        if meta.get("status") == "done":
+        if meta.get("status") in ("done", "broken"):
             unlock(fd)
-            raise FastclsError(f"Run {rid} is already done; nothing to resume.")
+            raise FastclsError(f"Run {rid} is {meta.get('status')}; nothing to resume.")
         self._locks[rid] = fd
         self.set_status(rid, "running", writer={"host": socket.gethostname(), "pid": os.getpid()}, note=None)
 
@@ -412,7 +462,7 @@ class RunStore:
         """Change a run's status (meta.json first, then the index row); `info` is merged into its meta.json."""
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
-        path = self.root / rid
+        path = self._dir(rid)
         meta = read_json(path / "meta.json") or {}
         meta.update(info, status=status)
         write_json(path / "meta.json", meta)
@@ -427,9 +477,9 @@ class RunStore:
     def finish(self, rid: str, run: RunData) -> str:
         """Store the results of a run started with `begin`: every file atomically, then status 'done', then the row."""
         _check_run(run)
-        path = self.root / rid
+        path = self._dir(rid)
         meta = read_json(path / "meta.json") or {}
-        facts = _write_run_files(path, run)
+        facts = write_run_files(path, run)
         fault("finish-files")
         meta.update(status="done", seconds=run.seconds, note=None, **environment_info(), **run.extra, **facts)
         write_json(path / "meta.json", meta)
@@ -443,11 +493,11 @@ class RunStore:
     # -- paths and status of one run (training asks the store; it never builds them itself) ---------------------
     def run_dir(self, rid: str) -> Path:
         """The folder of run `rid`."""
-        return self.root / rid
+        return self._dir(rid)
 
     def checkpoint_path(self, rid: str) -> Path:
         """Where run `rid` keeps its resumable training state while it is not done."""
-        return self.root / rid / CHECKPOINT
+        return self._dir(rid) / CHECKPOINT
 
     def cache_dir(self, kind: str) -> Path:
         """The store's cache folder for `kind` (e.g. 'features': the sweeps' and probes' cached body features)."""
@@ -455,7 +505,7 @@ class RunStore:
 
     def is_done(self, rid: str) -> bool:
         """Whether run `rid`'s own meta.json (the truth, ahead of the index row) says it is done."""
-        return (read_json(self.root / rid / "meta.json") or {}).get("status") == "done"
+        return (read_json(self._dir(rid) / "meta.json") or {}).get("status") == "done"
 
     # -- read -------------------------------------------------------------------------------------------------
     def resolve(self, ref: str) -> dict:
@@ -474,9 +524,12 @@ class RunStore:
     def load(self, ref: str, any_status: bool = False) -> StoredRun:
         """The run `ref` names (id, unique id prefix or name); only a finished run unless `any_status`."""
         row = self.resolve(ref)
-        path = self.root / row["id"]
+        path = self._dir(row["id"])
         if not path.is_dir():
             raise FastclsError(f"Run {row['id']} is in the index of {self.root} but its folder {path} is missing.")
+        if row["status"] == "broken":
+            raise FastclsError(f"Run {row['id']} in {self.root} is broken (damaged or tampered files); it is not read. "
+                               f"`fastcls doctor --runs-dir {self.root}` says what is wrong; train it again.")
         if not any_status and row["status"] != "done":
             raise FastclsError(f"Run {row['id']} is {row['status']}: it has no predictions yet. "
                                + (f"Continue it with `fastcls resume {row['id']}`." if row["status"] != "running"
@@ -504,63 +557,33 @@ class RunStore:
         return df.reset_index(drop=True)
 
 
-def _check_run(run: RunData):
-    """Refuse arrays that would corrupt later ensembles: wrong shapes, NaN, rows that are not probabilities."""
-    where = f"run {run.name or run.config.get('recipe', '')}".strip()
-    for split, probs, ids in (("valid", run.valid_probs, run.valid_ids), ("test", run.test_probs, run.test_ids)):
-        if probs is None:
-            continue
-        probs = np.asarray(probs)
-        if probs.ndim != 3 or probs.shape[2] != len(run.vocab):
-            raise FastclsError(f"{where}: {split} probabilities have shape {probs.shape}; expected (views, items, "
-                               f"{len(run.vocab)} classes).")
-        if ids is None or probs.shape[1] != len(ids):
-            raise FastclsError(f"{where}: {split} probabilities have {probs.shape[1]} rows but "
-                               f"{0 if ids is None else len(ids)} item ids.")
-        if not np.isfinite(probs).all():
-            raise FastclsError(f"{where}: {split} probabilities contain NaN or infinite values; nothing was stored.")
-        sums = probs.sum(-1)
-        if np.abs(sums - 1).max() > 1e-3:
-            raise FastclsError(f"{where}: {split} probability rows do not sum to 1 (max error "
-                               f"{np.abs(sums - 1).max():.3g}); nothing was stored.")
-    if len(run.valid_targets) != np.asarray(run.valid_probs).shape[1]:
-        raise FastclsError(f"{where}: {len(run.valid_targets)} valid targets for {np.asarray(run.valid_probs).shape[1]} rows.")
-
-
-def _write_run_files(folder: Path, run: RunData) -> dict:
-    """Every file of a finished run except meta.json, each written atomically; returns facts for meta.json (the
-    weights file's SHA-256, which `fastcls predict` and `fastcls export` verify)."""
-    for fname, obj in (("config.json", run.config), ("metrics.json", run.metrics), ("vocab.json", list(run.vocab)),
-                       ("valid_ids.json", [str(i) for i in run.valid_ids])):
-        write_json(folder / fname, obj)
-    write_npy(folder / "valid_probs.npy", np.ascontiguousarray(run.valid_probs, dtype=np.float32))
-    write_npy(folder / "valid_targets.npy", np.asarray(run.valid_targets, dtype=np.int64))
-    if run.test_probs is not None:
-        write_npy(folder / "test_probs.npy", np.ascontiguousarray(run.test_probs, dtype=np.float32))
-        write_json(folder / "test_ids.json", [str(i) for i in run.test_ids])
-    if run.history is not None:
-        write_atomic(folder / "history.csv", lambda p: run.history.to_csv(p, index=False))
-    if run.weights is not None:
-        from safetensors.torch import save_file
-        tensors = {k: v.detach().cpu().contiguous() for k, v in run.weights.items()}
-        write_atomic(folder / "model.safetensors", lambda p: save_file(tensors, str(p)))
-        return {"weights_sha256": file_sha256(folder / "model.safetensors")}
-    return {}
-
-
 def _row_from_folder(path: Path) -> dict:
     """The index row of a run folder, from its config.json, meta.json and (when done) metrics.json."""
     cfg = read_json(path / "config.json") or {}
     meta = read_json(path / "meta.json") or {}
     metrics = read_json(path / "metrics.json") or {}
     mname = metrics.get("metric_name")
-    return {"id": meta.get("id", path.name), "name": meta.get("name"), "kind": meta.get("kind", "train"),
-            "status": meta.get("status", "done"), "recipe": cfg.get("recipe"), "arch": cfg.get("arch"),
+    status = meta.get("status", "done")
+    if meta.get("id", path.name) != path.name or status not in STATUSES:  # a run's id is its folder's name
+        status = "broken"
+    return {"id": path.name, "name": meta.get("name"), "kind": meta.get("kind", "train"), "status": status,
+            "recipe": cfg.get("recipe"), "arch": cfg.get("arch"),
             "size": cfg.get("size"), "ps": cfg.get("ps"), "metric_name": mname,
             "metric": metrics.get(mname) if mname else None, "valid_loss": metrics.get("valid_loss"),
             "seconds": round(float(meta.get("seconds") or 0), 2), "created": meta.get("created"),
             "sweep": meta.get("sweep"), "parent": meta.get("parent"),
             "config": json.dumps(cfg, default=json_default)}
+
+
+def _index_damaged(e: sqlite3.DatabaseError) -> bool:
+    """Whether `e` says the index file is damaged (not merely locked or unopenable)."""
+    return not isinstance(e, sqlite3.OperationalError) or any(
+        s in str(e) for s in ("no such table", "no such column", "malformed", "quick_check"))
+
+
+def _plain_id(rid) -> bool:
+    """Whether `rid` could name a folder of the store at all (a folder linked out of it is refused when loaded)."""
+    return isinstance(rid, str) and rid not in ("", ".", "..") and Path(rid).name == rid and "\\" not in rid
 
 
 def _mb(n: int) -> str:

@@ -14,6 +14,7 @@ ensemble of ensembles stays honest; its test probabilities come from the fit on 
 __all__ = ["EnsembleResult", "ensemble"]
 
 import time
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -44,7 +45,7 @@ class _Lazy(Sequence):
 
 @dataclass
 class EnsembleResult:
-    """What `ensemble` stored and how it scored.
+    """What `ensemble` stored and how it scored (`run_id` None: the store was read-only, nothing was stored).
 
     `valid_probs` is the combination fitted on all validation rows; `oof_probs` the held-out predictions that
     give the honest score (None when nothing was fitted, then the score is direct). The stored run's valid
@@ -174,7 +175,8 @@ def ensemble(store: RunStore, refs: list[str], method: str = "mean", tta_beta: O
         config["hill_steps"] = hill_steps
     metrics = {"metric_name": metric, metric: score, f"fit_{metric}": fit_score, "evaluated": evaluated,
                "gain": gain, "gain_lo": lo, "gain_hi": hi, "best_member": member_ids[best]}
-    run_id = store.save(RunData(
+    writable = store.writable()  # a read-only store (a downloaded one): score and submit, store nothing
+    run_id = None if not writable else store.save(RunData(
         config=config, vocab=list(runs[0].vocab), valid_probs=stored[None], valid_targets=y, valid_ids=valid_ids,
         metrics=metrics, test_probs=None if test_probs is None else test_probs[None], test_ids=test_ids,
         kind="ensemble", name=name, seconds=time.perf_counter() - t0,
@@ -188,13 +190,16 @@ def ensemble(store: RunStore, refs: list[str], method: str = "mean", tta_beta: O
              "fit_score": member_fit[i], "evaluated": f"cv-{K}" if choose[i] else "direct",
              "gain": np.nan, "gain_lo": np.nan, "gain_hi": np.nan}
             for i, (r, b) in enumerate(zip(runs, betas))]
-    rows.append({"kind": "ensemble", "id": run_id, "name": store.resolve(run_id)["name"], "arch": "ensemble",
+    rows.append({"kind": "ensemble", "id": run_id, "name": store.resolve(run_id)["name"] if run_id else name,
+                 "arch": "ensemble",
                  "method": method, "beta": np.nan, "weight": np.nan, "metric": metric, "score": score,
                  "fit_score": fit_score, "evaluated": evaluated, "gain": gain, "gain_lo": lo, "gain_hi": hi})
     sub = None
     if submission is not None:
-        sub = submission_for_run(store.load(run_id), submission, beta=None, data=runs[0].config.get("data"),
-                                 recipe_dirs=recipe_dirs)
+        run = store.load(run_id) if run_id else SimpleNamespace(
+            id="ensemble", config=config, vocab=list(runs[0].vocab), test_ids=test_ids,
+            test_probs=None if test_probs is None else test_probs[None])
+        sub = submission_for_run(run, submission, beta=None, data=runs[0].config.get("data"), recipe_dirs=recipe_dirs)
     return EnsembleResult(run_id=run_id, table=pd.DataFrame(rows), method=method, metric=metric, score=score,
                           evaluated=evaluated, weights=w_out, betas=betas, valid_ids=valid_ids,
                           valid_probs=valid_probs, oof_probs=oof_probs, test_ids=test_ids, test_probs=test_probs,

@@ -164,6 +164,8 @@ def write_report(store, ref: str, out=None, top: int = 16, recipe_dirs=()) -> Re
     run, sweep = load_run_or_sweep(store, ref)
     if sweep is not None:
         return write_sweep_report(store, ref, out, top, recipe_dirs)
+    for part in ("config", "meta", "metrics", "vocab", "valid_ids", "valid_probs", "valid_targets", "history"):
+        getattr(run, part)  # every file read (and checked) before anything is written: no half report
     folder = Path(out) if out is not None else run.path / "report"
     folder.mkdir(parents=True, exist_ok=True)
     vocab = [str(v) for v in run.vocab]

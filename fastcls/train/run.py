@@ -182,6 +182,7 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
     except KeyboardInterrupt as e:
         if store.is_done(rid):  # Ctrl-C in the last instant of saving: the run is complete
             raise
+        e = str(e)  # a bare Ctrl-C has no message: say "Ctrl-C", never "()"
         total = sum(n for _, n, _, _ in schedule(cfg))
         _quietly(store.set_status, rid, "interrupted", seconds=time.time() - t0 + prior, epochs_done=ckpt.epochs_done,
                  note=f"interrupted ({e or 'Ctrl-C'}) after {ckpt.epochs_done} of {total} epochs")
@@ -195,8 +196,13 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
     except BaseException as e:
         if store.is_done(rid):
             raise
+        full = _disk_full(e)
         _quietly(store.set_status, rid, "failed", seconds=time.time() - t0 + prior, epochs_done=ckpt.epochs_done,
-                 note=f"{type(e).__name__}: {e}")
+                 note=f"the disk filled ({e})" if full else f"{type(e).__name__}: {e}")
+        if full:  # not a bug: say what happened and how to go on
+            raise FastclsError(f"The disk of {store.root} filled while run {rid} was being written ({e}). Its last "
+                               f"finished epoch ({ckpt.epochs_done}) is kept; free some space, then continue it with "
+                               f"`fastcls resume {rid} --runs-dir {store.root}`.") from None
         raise
 
 
@@ -353,6 +359,13 @@ def _bytes_needed(learn: Learner, d, items: fdata.Items, recipe: Recipe) -> int:
     n_items = len(d.valid_ds) + (len(items.test) if items.test is not None else 0)
     probs = 4 * (1 + recipe.tta) * n_items * len(d.vocab)
     return weights * (1 + 2 * 4) + probs + 16 * 2**20
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Whether `e` says the disk is full (an OSError ENOSPC, or safetensors' / torch's wrapped IoError)."""
+    import errno
+    return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
+        s in str(e) for s in ("No space left on device", "StorageFull", "Disk quota exceeded"))
 
 
 def _quietly(fn, *args, **kwargs):

@@ -1,5 +1,6 @@
-"""`fastcls predict` and `fastcls export` (`fastcls.inference`), registered on the app by `register`: the same thin
-commands as `fastcls.cli`'s, in their own module."""
+"""Commands that need no training: `fastcls predict` and `fastcls export` (`fastcls.inference`) and `fastcls doctor`
+(`fastcls.doctor`), registered on the app by `register`: the same thin commands as `fastcls.cli`'s, in their own
+module."""
 
 __all__ = ["register"]
 
@@ -11,8 +12,9 @@ import typer
 from .cli_options import Bs, OnBadImage, RunRef, RunsDir
 
 
-def register(app: typer.Typer, cli, out):
-    """Add the commands to `app`, each wrapped by `cli` (FastclsError -> one paragraph, exit 2), printing to `out`."""
+def register(app: typer.Typer, cli, out, table):
+    """Add the commands to `app`, each wrapped by `cli` (FastclsError -> one paragraph, exit 2), printing to `out`
+    (tables made by `table`)."""
     @app.command("predict")
     @cli
     def predict_cmd(run: Annotated[str, typer.Argument(help="Run id, prefix or name (a cv run or ensemble too), "
@@ -46,3 +48,15 @@ def register(app: typer.Typer, cli, out):
         folder = export(runs_dir, run, out_dir)
         out.print(f"Exported {run} to {folder}. Predict with: fastcls predict {folder} --data PATH --out "
                   "submission.csv", highlight=False)
+
+    @app.command("doctor")
+    @cli
+    def doctor_cmd(runs_dir: RunsDir = Path("runs"),
+                   fix: Annotated[bool, typer.Option("--fix", help="Rebuild the index and mark damaged runs 'broken' "
+                                                     "(nothing is deleted).")] = False):
+        """Check a run store (index vs folders, run files present and loadable, ids inside it); exit 1 on problems."""
+        from .doctor import diagnose
+        d = diagnose(runs_dir, fix=fix)
+        out.print(*([table(d.table(), title=f"Problems in {runs_dir}")] if d.problems else []),
+                  *(f"Fixed: {f}" for f in d.fixed), d.summary(), sep="\n", highlight=False)
+        raise typer.Exit(1 if d.problems and not d.fixed else 0)

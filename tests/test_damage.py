@@ -1,0 +1,188 @@
+"""The damage matrix: every file a run folder holds (and the index) x each kind of damage x each command that reads
+the store. Each case ends in exit status 2 with a message naming the damaged file (or 0 where the command does not
+need that file), never a traceback, and changes no file of the store or of the folder around it. The same commands
+on a read-only copy of a healthy store all succeed."""
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastcls.cli import app
+
+FILES = ["config.json", "meta.json", "metrics.json", "vocab.json", "valid_ids.json", "test_ids.json",
+         "valid_probs.npy", "valid_targets.npy", "test_probs.npy", "history.csv", "model.safetensors", "index.sqlite"]
+DAMAGES = ["deleted", "zero", "truncated", "random", "wrong", "outside"]
+COMMANDS = ["runs", "show", "ensemble", "submit", "report", "resume"]
+
+# the files each command needs (damage to one of these: exit 2 naming it; to any other: the command still works);
+# `resume` refuses a done run whatever its files hold, so it always exits 2
+NEEDS = {
+    "runs": set(),
+    "show": {"config.json", "metrics.json", "history.csv"},
+    "ensemble": {"config.json", "vocab.json", "valid_ids.json", "test_ids.json", "valid_probs.npy",
+                 "valid_targets.npy", "test_probs.npy"},
+    "submit": {"config.json", "vocab.json", "test_ids.json", "test_probs.npy"},
+    "report": {"config.json", "meta.json", "metrics.json", "vocab.json", "valid_ids.json", "valid_probs.npy",
+               "valid_targets.npy", "history.csv"},
+}
+# damage that leaves a file usable: a deleted optional file, or a "wrong" file a command does not look inside
+HARMLESS = {("history.csv", "deleted"), ("metrics.json", "deleted"), ("history.csv", "wrong"),
+            ("history.csv", "truncated")}  # half a CSV is a shorter CSV
+
+
+def _damage(path: Path, how: str, outside: Path):
+    data = path.read_bytes()
+    if how == "deleted":
+        path.unlink()
+    elif how == "zero":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    elif how == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(max(len(data), 64)))
+    elif how == "wrong":  # parseable, of the wrong shape or type
+        if path.suffix == ".npy":
+            np.save(path, np.arange(3, dtype=np.int32 if "probs" in path.name else np.float32))
+        elif path.suffix == ".json":
+            path.write_text(json.dumps("a string"))  # (a meta.json naming another folder: test_store_safety)
+        elif path.suffix == ".csv":
+            path.write_text("a,b\n1,2\n")
+        elif path.name == "index.sqlite":
+            path.unlink()
+            with sqlite3.connect(path) as con:
+                con.execute("CREATE TABLE runs (id)")
+                con.execute("INSERT INTO runs VALUES (?)", (str(outside),))
+        else:
+            from safetensors.numpy import save_file
+            save_file({"x": np.zeros(2, np.float32)}, str(path))
+    elif how == "outside":  # a link out of the store, to a file the user owns
+        target = outside / f"victim-{path.name}"
+        target.write_bytes(data)
+        path.unlink()
+        path.symlink_to(target)
+
+
+def _snapshot(root: Path) -> dict:
+    """Every file and link under `root` (the store and what surrounds it): name -> content hash or link target."""
+    snap = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink():
+            snap[str(p.relative_to(root))] = "link:" + os.readlink(p)
+        elif p.is_file():
+            snap[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return snap
+
+
+def _args(command: str, runs: Path, rid: str, out: Path) -> list:
+    return {"runs": ["runs"], "show": ["show", rid], "resume": ["resume", rid],
+            "ensemble": ["ensemble", rid, rid, "--method", "mean", "--tta-beta", "1"],
+            "submit": ["submit", rid, "--out", out / "sub.csv"],
+            "report": ["report", rid, "--top", "0", "--out", out / "report"]}[command] + ["--runs-dir", runs]
+
+
+@pytest.fixture(scope="module")
+def world(digits_store, tmp_path_factory):
+    rid = next(p.name for p in Path(digits_store).iterdir() if (p / "meta.json").is_file())
+    return Path(digits_store), rid, tmp_path_factory
+
+
+def _invoke(args):
+    from typer.testing import CliRunner
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("fname", FILES)
+def test_damage_matrix(world, fname):
+    """One file x every damage x every command (the store copied fresh per damage, hashed around each command)."""
+    store, rid, tmp = world
+    for how in DAMAGES:
+        base = tmp.mktemp(f"{fname}-{how}")
+        runs, outside, out = base / "runs", base / "outside", base / "out"
+        shutil.copytree(store, runs)
+        outside.mkdir()
+        out.mkdir()
+        (outside / "metrics.json").write_text("{\"user\": \"data\"}")
+        path = runs / fname if fname == "index.sqlite" else runs / rid / fname
+        _damage(path, how, outside)
+        for cmd in COMMANDS:
+            case = f"{fname} {how} {cmd}"
+            before = _snapshot(base)
+            res = _invoke(_args(cmd, runs, rid, out))
+            text = res.output.replace("\n", " ")
+            assert "Traceback" not in text and res.exception is None or isinstance(res.exception, SystemExit), \
+                f"{case}: {res.exception!r}\n{text}"
+            after = _snapshot(base)
+            changed = {k for k in before if after.get(k) != before[k]} | (set(after) - set(before))
+            if fname == "index.sqlite" and how != "outside":  # a damaged index is rebuilt, the old one kept aside
+                changed = {k for k in changed if not k.startswith("runs/index.sqlite")}
+            needed = cmd == "resume" or (fname in NEEDS[cmd] and (fname, how) not in HARMLESS)
+            if fname == "index.sqlite":  # damaged: rebuilt from the run folders; a link out of the store: refused
+                needed = cmd == "resume" or how == "outside"
+            if needed:
+                assert res.exit_code == 2, f"{case}: exit {res.exit_code}\n{text}"
+                if cmd != "resume":
+                    assert fname in text and "doctor" in text, f"{case}: the message does not name the file\n{text}"
+                assert not changed, f"{case}: changed {sorted(changed)}"
+            else:
+                assert res.exit_code == 0, f"{case}: exit {res.exit_code}\n{text}"
+                written = {k for k in changed if not k.startswith("out/")}
+                if cmd == "ensemble":  # stores its run: a new folder and its index row, nothing else
+                    new_run = {k for k in written if k.startswith("runs/") and k.split("/")[1] not in (rid,)}
+                    written -= new_run | {"runs/index.sqlite", "runs/index.sqlite-wal", "runs/index.sqlite-shm"}
+                assert not written, f"{case}: changed {sorted(written)}"
+            assert (outside / "metrics.json").read_text() == "{\"user\": \"data\"}"
+
+
+@contextmanager
+def read_only(base: Path):
+    """`base` read-only for this process; as root (who ignores permissions) by running as `nobody` meanwhile."""
+    for p in [base, *base.rglob("*")]:
+        if not p.is_symlink():
+            p.chmod(p.stat().st_mode & ~0o222 | (0o555 if p.is_dir() else 0o444))
+    root = os.geteuid() == 0
+    opened = []
+    if root:  # let `nobody` reach the folder and write its output folder only
+        for p in [*base.parents][:-1]:
+            opened.append((p, p.stat().st_mode))
+            p.chmod(p.stat().st_mode | 0o055)  # `nobody` keeps group root: group bits apply
+        os.seteuid(65534)
+    try:
+        yield
+    finally:
+        if root:
+            os.seteuid(0)
+            for p, mode in opened:
+                p.chmod(mode)
+        for p in [base, *base.rglob("*")]:
+            if not p.is_symlink():
+                p.chmod(p.stat().st_mode | 0o200)
+
+
+def test_read_only_store_every_reading_command_works(world, tmp_path_factory):
+    store, rid, _ = world
+    base = tmp_path_factory.mktemp("ro")
+    shutil.copytree(store, base / "runs")
+    out = tmp_path_factory.mktemp("ro-out")
+    out.chmod(0o777)
+    warm = tmp_path_factory.mktemp("warm")  # first on a writable copy: as `nobody`, lazy imports from a private
+    shutil.copytree(store, warm / "runs")   # Python install would fail
+    for cmd in ("runs", "show", "ensemble", "submit"):
+        assert _invoke(_args(cmd, warm / "runs", rid, warm)).exit_code == 0
+    before = _snapshot(base)
+    with read_only(base):
+        assert not os.access(base / "runs", os.W_OK, effective_ids=os.access in os.supports_effective_ids)
+        results = {cmd: _invoke(_args(cmd, base / "runs", rid, out)) for cmd in ("runs", "show", "ensemble", "submit")}
+        ens_sub = _invoke(["ensemble", rid, rid, "--submission", out / "ens.csv", "--runs-dir", base / "runs"])
+    for cmd, res in results.items():
+        assert res.exit_code == 0, f"{cmd}: {res.output} {res.exception!r}"
+    assert "not stored: the store is read-only" in results["ensemble"].output
+    assert ens_sub.exit_code == 0, ens_sub.output
+    assert (out / "ens.csv").read_text().count("\n") == (out / "sub.csv").read_text().count("\n")
+    assert _snapshot(base) == before  # not even a -wal or -shm file beside the index
