@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import fastai.callback.data  # noqa: F401  (registers Datasets.weighted_dataloaders, which the oversampling tests use)
 from fastai.data.core import Datasets, DataLoaders
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, FocalLossFlat, LabelSmoothingCrossEntropyFlat
