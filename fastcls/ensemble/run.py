@@ -25,7 +25,7 @@ from ..runs import RunData, RunStore
 from ..submission import submission_for_run
 from .combiners import _check_method, _fit, _fits, _normalise_weights
 from .members import _load_members
-from .scoring import _LabelScorer, _argmax
+from .scoring import _LabelScorer
 from .stats import _cv_betas, _cv_fits, kfold_indices, paired_bootstrap
 
 
@@ -133,7 +133,7 @@ def ensemble(store: RunStore, refs: list[str], method: str = "mean", tta_beta: O
             member_score[i], member_fit[i] = scorer(oof), scorer(labels)
             member_labels.append(oof)
         else:
-            lab = mem.labels(betas[i])
+            lab = scorer.pred(mem.probs(betas[i]))  # labels, or probabilities for a probability metric
             member_score[i] = member_fit[i] = scorer(lab)
             member_labels.append(lab)
 
@@ -161,8 +161,8 @@ def ensemble(store: RunStore, refs: list[str], method: str = "mean", tta_beta: O
 
     evaluated = f"cv-{K}" if fits else "direct"
     stored = oof_probs if oof_probs is not None else valid_probs
-    ens_labels = _argmax(stored)
-    score, fit_score = scorer(ens_labels), scorer(_argmax(valid_probs))
+    ens_labels = scorer.pred(stored)
+    score, fit_score = scorer(ens_labels), scorer(scorer.pred(valid_probs))
     best = int(np.argmax(s * member_score))
     gain, lo, hi = paired_bootstrap(y, ens_labels, member_labels[best], metric, n_boot, seed)
 

@@ -101,12 +101,13 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, c
         learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)])
         learn.logger = noop  # the Recorder would print raw lists; EpochLine prints readable ones
     monitor = learn.metrics[-1].name
-    keep = KeepBest(monitor)
+    better = get_metric(recipe.monitor or recipe.metric).better  # log loss: lower is better
+    keep = KeepBest(monitor, comp=better)
     lines = EpochLine(echo=progress == "line")
     cbs = [keep, lines, *cbs]
     es = None
     if recipe.patience:
-        es = EarlyStop(monitor=monitor, comp=np.greater, patience=recipe.patience, reset_on_fit=False)
+        es = EarlyStop(monitor=monitor, comp=better, patience=recipe.patience, reset_on_fit=False)
         cbs.append(es)
     if checkpoint is not None:
         checkpoint.attach(keep, lines, es)
