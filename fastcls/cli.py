@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .cli_options import Calibrate, MetricOpt
 from .cli_options import (RunsDir, RecipeDirs, Quiet, Data, Size, Ps, Epochs, FreezeEpochs, Lr, Bs, Seed, Tta,
                           Pretrained, Weights, Name, Sample, Crop, Trim, OnBadImage, RunRef, PsGrid, Fast, Views,
                           Imbalance, LabelSmoothing, TuneThresholds, Cache, Workers, Amp, ChannelsLast, Compile,
@@ -107,7 +108,7 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
               amp: Amp = None, channels_last: ChannelsLast = None, compile: Compile = False, folds: Folds = None,
               fold: Fold = None, distributed: Distributed = False, executor: Executor = "local",
               address: Address = None, gpus_per_trial: GpusPerTrial = None, cpus_per_trial: CpusPerTrial = None,
-              layer_decay: LayerDecay = None):
+              layer_decay: LayerDecay = None, calibrate: Calibrate = None):
     """Train one run and store it (config, metrics, weights, TTA probabilities) in the run store.
 
     Ctrl-C or SIGTERM stops it with its last finished epoch saved; `fastcls resume RUN` continues it.
@@ -128,7 +129,8 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
                                  compile=compile, workers=workers, fold=fold, folds=folds, crop=crop, trim=trim,
                                  size=size, ps=ps, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, bs=bs, tta=tta,
                                  pretrained=pretrained, imbalance=imbalance, label_smoothing=label_smoothing,
-                                 tune_thresholds=tune_thresholds, cache=cache, layer_decay=layer_decay)
+                                 tune_thresholds=tune_thresholds, cache=cache, layer_decay=layer_decay,
+                                 calibrate=calibrate)
     store = RunStore(runs_dir)
     res = train_or_cv(cfg, store, progress="none" if quiet else "auto", executor=ex)
     if folds is not None:
@@ -329,7 +331,10 @@ def ensemble_cmd(runs: Annotated[list[str], typer.Argument(help="Runs to combine
                  submission: Annotated[Optional[Path], typer.Option("--submission", help="Also write the recipe's "
                                                                     "submission CSV from the ensemble's test "
                                                                     "probabilities.")] = None,
-                 seed: Seed = 0, runs_dir: RunsDir = Path("runs"), recipes: RecipeDirs = None):
+                 seed: Seed = 0, runs_dir: RunsDir = Path("runs"), recipes: RecipeDirs = None,
+                 metric: MetricOpt = None,
+                 calibrate: Annotated[bool, typer.Option("--calibrate", help="Temperature-scale the ensemble's "
+                                                         "probabilities (fitted on its stored valid rows).")] = False):
     """Combine stored runs' probabilities (no model is loaded), score honestly, store the ensemble as a run."""
     from .ensemble import ensemble
     from .runs import RunStore
@@ -338,7 +343,7 @@ def ensemble_cmd(runs: Annotated[list[str], typer.Argument(help="Runs to combine
     except ValueError:
         raise FastclsError(f"--weights must be comma-separated numbers, got {weights!r}.") from None
     res = ensemble(RunStore(runs_dir), runs, method=method, tta_beta=tta_beta, weights=w, name=name, seed=seed,
-                   submission=submission, recipe_dirs=recipes or ())
+                   submission=submission, recipe_dirs=recipes or (), metric=metric, calibrate=calibrate)
     out.print(_table(res.table, title=f"Ensemble {res.run_id} ({res.method}, {res.metric} {res.score:.4f}, "
                                       f"evaluated {res.evaluated})"))
     if submission is not None:

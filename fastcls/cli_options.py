@@ -96,3 +96,12 @@ LayerDecay = Annotated[Optional[float], typer.Option("--layer-decay", help="Laye
 BnStats = Annotated[Optional[str], typer.Option("--bn-stats", help="Fast path: 'keep' the frozen body's batch-norm "
                                                 "statistics as loaded, or 'reestimate' them on training images "
                                                 "(default 'auto': keep for a pretrained body).")]
+
+# -- competition metrics and calibration (docs/guide/metrics.md)
+__all__ += ["Calibrate", "MetricOpt"]
+Calibrate = Annotated[Optional[bool], typer.Option("--calibrate/--no-calibrate", help="Fit temperature scaling on "
+                                                   "valid (log likelihood) and apply it to the stored probabilities "
+                                                   "(default: the recipe's).")]
+MetricOpt = Annotated[Optional[str], typer.Option("--metric", help="Registry metric to optimise and score, e.g. map@3, "
+                                                  "log_loss, top5, f2, qwk (default: the recipe's monitor, else its "
+                                                  "metric).")]

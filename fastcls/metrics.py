@@ -91,7 +91,8 @@ def _fastai_from(metric: Metric):
     argmax labels otherwise; scored once per epoch on the whole validation set, like the stored-run metric."""
     from fastai.metrics import AccumMetric, ActivationType
     if metric.needs_probs:
-        m = AccumMetric(metric.fn, activation=ActivationType.Softmax, flatten=False, to_np=True, invert_arg=True)
+        m = AccumMetric(metric.fn, dim_argmax=-1, activation=ActivationType.Softmax, flatten=False, to_np=True,
+                        invert_arg=True)  # dim_argmax: the softmax axis (no argmax follows an activation)
     else:
         m = AccumMetric(metric.fn, dim_argmax=-1, to_np=True, invert_arg=True)
     m.name = metric.name

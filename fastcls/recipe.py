@@ -94,6 +94,7 @@ class Recipe:
     label_smoothing: float = 0.0
     imbalance: str = "none"  # fastcls.imbalance strategies, comma-combined: "none", "focal,oversample,logit-adjust"
     tune_thresholds: bool = False  # per-class offsets fitted on valid for macro-F1, applied to the stored predictions
+    calibrate: bool = False  # temperature scaling fitted on valid (log likelihood), applied to the stored predictions
     patience: Optional[int] = None  # early stopping on the monitored metric (None: off)
     tta: int = 4  # augmented views stored next to the plain prediction
     # -- submission
