@@ -12,12 +12,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_options import Calibrate, MetricOpt
 from .cli_options import (RunsDir, RecipeDirs, Quiet, Data, Size, Ps, Epochs, FreezeEpochs, Lr, Bs, Seed, Tta,
                           Pretrained, Weights, Name, Sample, Crop, Trim, OnBadImage, RunRef, PsGrid, Fast, Views,
                           Imbalance, LabelSmoothing, TuneThresholds, Cache, Workers, Amp, ChannelsLast, Compile,
                           Folds, Fold, Runs, StudentArch, DropPath, Executor, Address, GpusPerTrial, CpusPerTrial,
-                          Distributed, Out, LayerDecay, BnStats)
+                          Distributed, Out, LayerDecay, BnStats, Calibrate, CalibrateEnsemble, MetricOpt)
+from .cli_scores import lb_cmd, lb_columns
 from .errors import FastclsError, RunInterrupted
 
 app = typer.Typer(help="fastcls: rapid image-classification experiments - recipes, runs, sweeps, ensembles.",
@@ -25,7 +25,6 @@ app = typer.Typer(help="fastcls: rapid image-classification experiments - recipe
 # rich wraps at 80 columns when not on a terminal; logs and CliRunner get the full table instead
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
-
 
 
 def _cli(fn):
@@ -184,14 +183,15 @@ def runs_cmd(recipe: Annotated[Optional[str], typer.Option("--recipe", help="Onl
              runs_dir: RunsDir = Path("runs")):
     """The leaderboard: one line per stored run, best (or newest) first."""
     from .runs import RunStore
+    from .submission import with_lb_scores
     if sort not in ("metric", "newest"):
         raise FastclsError(f"--sort must be 'metric' or 'newest', got {sort!r}.")
-    df = RunStore(runs_dir).leaderboard(recipe=recipe, sort=sort, status=None)
+    df = with_lb_scores(runs_dir, RunStore(runs_dir).leaderboard(recipe=recipe, sort=sort, status=None))
     if not len(df):
         out.print(f"No runs in {runs_dir}" + (f" for recipe {recipe!r}" if recipe else "") + ".")
         return
     df = df.assign(time=df["seconds"].round(1))[["id", "name", "kind", "status", "recipe", "arch", "size", "ps",
-                                                  "metric_name", "metric", "valid_loss", "time"]]
+                                                  "metric_name", "metric", "valid_loss", "time", *lb_columns(df)]]
     out.print(_table(df, title=f"Runs in {runs_dir}"))
 
 
@@ -332,9 +332,7 @@ def ensemble_cmd(runs: Annotated[list[str], typer.Argument(help="Runs to combine
                                                                     "submission CSV from the ensemble's test "
                                                                     "probabilities.")] = None,
                  seed: Seed = 0, runs_dir: RunsDir = Path("runs"), recipes: RecipeDirs = None,
-                 metric: MetricOpt = None,
-                 calibrate: Annotated[bool, typer.Option("--calibrate", help="Temperature-scale the ensemble's "
-                                                         "probabilities (fitted on its stored valid rows).")] = False):
+                 metric: MetricOpt = None, calibrate: CalibrateEnsemble = False):
     """Combine stored runs' probabilities (no model is loaded), score honestly, store the ensemble as a run."""
     from .ensemble import ensemble
     from .runs import RunStore
@@ -600,9 +598,13 @@ def weights_path_cmd():
     out.print(str(weights_dir()), highlight=False, soft_wrap=True)
 
 
+app.command("lb")(_cli(lb_cmd))  # cli_scores.py: leaderboard bookkeeping
+
+
 def main():
     app()
 
 
 if __name__ == "__main__":
     main()
+

@@ -103,6 +103,11 @@ class Recipe:
     sub_id: Literal["stem", "name", "id"] = "stem"  # how a test item's id is written: file stem, file name, item id
     sub_template: Optional[str] = None  # a CSV whose row order and columns the submission must follow
     sub_label: Literal["name", "index"] = "name"  # write the class name, or its index in `classes` (else the vocab)
+    # what a row predicts: 'label' (argmax), 'topk' (the `sub_k` most probable, space-separated: MAP@k competitions),
+    # 'probs' (one probability column per class, named like the class: log-loss competitions), 'binary' (the
+    # probability of the second class, in `classes` order else the vocab's: AUC competitions)
+    sub_format: Literal["label", "topk", "probs", "binary"] = "label"
+    sub_k: int = 3
 
     def __post_init__(self):
         checks = [("size", self.size is None or self.size > 0, "a positive number of pixels (or None: inferred)"),
@@ -116,7 +121,7 @@ class Recipe:
                   ("layer_decay", self.layer_decay is None or 0 < self.layer_decay <= 1, "in (0, 1] (or None)"),
                   ("trim", len(self.trim) == 4 and all(v >= 0 for v in self.trim),
                    "4 margins >= 0 (top, bottom, left, right)"),
-                  ("color_jitter", 0 <= self.color_jitter < 1, "in [0, 1)"),
+                  ("color_jitter", 0 <= self.color_jitter < 1, "in [0, 1)"), ("sub_k", self.sub_k >= 1, ">= 1"),
                   ("classes", self.classes is None or len(set(map(str, self.classes))) == len(self.classes) >= 2,
                    "at least 2 distinct class names (or None: inferred from the data)")]
         for key, ok, want in checks:

@@ -18,7 +18,7 @@ LAYERS = [
     {"train"},
     {"ensemble", "experiments"},
     {"report"},
-    {"cli_options", "cli", "__main__"},
+    {"cli_options", "cli_scores", "cli", "__main__"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 MAX_LINES = 610
