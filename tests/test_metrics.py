@@ -240,3 +240,10 @@ def test_posthoc_temperature_is_stored_applied_to_every_view_and_undone(data):
 
 def test_registry_names_match_their_keys():
     assert all(m.name == k for k, m in METRICS.items())
+
+
+def test_posthoc_steps_optimise_the_monitor():
+    from fastcls.train.run import posthoc_metric
+    assert posthoc_metric(Recipe(name="q", monitor="balanced_accuracy")) == "balanced_accuracy"
+    assert posthoc_metric(Recipe(name="c", metric="log_loss")) == "log_loss"
+    assert posthoc_metric(Recipe(name="p")) == "macro_f1"  # plain accuracy on a skewed valid split would undo it
