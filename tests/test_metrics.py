@@ -247,3 +247,26 @@ def test_posthoc_steps_optimise_the_monitor():
     assert posthoc_metric(Recipe(name="q", monitor="balanced_accuracy")) == "balanced_accuracy"
     assert posthoc_metric(Recipe(name="c", metric="log_loss")) == "log_loss"
     assert posthoc_metric(Recipe(name="p")) == "macro_f1"  # plain accuracy on a skewed valid split would undo it
+
+
+def test_a_calibrated_run_monitoring_log_loss_trains_and_stores_its_temperature(cli, tmp_path):
+    """A real tiny digits run, its recipe metric and monitor set to log loss (lower is better) and --calibrate."""
+    import json
+    from .conftest import TINY
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "digits_ll.py").write_text("from fastcls.recipe import get_recipe\n"
+                                          "recipe = get_recipe('digits').override(name='digits_ll', metric='log_loss', "
+                                          "extra_metrics=('map@3', 'top2'), monitor='log_loss')\n")
+    runs = tmp_path / "runs"
+    res = cli("train", "digits_ll", "simple_cnn", *TINY, "--epochs", "2", "--calibrate", "--recipes", recipes,
+              "--runs-dir", runs)
+    assert res.exit_code == 0, res.output
+    run = RunStore(runs).load(RunStore(runs).leaderboard()["id"][0])
+    m = run.metrics
+    assert m["metric_name"] == "log_loss" and {"map@3", "top2", "ece", "ece_raw"} <= set(m)
+    hist = run.history
+    assert m["best_epoch"] == int(hist["log_loss"].idxmin())  # the best epoch is the lowest log loss
+    assert run.meta["posthoc"]["temperature"] > 0 and "temperature" in m["posthoc"]
+    assert m["log_loss"] <= m["log_loss_raw"] + 1e-9 and m["accuracy"] == m["accuracy_raw"]
+    json.dumps(m)
