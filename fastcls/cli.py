@@ -17,7 +17,9 @@ from .cli_options import (RunsDir, RecipeDirs, Quiet, Data, Size, Ps, Epochs, Fr
                           Pretrained, Weights, Name, Sample, Crop, Trim, OnBadImage, RunRef, PsGrid, Fast, Views,
                           Imbalance, LabelSmoothing, TuneThresholds, Cache, Workers, Amp, ChannelsLast, Compile,
                           Folds, Fold, Runs, StudentArch, DropPath, Executor, Address, GpusPerTrial, CpusPerTrial,
-                          Distributed, Out, LayerDecay, BnStats, ArchOpt, recipe_flags)
+                          Distributed, Out, LayerDecay, BnStats, ArchOpt, recipe_flags, Calibrate,
+                          CalibrateEnsemble, MetricOpt)
+from .cli_scores import lb_cmd, lb_columns
 from .cli_table import table as _table
 from .errors import FastclsError, RunInterrupted
 
@@ -26,7 +28,6 @@ app = typer.Typer(help="fastcls: rapid image-classification experiments - recipe
 # rich wraps at 80 columns when not on a terminal; logs and CliRunner get the full table instead
 out = Console(width=None if sys.stdout.isatty() else 200, markup=False)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200, markup=False)  # markup=True: escape user text
-
 
 
 def _cli(fn):
@@ -98,7 +99,7 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
               amp: Amp = None, channels_last: ChannelsLast = None, compile: Compile = False, folds: Folds = None,
               fold: Fold = None, distributed: Distributed = False, executor: Executor = "local",
               address: Address = None, gpus_per_trial: GpusPerTrial = None, cpus_per_trial: CpusPerTrial = None,
-              layer_decay: LayerDecay = None, flags=None):
+              layer_decay: LayerDecay = None, calibrate: Calibrate = None, flags=None):
     """Train one run and store it (config, metrics, weights, TTA probabilities) in the run store.
 
     Ctrl-C or SIGTERM stops it with its last finished epoch saved; `fastcls resume RUN` continues it.
@@ -119,7 +120,8 @@ def train_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fast
                                  compile=compile, workers=workers, fold=fold, folds=folds, crop=crop, trim=trim,
                                  size=size, ps=ps, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, bs=bs, tta=tta,
                                  pretrained=pretrained, imbalance=imbalance, label_smoothing=label_smoothing,
-                                 tune_thresholds=tune_thresholds, cache=cache, layer_decay=layer_decay, **flags)
+                                 tune_thresholds=tune_thresholds, cache=cache, layer_decay=layer_decay,
+                                 calibrate=calibrate, **flags)
     store = RunStore(runs_dir)
     res = train_or_cv(cfg, store, progress="none" if quiet else "auto", executor=ex)
     if folds is not None:
@@ -173,14 +175,15 @@ def runs_cmd(recipe: Annotated[Optional[str], typer.Option("--recipe", help="Onl
              runs_dir: RunsDir = Path("runs")):
     """The leaderboard: one line per stored run, best (or newest) first."""
     from .runs import RunStore
+    from .submission import with_lb_scores
     if sort not in ("metric", "newest"):
         raise FastclsError(f"--sort must be 'metric' or 'newest', got {sort!r}.")
-    df = RunStore(runs_dir).leaderboard(recipe=recipe, sort=sort, status=None)
+    df = with_lb_scores(runs_dir, RunStore(runs_dir).leaderboard(recipe=recipe, sort=sort, status=None))
     if not len(df):
         out.print(f"No runs in {runs_dir}" + (f" for recipe {recipe!r}" if recipe else "") + ".")
         return
     df = df.assign(time=df["seconds"].round(1))[["id", "name", "kind", "status", "recipe", "arch", "size", "ps",
-                                                  "metric_name", "metric", "valid_loss", "time"]]
+                                                  "metric_name", "metric", "valid_loss", "time", *lb_columns(df)]]
     out.print(_table(df, title=f"Runs in {runs_dir}"))
 
 
@@ -322,7 +325,8 @@ def ensemble_cmd(runs: Annotated[list[str], typer.Argument(help="Runs to combine
                  submission: Annotated[Optional[Path], typer.Option("--submission", help="Also write the recipe's "
                                                                     "submission CSV from the ensemble's test "
                                                                     "probabilities.")] = None,
-                 seed: Seed = 0, runs_dir: RunsDir = Path("runs"), recipes: RecipeDirs = None):
+                 seed: Seed = 0, runs_dir: RunsDir = Path("runs"), recipes: RecipeDirs = None,
+                 metric: MetricOpt = None, calibrate: CalibrateEnsemble = False):
     """Combine stored runs' probabilities (no model is loaded), score honestly, store the ensemble as a run."""
     from .ensemble import ensemble
     from .runs import RunStore
@@ -331,7 +335,7 @@ def ensemble_cmd(runs: Annotated[list[str], typer.Argument(help="Runs to combine
     except ValueError:
         raise FastclsError(f"--weights must be comma-separated numbers, got {weights!r}.") from None
     res = ensemble(RunStore(runs_dir), runs, method=method, tta_beta=tta_beta, weights=w, name=name, seed=seed,
-                   submission=submission, recipe_dirs=recipes or ())
+                   submission=submission, recipe_dirs=recipes or (), metric=metric, calibrate=calibrate)
     out.print(_table(res.table, title=f"Ensemble {res.run_id or '(not stored: the store is read-only)'} "
                                       f"({res.method}, {res.metric} {res.score:.4f}, evaluated {res.evaluated})"))
     if submission is not None:
@@ -593,6 +597,7 @@ def weights_path_cmd():
 
 from .cli_tools import register  # noqa: E402  (predict, export, doctor: in their own module)
 register(app, _cli, out, _table)
+app.command("lb")(_cli(lb_cmd))  # cli_scores.py: leaderboard bookkeeping
 
 
 def main():
@@ -601,3 +606,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+

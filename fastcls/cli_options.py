@@ -142,3 +142,15 @@ def recipe_flags(fn):
     wrapper.__signature__ = sig.replace(parameters=params)
     wrapper.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k != "flags"}, **RECIPE_FLAGS}
     return wrapper
+
+
+# -- competition metrics and calibration (docs/guide/metrics.md)
+__all__ += ["Calibrate", "CalibrateEnsemble", "MetricOpt"]
+Calibrate = Annotated[Optional[bool], typer.Option("--calibrate/--no-calibrate", help="Fit temperature scaling on "
+                                                   "valid (log likelihood) and apply it to the stored probabilities "
+                                                   "(default: the recipe's).")]
+MetricOpt = Annotated[Optional[str], typer.Option("--metric", help="Registry metric to optimise and score, e.g. map@3, "
+                                                  "log_loss, top5, f2, qwk (default: the recipe's monitor, else its "
+                                                  "metric).")]
+CalibrateEnsemble = Annotated[bool, typer.Option("--calibrate", help="Temperature-scale the ensemble's probabilities "
+                                                 "(fitted on its stored valid rows).")]

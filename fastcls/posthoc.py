@@ -1,7 +1,8 @@
-"""Post-hoc steps fitted on validation predictions and applied to every stored view: logit adjustment, per-class offsets."""
+"""Post-hoc steps fitted on validation predictions and applied to every stored view: logit adjustment, per-class
+offsets, temperature scaling (calibration)."""
 
 __all__ = ["PostHoc", "apply_offsets", "fit_posthoc", "fit_thresholds", "logit_adjust", "tune_tau",
-           "DEFAULT_TAU_GRID", "DEFAULT_OFFSET_GRID"]
+           "fit_temperature", "apply_temperature", "DEFAULT_TAU_GRID", "DEFAULT_OFFSET_GRID"]
 
 from dataclasses import dataclass
 from typing import Optional
@@ -88,6 +89,43 @@ def tune_tau(probs, targets, prior, metric: str = "macro_f1", grid=None) -> floa
     sign = 1.0 if m.higher_is_better else -1.0
     scores = [sign * m(y, logit_adjust(p, prior, t)) for t in taus]
     return taus[int(np.argmax(scores))]
+
+
+def apply_temperature(probs, temperature: float) -> np.ndarray:
+    """Temperature scaling of probabilities: ``softmax(log p / T)``; T > 1 softens, T < 1 sharpens, argmax unchanged."""
+    p = _probs(probs)
+    if not temperature > 0:
+        raise FastclsError(f"A temperature must be > 0; got {temperature}.")
+    from scipy.special import softmax
+    out_dtype = p.dtype if np.issubdtype(p.dtype, np.floating) else np.float64
+    return softmax(np.log(np.clip(p.astype(np.float64), _EPS, None)) / float(temperature), axis=1).astype(out_dtype)
+
+
+def fit_temperature(probs, targets, bounds=(0.05, 20.0)) -> float:
+    """The temperature minimising the negative log-likelihood of `targets` (Guo et al. 2017), fitted on validation or
+    out-of-fold probabilities; a one-parameter convex fit (in 1/T), so it hardly overfits even small valid splits.
+
+    Args:
+        probs: N x C probabilities (the model's, after any other post-hoc step).
+        targets: class indices, length N.
+        bounds: the range searched.
+
+    Returns:
+        The temperature (1.0 when there are no rows).
+    """
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+    p = _probs(probs)
+    y = _targets(targets, len(p), p.shape[1])
+    if not len(y):
+        return 1.0
+    logp = np.log(np.clip(p.astype(np.float64), _EPS, None))
+
+    def nll(log_t):
+        return float(-log_softmax(logp / np.exp(log_t), axis=1)[np.arange(len(y)), y].mean())
+
+    res = minimize_scalar(nll, bounds=np.log(bounds), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(res.x))
 
 
 def apply_offsets(probs, offsets) -> np.ndarray:
@@ -213,17 +251,19 @@ class PostHoc:
         prior: training class prior used by the logit adjustment (None without it).
         offsets: per-class offsets from `fit_thresholds`, applied after the logit adjustment (None: not fitted).
         metric: the metric both steps were tuned for.
+        temperature: temperature scaling fitted last, by log-likelihood (None: not calibrated).
     """
 
     tau: Optional[float] = None
     prior: Optional[np.ndarray] = None
     offsets: Optional[np.ndarray] = None
     metric: str = "macro_f1"
+    temperature: Optional[float] = None
 
     @property
     def applied(self) -> bool:
         """Whether any step was fitted (so the stored predictions differ from the model's own)."""
-        return self.tau is not None or self.offsets is not None
+        return self.tau is not None or self.offsets is not None or self.temperature is not None
 
     def apply(self, probs) -> np.ndarray:
         """The adjusted probabilities: one N x C array, or stacked views V x N x C (each view adjusted alike)."""
@@ -234,6 +274,8 @@ class PostHoc:
             p = logit_adjust(p, self.prior, self.tau)
         if self.offsets is not None:
             p = apply_offsets(p, self.offsets)
+        if self.temperature is not None:
+            p = apply_temperature(p, self.temperature)
         return p
 
     def undo(self, probs) -> np.ndarray:
@@ -242,6 +284,8 @@ class PostHoc:
         p = to_numpy(probs)
         if p.ndim == 3:
             return np.stack([self.undo(v) for v in p])
+        if self.temperature is not None:
+            p = apply_temperature(p, 1.0 / self.temperature)
         if self.offsets is not None:
             p = apply_offsets(p, -np.asarray(self.offsets, dtype=np.float64))
         if self.tau is not None:
@@ -255,12 +299,13 @@ class PostHoc:
             return cls()
         arr = (lambda v: None if v is None else np.asarray(v, dtype=np.float64))
         return cls(tau=d.get("tau"), prior=arr(d.get("prior")), offsets=arr(d.get("offsets")),
-                   metric=d.get("metric", "macro_f1"))
+                   metric=d.get("metric", "macro_f1"), temperature=d.get("temperature"))
 
     def describe(self) -> str:
         """One line for metrics tables, saying what was fitted where."""
         steps = ([f"logit-adjust tau={self.tau:g}"] if self.tau is not None else []) + \
-            ([f"thresholds ({int(np.count_nonzero(self.offsets))} classes offset)"] if self.offsets is not None else [])
+            ([f"thresholds ({int(np.count_nonzero(self.offsets))} classes offset)"] if self.offsets is not None else []) + \
+            ([f"temperature T={self.temperature:.3g} (log loss)"] if self.temperature is not None else [])
         return (f"{' + '.join(steps)}, tuned for {self.metric} on valid: valid scores are in-sample (optimistic), "
                 "test scores are held out; *_raw = before post-hoc")
 
@@ -268,11 +313,11 @@ class PostHoc:
         """JSON-able record of the fitted steps (for the run's meta.json)."""
         return {"tau": self.tau, "prior": None if self.prior is None else [float(v) for v in self.prior],
                 "offsets": None if self.offsets is None else [float(v) for v in self.offsets],
-                "metric": self.metric, "fitted_on": "valid (plain view)"}
+                "metric": self.metric, "temperature": self.temperature, "fitted_on": "valid (plain view)"}
 
 
 def fit_posthoc(valid_probs, valid_targets, prior=None, thresholds: bool = False,
-                metric: str = "macro_f1") -> PostHoc:
+                metric: str = "macro_f1", calibrate: bool = False) -> PostHoc:
     """Fit a run's post-hoc steps on its validation predictions: logit adjustment, then per-class offsets.
 
     Args:
@@ -282,6 +327,7 @@ def fit_posthoc(valid_probs, valid_targets, prior=None, thresholds: bool = False
         thresholds: also fit per-class offsets (`fit_thresholds`, macro-F1) on the adjusted probabilities.
         metric: what `tune_tau` maximises. Macro-F1 by default: on a validation split that is as skewed as the
             training set, tuning for accuracy would undo the adjustment that a balanced test set rewards.
+        calibrate: fit a temperature (`fit_temperature`) last, on the adjusted probabilities.
 
     Returns:
         A `PostHoc`; ``apply`` it to every stored view of valid and test.
@@ -295,4 +341,6 @@ def fit_posthoc(valid_probs, valid_targets, prior=None, thresholds: bool = False
         p = logit_adjust(p, pr, tau)
     if thresholds:
         offsets = fit_thresholds(p, valid_targets)
-    return PostHoc(tau=tau, prior=pr, offsets=offsets, metric=metric)
+        p = apply_offsets(p, offsets)
+    temperature = fit_temperature(p, valid_targets) if calibrate else None
+    return PostHoc(tau=tau, prior=pr, offsets=offsets, metric=metric, temperature=temperature)

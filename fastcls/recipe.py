@@ -94,6 +94,7 @@ class Recipe:
     label_smoothing: float = 0.0
     imbalance: str = "none"  # fastcls.imbalance strategies, comma-combined: "none", "focal,oversample,logit-adjust"
     tune_thresholds: bool = False  # per-class offsets fitted on valid for macro-F1, applied to the stored predictions
+    calibrate: bool = False  # temperature scaling fitted on valid (log likelihood), applied to the stored predictions
     patience: Optional[int] = None  # early stopping on the monitored metric (None: off)
     tta: int = 4  # augmented views stored next to the plain prediction
     # -- submission
@@ -105,6 +106,11 @@ class Recipe:
     # -- the split's own seed: the validation split, the folds and --sample's subset depend on it, never on the run's
     # --seed (init, augmentation, batch order), so runs differing only in --seed share validation items
     split_seed: int = 42
+    # what a row predicts: 'label' (argmax), 'topk' (the `sub_k` most probable, space-separated: MAP@k competitions),
+    # 'probs' (one probability column per class, named like the class: log-loss competitions), 'binary' (the
+    # probability of the second class, in `classes` order else the vocab's: AUC competitions)
+    sub_format: Literal["label", "topk", "probs", "binary"] = "label"
+    sub_k: int = 3
 
     def __post_init__(self):
         checks = [("size", self.size is None or self.size > 0, "a positive number of pixels (or None: inferred)"),
@@ -118,7 +124,7 @@ class Recipe:
                   ("layer_decay", self.layer_decay is None or 0 < self.layer_decay <= 1, "in (0, 1] (or None)"),
                   ("trim", len(self.trim) == 4 and all(v >= 0 for v in self.trim),
                    "4 margins >= 0 (top, bottom, left, right)"),
-                  ("color_jitter", 0 <= self.color_jitter < 1, "in [0, 1)"),
+                  ("color_jitter", 0 <= self.color_jitter < 1, "in [0, 1)"), ("sub_k", self.sub_k >= 1, ">= 1"),
                   ("classes", self.classes is None or len(set(map(str, self.classes))) == len(self.classes) >= 2,
                    "at least 2 distinct class names (or None: inferred from the data)"),
                   ("split_seed", self.split_seed >= 0, ">= 0")]

@@ -28,6 +28,7 @@ import pandas as pd
 
 from ._faults import fault
 from .errors import FastclsError
+from .metrics import get_metric
 from .files import (LOCK, exclusive, inside, json_default, new_lock, read_json, remove_stray_files, try_lock, unlock,
                     write_atomic, write_json, writer_gone)
 from .runfiles import check_run as _check_run, read_run_csv, read_run_json, read_run_npy, write_run_files
@@ -553,8 +554,19 @@ class RunStore:
         rows = self._rows(("WHERE " + " AND ".join(conds)) if conds else "", args)
         df = pd.DataFrame(rows, columns=list(_COLUMNS)).drop(columns=["config"])
         if sort == "metric" and len(df):
-            df = df.sort_values(["metric", "created"], ascending=[False, False], na_position="last", kind="stable")
+            sign = df["metric_name"].map(_metric_sign)  # best first: highest accuracy, lowest log loss
+            df = df.assign(_key=df["metric"] * sign).sort_values(["_key", "created"], ascending=[False, False],
+                                                                 na_position="last", kind="stable")
+            df = df.drop(columns="_key")
         return df.reset_index(drop=True)
+
+
+def _metric_sign(name) -> float:
+    """+1 for a higher-is-better metric (or an unknown name), -1 for a lower-is-better one."""
+    try:
+        return 1.0 if get_metric(str(name)).higher_is_better else -1.0
+    except FastclsError:
+        return 1.0
 
 
 def _row_from_folder(path: Path) -> dict:

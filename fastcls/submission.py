@@ -5,10 +5,18 @@ The recipe says which columns to write (`sub_id_col`, `sub_label_col`), how a te
 recipe's class order (`sub_label`), and optionally a template CSV (`sub_template`, relative to the data folder) whose
 rows, row order and other columns the submission keeps, filling only the label column. The file is written to a
 temporary name and renamed, so an interrupted write never leaves half a submission.
+
+`sub_format` says what a row predicts: the argmax label, the top k labels space-separated (MAP@k), one probability
+column per class (log loss) or one probability (binary AUC). Every submission written for a stored run is recorded
+in the store's `submissions.json` with its sha256, so `record_lb` can attach the leaderboard scores to the run that
+made the file.
 """
 
-__all__ = ["write_submission", "submission_for_run", "submission_ids", "submission_frame", "neutralise"]
+__all__ = ["write_submission", "submission_for_run", "submission_ids", "submission_frame", "neutralise",
+           "record_submission", "record_lb", "submissions_table", "with_lb_scores", "SUBMISSIONS"]
 
+import hashlib
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +26,9 @@ import pandas as pd
 from .config import RunConfig
 from .errors import FastclsError
 from .recipe import Recipe
-from .files import write_atomic
+from .files import exclusive, read_json, write_atomic, write_json
+
+SUBMISSIONS = "submissions.json"  # in the run store's root: one record per written submission
 
 # a spreadsheet runs a cell starting with one of these as a formula (CSV injection)
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -60,6 +70,35 @@ def _labels(recipe: Recipe, probs: np.ndarray, vocab) -> list:
     return [pos[n] for n in names]
 
 
+def _class_order(recipe: Recipe, vocab) -> list:
+    """The recipe's class order when it declares one, else the vocab's."""
+    return [str(c) for c in recipe.classes] if recipe.classes else [str(v) for v in vocab]
+
+
+def _columns(recipe: Recipe, probs: np.ndarray, vocab) -> dict:
+    """The predicted columns of the recipe's `sub_format`: {column name: values}."""
+    fmt = recipe.sub_format
+    if fmt == "label":
+        return {recipe.sub_label_col: _labels(recipe, probs, vocab)}
+    order, vocab = _class_order(recipe, vocab), [str(v) for v in vocab]
+    if sorted(order) != sorted(vocab):
+        raise FastclsError(f"Recipe {recipe.name!r} declares classes {', '.join(order)}, but the run's are "
+                           f"{', '.join(vocab)}. The run's vocab does not match the recipe.")
+    cols = np.array([vocab.index(c) for c in order])  # probability columns in the recipe's class order
+    p = np.asarray(probs, dtype=np.float64)[:, cols]
+    if fmt == "probs":
+        return {c: p[:, i] for i, c in enumerate(order)}
+    if fmt == "binary":
+        if len(order) != 2:
+            raise FastclsError(f"Recipe {recipe.name!r} writes one probability (sub_format='binary'), but has "
+                               f"{len(order)} classes. Use sub_format='probs' for more than two.")
+        return {recipe.sub_label_col: p[:, 1]}
+    k = min(recipe.sub_k, len(order))
+    top = np.argsort(-p, axis=1, kind="stable")[:, :k]  # equal probabilities: the lower class first
+    names = np.array(order, dtype=object) if recipe.sub_label == "name" else np.arange(len(order)).astype(str)
+    return {recipe.sub_label_col: [neutralise(" ".join(r)) for r in names[top]]}
+
+
 def submission_frame(recipe: Recipe, test_ids, probs, vocab, data=None) -> pd.DataFrame:
     """The submission as a DataFrame (see `write_submission`); nothing is written."""
     probs = np.asarray(probs)
@@ -74,9 +113,9 @@ def submission_frame(recipe: Recipe, test_ids, probs, vocab, data=None) -> pd.Da
         dup = pd.Series(ids)[pd.Series(ids).duplicated()].iloc[0]
         raise FastclsError(f"Submission for recipe {recipe.name!r}: test id {dup!r} occurs twice once written as "
                            f"'{recipe.sub_id}'. Use sub_id='id' in the recipe.")
-    labels = _labels(recipe, probs, vocab)
+    columns = _columns(recipe, probs, vocab)
     if not recipe.sub_template:
-        return pd.DataFrame({recipe.sub_id_col: ids, recipe.sub_label_col: labels})
+        return pd.DataFrame({recipe.sub_id_col: ids, **columns})
     if data is None:
         raise FastclsError(f"Recipe {recipe.name!r} fills the template {recipe.sub_template}, which lives in the data "
                            "folder: pass the data folder (--data PATH).")
@@ -88,7 +127,7 @@ def submission_frame(recipe: Recipe, test_ids, probs, vocab, data=None) -> pd.Da
     if recipe.sub_id_col not in df:
         raise FastclsError(f"Submission template {template} has no column {recipe.sub_id_col!r} (it has "
                            f"{', '.join(map(repr, df.columns))}).")
-    pred = dict(zip(ids, labels))
+    pred = {i: n for n, i in enumerate(ids)}
     missing = [i for i in df[recipe.sub_id_col] if i not in pred]
     extra = sorted(set(ids) - set(df[recipe.sub_id_col]))
     if missing or extra:
@@ -97,7 +136,9 @@ def submission_frame(recipe: Recipe, test_ids, probs, vocab, data=None) -> pd.Da
             (f"{len(extra)} predicted id(s) are not in the template (e.g. {extra[0]!r})" if extra else "")
         raise FastclsError(f"Submission for recipe {recipe.name!r} does not match the template {template}: {what}. "
                            "The run's test set must be the template's test set.")
-    df[recipe.sub_label_col] = [pred[i] for i in df[recipe.sub_id_col]]
+    rows = [pred[i] for i in df[recipe.sub_id_col]]
+    for col, values in columns.items():
+        df[col] = np.asarray(values, dtype=object if isinstance(values, list) else None)[rows]
     return df
 
 
@@ -122,7 +163,8 @@ def write_submission(recipe: Recipe, test_ids, probs, vocab, path, data=None) ->
     return df
 
 
-def submission_for_run(run, path, beta: Optional[float] = 0.25, data=None, recipe_dirs=()) -> pd.DataFrame:
+def submission_for_run(run, path, beta: Optional[float] = 0.25, data=None, recipe_dirs=(),
+                       record: bool = True) -> pd.DataFrame:
     """Write the submission of a stored run's test probabilities.
 
     Args:
@@ -131,6 +173,7 @@ def submission_for_run(run, path, beta: Optional[float] = 0.25, data=None, recip
         beta: TTA blend weight of the plain view (`predict.tta_blend`); None: the plain view only.
         data: the data folder with the recipe's template (default: the run's data folder, else the recipe's).
         recipe_dirs: extra recipe folders, to find the run's recipe by name.
+        record: record the file (sha256, run, local score) in the store's `submissions.json` (see `record_lb`).
 
     Returns:
         The written table.
@@ -147,4 +190,92 @@ def submission_for_run(run, path, beta: Optional[float] = 0.25, data=None, recip
     recipe = cfg.recipe
     data = data or cfg.data or (recipe.data if recipe.data not in (None, "builtin") else None)
     blended = np.asarray(probs[0]) if beta is None else tta_blend(np.asarray(probs), beta)
-    return write_submission(recipe, run.test_ids, blended, run.vocab, path, data=data)
+    df = write_submission(recipe, run.test_ids, blended, run.vocab, path, data=data)
+    if record:
+        name = run.metrics.get("metric_name")
+        record_submission(run.path.parent, run.id, path, name, run.metrics.get(name))
+    return df
+
+
+# -- leaderboard bookkeeping ---------------------------------------------------------------------------------------
+
+def _sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _update(store_root, change):
+    """Apply `change(records) -> result` to the store's submission records under its lock; returns the result."""
+    root = Path(store_root)
+    root.mkdir(parents=True, exist_ok=True)
+    with exclusive(root / (SUBMISSIONS + ".lock")):
+        records = read_json(root / SUBMISSIONS) or []
+        result = change(records)
+        write_json(root / SUBMISSIONS, records)
+    return result
+
+
+def record_submission(store_root, run_id: str, path, metric_name: Optional[str] = None,
+                      local: Optional[float] = None) -> dict:
+    """Record a written submission file: its sha256, path, run, the run's local score; returns the record."""
+    rec = {"sha256": _sha256(path), "file": str(Path(path).resolve()), "run": run_id, "metric_name": metric_name,
+           "local": None if local is None else float(local), "public": None, "private": None,
+           "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return _update(store_root, lambda records: records.append(rec) or rec)
+
+
+def record_lb(store, target: str, public: Optional[float] = None, private: Optional[float] = None) -> dict:
+    """Attach leaderboard scores to a recorded submission.
+
+    Args:
+        store: the `RunStore` the submission was written from.
+        target: a submission file (found by its sha256, so a renamed or copied file still matches) or a run
+            (id, prefix or name: its newest recorded submission).
+        public, private: the leaderboard scores (at least one).
+
+    Returns:
+        The updated record.
+
+    Raises:
+        FastclsError: no score given; a file that no recorded submission matches; a run without submissions.
+    """
+    if public is None and private is None:
+        raise FastclsError("Give a leaderboard score: --public SCORE and/or --private SCORE.")
+    if Path(target).is_file():
+        key, what = "sha256", _sha256(target)
+        where = (f"No recorded submission has the contents of {target} (sha256 {what[:12]}...). Only files that "
+                 "`fastcls submit` or `fastcls ensemble --submission` wrote from this store are recorded; check "
+                 f"--runs-dir ({store.root}) or that the file was not edited after it was written.")
+    else:
+        try:
+            key, what = "run", store.resolve(target)["id"]
+        except FastclsError:
+            raise FastclsError(f"{target!r} is neither a submission file nor a run in {store.root}. Pass the CSV "
+                               "that `fastcls submit` wrote, or the run's id or name.") from None
+        where = f"Run {what} has no recorded submission. Write one first: fastcls submit {what} --out FILE."
+
+    def change(records):
+        hits = [r for r in records if r[key] == what]
+        if not hits:
+            raise FastclsError(where)
+        rec = hits[-1]
+        rec.update({k: float(v) for k, v in (("public", public), ("private", private)) if v is not None})
+        return dict(rec)
+    return _update(store.root, change)
+
+
+def submissions_table(store_root) -> pd.DataFrame:
+    """Every recorded submission of a store, oldest first (empty when none was recorded)."""
+    cols = ["created", "run", "file", "sha256", "metric_name", "local", "public", "private"]
+    return pd.DataFrame(read_json(Path(store_root) / SUBMISSIONS) or [], columns=cols)
+
+
+def with_lb_scores(store_root, runs: pd.DataFrame) -> pd.DataFrame:
+    """A runs table (`RunStore.leaderboard`) with each run's newest public / private leaderboard scores, when any
+    submission of the store has them."""
+    subs = submissions_table(store_root)
+    subs = subs[subs["public"].notna() | subs["private"].notna()]
+    if not len(subs):
+        return runs
+    last = subs.groupby("run")[["public", "private"]].last()
+    return runs.join(last, on="id")

@@ -19,7 +19,7 @@ LAYERS = [
     {"ensemble", "experiments"},
     {"inference"},
     {"report"},
-    {"cli_options", "cli_table", "cli_tools", "cli", "__main__"},
+    {"cli_options", "cli_table", "cli_scores", "cli_tools", "cli", "__main__"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 MAX_LINES = 610

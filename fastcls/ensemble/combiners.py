@@ -18,7 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ..errors import FastclsError, suggest
-from .scoring import _CHUNK, _LabelScorer, _argmax, _n_rows, _take, _weighted_sum
+from .scoring import _CHUNK, _LabelScorer, _n_rows, _take, _weighted_sum
 from .search import _search_many
 
 
@@ -116,7 +116,9 @@ def _fit_stack(X, y, metric: str, n_classes: int, seed: int):
         scorer = _LabelScorer(metric, y[hold], n_classes)
         for c in _STACK_CS:
             lr.set_params(C=c).fit(X[fit], y[fit])
-            score = scorer.sign * scorer(lr.classes_[lr.predict_proba(X[hold]).argmax(1)])
+            probs = np.zeros((len(hold), n_classes))
+            probs[:, lr.classes_] = lr.predict_proba(X[hold])  # every class's column, for probability metrics
+            score = scorer.sign * scorer(probs)
             if score > best:  # ties keep the stronger regularisation
                 best_C, best = c, score
     if not hasattr(lr, "classes_") or len(lr.classes_) != len(np.unique(y)):
@@ -202,7 +204,7 @@ def _fit(method, probs_list, targets, metric, weights, rows, seed, hill_steps, s
     if spec.fit is not None:
         comb.model = spec.fit(probs_list, yr, rows, metric, C, seed)
     if scorer is not None and score_fit:
-        comb.fit_score = scorer(_argmax(comb.apply(probs_list, rows)))
+        comb.fit_score = scorer(comb.apply(probs_list, rows))
     return comb
 
 

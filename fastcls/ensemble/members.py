@@ -6,7 +6,7 @@ Probabilities stay memory-mapped; a member materialises at most one blend at a t
 
 __all__ = ["check_runs", "aligned_probs"]
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -104,12 +104,19 @@ class _Member:
         return lerp_blend(plain, aug, 1 if beta is None else beta)
 
 
+def _optimised(run: StoredRun) -> Optional[str]:
+    """What an ensemble of `run` optimises on valid: its recipe's monitor (it stands for the test score, e.g.
+    balanced accuracy on a long-tailed valid split), else its metric."""
+    return run.config.get("monitor") or run.config.get("metric") or run.metrics.get("metric_name")
+
+
 def check_runs(runs: Sequence[StoredRun]) -> tuple[str, list, str]:
     """(recipe, vocab, metric) that the stored `runs` share; a clear error when their recipe, vocab (classes and
-    their order) or metric differ, before any probabilities are combined."""
+    their order) or metric differ, before any probabilities are combined. The metric is the recipe's monitor
+    when it has one (see `_optimised`)."""
     ref = runs[0]
     recipe, vocab = ref.config.get("recipe"), list(ref.vocab)
-    metric = ref.config.get("metric") or ref.metrics.get("metric_name")
+    metric = _optimised(ref)
     for run in runs[1:]:
         if run.config.get("recipe") != recipe:
             raise FastclsError(f"Runs come from different recipes: {_run_label(ref)} is {recipe!r}, "
@@ -125,7 +132,7 @@ def check_runs(runs: Sequence[StoredRun]) -> tuple[str, list, str]:
             raise FastclsError(f"Runs {_run_label(ref)} and {_run_label(run)} have different vocabularies "
                                f"({len(vocab)} vs {len(other)} classes; only in {ref.id}: {_examples(a) or '-'}; "
                                f"only in {run.id}: {_examples(b) or '-'}).")
-        m = run.config.get("metric") or run.metrics.get("metric_name")
+        m = _optimised(run)
         if m != metric:
             raise FastclsError(f"Runs are scored with different metrics: {_run_label(ref)} uses {metric!r}, "
                                f"{_run_label(run)} uses {m!r}.")

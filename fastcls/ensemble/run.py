@@ -22,11 +22,13 @@ import numpy as np
 import pandas as pd
 
 from ..errors import FastclsError
+from ..metrics import expected_calibration_error, get_metric, log_loss
+from ..posthoc import PostHoc, fit_temperature
 from ..runs import RunData, RunStore
 from ..submission import submission_for_run
 from .combiners import _check_method, _fit, _fits, _normalise_weights
 from .members import _load_members
-from .scoring import _LabelScorer, _argmax
+from .scoring import _LabelScorer
 from .stats import _cv_betas, _cv_fits, kfold_indices, paired_bootstrap
 
 
@@ -70,7 +72,8 @@ class EnsembleResult:
 
 def ensemble(store: RunStore, refs: list[str], method: str = "mean", tta_beta: Optional[float] = None,
              weights: Optional[list[float]] = None, name: Optional[str] = None, seed: int = 0, hill_steps: int = 50,
-             n_boot: int = 1000, folds: int = 5, submission=None, recipe_dirs=()) -> EnsembleResult:
+             n_boot: int = 1000, folds: int = 5, submission=None, recipe_dirs=(), metric: Optional[str] = None,
+             calibrate: bool = False) -> EnsembleResult:
     """Combine stored runs' probabilities, score the combination honestly and save it as an 'ensemble' run.
 
     Reads only the store (memory-mapped probabilities; never a model). Every check happens before anything is
@@ -98,6 +101,10 @@ def ensemble(store: RunStore, refs: list[str], method: str = "mean", tta_beta: O
         submission: also write the recipe's submission CSV of the ensemble's test probabilities to this path
             (checked before anything is stored: every member needs test probabilities).
         recipe_dirs: extra recipe folders, to find the recipe's submission format by name.
+        metric: the registry metric to optimise and score (e.g. the competition's `map@3` or `log_loss`); None: the
+            members' recipe monitor, else its metric.
+        calibrate: fit a temperature (log likelihood) on the stored validation probabilities (out-of-fold when
+            anything was fitted) and apply it to them and to the test probabilities; argmax metrics are unchanged.
 
     Returns:
         An `EnsembleResult`; its `table` has one row per member and one for the ensemble, with the metric score,
@@ -115,7 +122,8 @@ def ensemble(store: RunStore, refs: list[str], method: str = "mean", tta_beta: O
         if lacking:
             raise FastclsError(f"--submission needs test probabilities, but run(s) {', '.join(lacking)} have none. "
                                "Leave those runs out or drop --submission.")
-    members, runs, metric, y, valid_ids, test_ids = _load_members(store, refs)
+    members, runs, optimised, y, valid_ids, test_ids = _load_members(store, refs)
+    metric = optimised if metric is None else get_metric(metric).name
     M, N, C = len(members), len(y), members[0].plain.shape[1]
     scorer = _LabelScorer(metric, y, C)
     s = scorer.sign
@@ -134,7 +142,7 @@ def ensemble(store: RunStore, refs: list[str], method: str = "mean", tta_beta: O
             member_score[i], member_fit[i] = scorer(oof), scorer(labels)
             member_labels.append(oof)
         else:
-            lab = mem.labels(betas[i])
+            lab = scorer.pred(mem.probs(betas[i]))  # labels, or probabilities for a probability metric
             member_score[i] = member_fit[i] = scorer(lab)
             member_labels.append(lab)
 
@@ -162,8 +170,14 @@ def ensemble(store: RunStore, refs: list[str], method: str = "mean", tta_beta: O
 
     evaluated = f"cv-{K}" if fits else "direct"
     stored = oof_probs if oof_probs is not None else valid_probs
-    ens_labels = _argmax(stored)
-    score, fit_score = scorer(ens_labels), scorer(_argmax(valid_probs))
+    ece_raw = expected_calibration_error(y, stored)
+    post = PostHoc(temperature=fit_temperature(stored, y) if calibrate else None, metric="log_loss")
+    if post.applied:  # one parameter fitted on all stored rows: a slightly optimistic log loss, argmax unchanged
+        stored, valid_probs = post.apply(stored), post.apply(valid_probs)
+        test_probs = None if test_probs is None else post.apply(test_probs)
+        oof_probs = None if oof_probs is None else stored
+    ens_labels = scorer.pred(stored)
+    score, fit_score = scorer(ens_labels), scorer(scorer.pred(valid_probs))
     best = int(np.argmax(s * member_score))
     gain, lo, hi = paired_bootstrap(y, ens_labels, member_labels[best], metric, n_boot, seed)
 
@@ -173,14 +187,20 @@ def ensemble(store: RunStore, refs: list[str], method: str = "mean", tta_beta: O
               "metric": metric, "tta_beta": betas, "weights": w_out, "seed": seed, "folds": K or None}
     if method == "hill":
         config["hill_steps"] = hill_steps
+    if calibrate:
+        config["calibrate"] = True
     metrics = {"metric_name": metric, metric: score, f"fit_{metric}": fit_score, "evaluated": evaluated,
-               "gain": gain, "gain_lo": lo, "gain_hi": hi, "best_member": member_ids[best]}
+               "gain": gain, "gain_lo": lo, "gain_hi": hi, "best_member": member_ids[best],
+               "ece": expected_calibration_error(y, stored), "log_loss": log_loss(y, stored)}
+    if post.applied:
+        metrics.update(temperature=post.temperature, ece_raw=ece_raw, posthoc=post.describe())
     writable = store.writable()  # a read-only store (a downloaded one): score and submit, store nothing
     run_id = None if not writable else store.save(RunData(
         config=config, vocab=list(runs[0].vocab), valid_probs=stored[None], valid_targets=y, valid_ids=valid_ids,
         metrics=metrics, test_probs=None if test_probs is None else test_probs[None], test_ids=test_ids,
         kind="ensemble", name=name, seconds=time.perf_counter() - t0,
-        extra={"ensemble": {"members": member_ids, "valid_probs": "out-of-fold" if fits else "fitted on all rows",
+        extra={**({"posthoc": post.to_dict()} if post.applied else {}),
+               "ensemble": {"members": member_ids, "valid_probs": "out-of-fold" if fits else "fitted on all rows",
                             "member_scores": member_score.tolist(), "member_evaluated":
                                 [f"cv-{K}" if c else "direct" for c in choose]}}))
 

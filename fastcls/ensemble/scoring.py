@@ -2,7 +2,8 @@
 
 Member probabilities may be memory-mapped (N, C) arrays; the helpers here read them block by block so temporaries
 stay small. `_LabelScorer` scores argmax labels, through per-class counts for the count metrics, which is what makes
-the greedy search and the bootstrap cheap.
+the greedy search and the bootstrap cheap; for a probability metric (log loss, AUC, MAP@k) it scores probabilities,
+and `pred` says which of the two a consumer must hand it.
 """
 
 from typing import Optional
@@ -23,6 +24,7 @@ class _LabelScorer:
     def __init__(self, metric: str, targets: np.ndarray, n_classes: int, mask: Optional[np.ndarray] = None):
         self.name, self.metric = metric, get_metric(metric)
         self.sign = 1.0 if self.metric.higher_is_better else -1.0
+        self.needs_probs = self.metric.needs_probs
         self.counts_fn = COUNT_METRICS.get(metric)
         self.y, self.C, self.mask = np.asarray(targets, dtype=np.int64), n_classes, mask
         self.ntrue = np.bincount(self._rows(self.y), minlength=n_classes).astype(np.float64)
@@ -38,8 +40,19 @@ class _LabelScorer:
     def from_counts(self, tp, npred) -> float:
         return float(self.counts_fn(tp, npred, self.ntrue))
 
+    def pred(self, probs, rows=None) -> np.ndarray:
+        """What this scorer reads from (N, C) probabilities: the probabilities themselves for a probability metric
+        (rows `rows`, None = all), argmax labels otherwise."""
+        if self.needs_probs:
+            return np.asarray(probs) if rows is None else np.asarray(probs)[rows]
+        return _argmax(probs, rows)
+
     def __call__(self, labels) -> float:
-        labels = np.asarray(labels, dtype=np.int64)
+        """The metric of labels (N,) or probabilities (N, C) (argmax taken for a label metric)."""
+        x = np.asarray(labels)
+        if self.needs_probs:
+            return float(self.metric(self._rows(self.y), self._rows(x)))  # refuses labels with a clear error
+        labels = (_argmax(x) if x.ndim == 2 else x).astype(np.int64, copy=False)
         if self.counts_fn is not None:
             return self.from_counts(*self.counts(labels))
         return float(self.metric(self._rows(self.y), self._rows(labels)))
@@ -48,9 +61,8 @@ class _LabelScorer:
 def _score(metric: str, targets, probs_or_labels) -> float:
     """The registry metric of probabilities (N x C) or labels, through the fast count path where there is one."""
     x = np.asarray(probs_or_labels)
-    labels = _argmax(x) if x.ndim == 2 else x
-    C = int(max(np.max(targets, initial=0), np.max(labels, initial=0))) + 1
-    return _LabelScorer(metric, targets, x.shape[1] if x.ndim == 2 else C)(labels)
+    C = x.shape[1] if x.ndim == 2 else int(max(np.max(targets, initial=0), np.max(x, initial=0))) + 1
+    return _LabelScorer(metric, targets, C)(x)
 
 
 def _take(a, rows, lo, hi):

@@ -1,4 +1,4 @@
-"""Greedy searches for member weights that optimise an argmax metric: Caruana et al. (2004) hill climbing
+"""Greedy searches for member weights that optimise a metric of the argmax (or, `_ProbSearch`, of the probabilities): Caruana et al. (2004) hill climbing
 (`_fit_hill`) and coordinate search on the simplex (`_fit_weights`), both driven by `_ArgmaxSearch`.
 
 Speed: `_ArgmaxSearch` evaluates a move only on the rows and classes it can change and scores it from bincounts,
@@ -292,6 +292,59 @@ class _ArgmaxSearch:
         self._pending = []
 
 
+class _ProbSearch:
+    """`_ArgmaxSearch`'s moves for a probability metric (log loss, AUC, MAP@k): S = sum_m w_m P_m is kept in full
+    and a move scores the metric of the normalised S + c * P_m on each fit's rows. No bounds to exploit (every row's
+    probabilities matter), so a step costs one pass over the members' probabilities per move."""
+
+    def __init__(self, probs, scorers, w0):
+        self.P, self.scorers = probs, list(scorers)
+        self.w = np.asarray(w0, dtype=np.float64).copy()
+        self.S = _weighted_sum(probs, self.w) * np.float32(self.w.sum())
+        self.scores = np.array([sc(self.S / self.w.sum()) for sc in self.scorers])
+        self._pending = []
+
+    def split(self, fits) -> "_ProbSearch":
+        new = object.__new__(_ProbSearch)
+        new.__dict__.update(self.__dict__)
+        new.w, new.S = self.w.copy(), self.S.copy()
+        return new.keep(fits)
+
+    def keep(self, fits) -> "_ProbSearch":
+        fits = list(fits)
+        self.scorers, self.scores = [self.scorers[f] for f in fits], self.scores[fits]
+        return self
+
+    def propose(self, moves) -> np.ndarray:
+        out = []
+        self._pending = []
+        for m, c in moves:
+            new = self.S + np.asarray(self.P[m], dtype=np.float32) * np.float32(c)
+            total = self.w.sum() + c
+            out.append([sc(new / total) for sc in self.scorers])
+            self._pending.append((m, c))
+        return np.array(out).reshape(len(moves), len(self.scorers))
+
+    def accept(self, k: int) -> None:
+        m, c = self._pending[k]
+        self.S += np.asarray(self.P[m], dtype=np.float32) * np.float32(c)
+        self.w[m] += c
+        self.scores = np.array([sc(self.S / self.w.sum()) for sc in self.scorers])
+        self._pending = []
+
+
+def _new_search(probs, data, scorers, w0):
+    """The greedy search for these scorers: `_ProbSearch` for a probability metric, `_ArgmaxSearch` otherwise."""
+    if scorers[0].needs_probs:
+        return _ProbSearch(probs, scorers, w0)
+    return _ArgmaxSearch(probs, data, scorers, w0)
+
+
+def _member_preds(probs, data, sc):
+    """What scorer `sc` reads of each member alone: its argmax labels, or its probabilities."""
+    return list(probs) if sc.needs_probs else [t.a1 for t in data.tops]
+
+
 def _branch(search, fits, choice):
     """Split `search` by the fits' choices (one per fit; None = no move): [(search, fit positions, choice)]."""
     groups = {}
@@ -310,12 +363,12 @@ def _fit_hill(probs, data: _SearchData, scorers, steps: int):
     each fit keeps its best prefix, so it never scores below its best single member. Fits that pick the same
     members share one search. Returns [(weights, fit score)] per scorer."""
     M, s = len(probs), scorers[0].sign
-    best = [int(np.argmax([s * sc(t.a1) for t in data.tops])) for sc in scorers]
+    best = [int(np.argmax([s * sc(x) for x in _member_preds(probs, data, sc)])) for sc in scorers]
     seqs, paths = [[b] for b in best], [[] for _ in scorers]
     work = []
     for b in dict.fromkeys(best):
         fits = [f for f in range(len(scorers)) if best[f] == b]
-        work.append((_ArgmaxSearch(probs, data, [scorers[f] for f in fits], np.eye(M)[b]), fits))
+        work.append((_new_search(probs, data, [scorers[f] for f in fits], np.eye(M)[b]), fits))
     for search, fits in work:
         for j, f in enumerate(fits):
             paths[f].append(search.scores[j])
@@ -345,9 +398,9 @@ def _fit_weights(probs, data: _SearchData, scorers, rounds: int = 100, min_step:
     moves share one search. Returns [(weights, fit score)] per scorer."""
     M, s = len(probs), scorers[0].sign
     if M == 1:
-        return [(np.ones(1), sc(data.tops[0].a1)) for sc in scorers]
+        return [(np.ones(1), sc(_member_preds(probs, data, sc)[0])) for sc in scorers]
     out = [None] * len(scorers)
-    work = [(_ArgmaxSearch(probs, data, scorers, np.ones(M)), list(range(len(scorers))), 0.5, 0)]
+    work = [(_new_search(probs, data, scorers, np.ones(M)), list(range(len(scorers))), 0.5, 0)]
     while work:
         search, fits, step, rounds_done = work.pop()
         w = search.w
@@ -382,7 +435,8 @@ def _search_many(method, probs, y, metric, rows_list, hill_steps, data: Optional
         masks.append(mask)
     scorers = [_LabelScorer(metric, y, C, mask) for mask in masks]
     if C < 2:  # one class: every combination predicts it
-        return [(np.full(len(probs), 1 / len(probs)), sc(np.zeros(N, np.int64))) for sc in scorers]
+        return [(np.full(len(probs), 1 / len(probs)), sc(np.ones((N, 1)) if sc.needs_probs else np.zeros(N, np.int64)))
+                for sc in scorers]
     if method == "hill":
         return _fit_hill(probs, data, scorers, hill_steps)
     return _fit_weights(probs, data, scorers)

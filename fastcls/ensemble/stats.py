@@ -26,13 +26,16 @@ BETA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 # -- TTA beta ------------------------------------------------------------------------------------------------------
 
-def _beta_labels(plain, aug, grid=BETA_GRID) -> np.ndarray:
-    """(len(grid), N) argmax labels of the blend at each beta, without materialising the blends."""
-    out = np.empty((len(grid), len(plain)), dtype=np.int64)
+def _beta_labels(plain, aug, grid=BETA_GRID, probs: bool = False) -> np.ndarray:
+    """(len(grid), N) argmax labels of the blend at each beta, without materialising the blends; with `probs` (a
+    probability metric scores them) the (len(grid), N, C) blends themselves."""
+    shape = (len(grid), len(plain)) + ((plain.shape[1],) if probs else ())
+    out = np.empty(shape, dtype=np.float32 if probs else np.int64)
     for lo in range(0, len(plain), _CHUNK):
         p, a = np.asarray(plain[lo:lo + _CHUNK]), np.asarray(aug[lo:lo + _CHUNK])
         for g, b in enumerate(grid):
-            out[g, lo:lo + _CHUNK] = (p * np.float32(b) + a * np.float32(1 - b)).argmax(1)
+            blend = p * np.float32(b) + a * np.float32(1 - b)
+            out[g, lo:lo + _CHUNK] = blend if probs else blend.argmax(1)
     return out
 
 
@@ -61,19 +64,20 @@ def choose_beta(plain, aug, targets, metric: str, grid=BETA_GRID, rows=None) -> 
     Returns:
         The chosen beta.
     """
-    g, = _pick_betas(_beta_labels(plain, aug, grid), targets, metric, plain.shape[1], [rows])
+    labels = _beta_labels(plain, aug, grid, get_metric(metric).needs_probs)
+    g, = _pick_betas(labels, targets, metric, plain.shape[1], [rows])
     return float(grid[g])
 
 
 def _cv_betas(plain, aug, targets, metric: str, fold, grid=BETA_GRID):
     """`choose_beta` cross-validated: (per-fold betas chosen on the other folds, their out-of-fold labels, the beta
     chosen on all rows, its labels); the blends' labels are computed once for all fits."""
-    labels = _beta_labels(plain, aug, grid)
+    labels = _beta_labels(plain, aug, grid, get_metric(metric).needs_probs)
     K = int(fold.max()) + 1
     picks = _pick_betas(labels, targets, metric, plain.shape[1], [np.flatnonzero(fold != k) for k in range(K)] + [None])
-    oof = np.empty(len(fold), dtype=np.int64)
+    oof = np.empty(labels.shape[1:], dtype=labels.dtype)
     for k in range(K):
-        oof[fold == k] = labels[picks[k], fold == k]
+        oof[fold == k] = labels[picks[k]][fold == k]
     return [float(grid[g]) for g in picks[:K]], oof, float(grid[picks[K]]), labels[picks[K]]
 
 
@@ -188,11 +192,13 @@ def paired_bootstrap(targets, a, b, metric: str, n_boot: int = 1000, seed: int =
         (gain, low, high); low and high are NaN when n_boot is 0.
     """
     y = np.asarray(targets, dtype=np.int64)
-    la = _argmax(np.asarray(a)) if np.ndim(a) == 2 else np.asarray(a, dtype=np.int64)
-    lb = _argmax(np.asarray(b)) if np.ndim(b) == 2 else np.asarray(b, dtype=np.int64)
     m = get_metric(metric)
+    if m.needs_probs:  # a probability metric: compare the probabilities themselves
+        la, lb = np.asarray(a), np.asarray(b)
+    else:
+        la = _argmax(np.asarray(a)) if np.ndim(a) == 2 else np.asarray(a, dtype=np.int64)
+        lb = _argmax(np.asarray(b)) if np.ndim(b) == 2 else np.asarray(b, dtype=np.int64)
     sign = 1.0 if m.higher_is_better else -1.0
-    C = int(max(y.max(), la.max(), lb.max())) + 1
     gain = sign * (_score(metric, y, la) - _score(metric, y, lb))
     if n_boot <= 0:
         return gain, float("nan"), float("nan")
@@ -204,6 +210,7 @@ def paired_bootstrap(targets, a, b, metric: str, n_boot: int = 1000, seed: int =
             idx = rng.integers(0, N, N)
             boot[i] = sign * (m(y[idx], la[idx]) - m(y[idx], lb[idx]))
     else:
+        C = int(max(y.max(), la.max(), lb.max())) + 1
         if metric == "accuracy":  # only correctness matters: class 0 = right, 1 = wrong, all targets 0
             y, la, lb, C = np.zeros_like(y), (la != y).astype(np.int64), (lb != y).astype(np.int64), 2
         codes = (y * C + la) * C + lb

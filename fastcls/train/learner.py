@@ -13,7 +13,7 @@ from ..archs import build_model, check_size, get_arch, layer_decay_lrs, splitter
 from ..config import RunConfig
 from ..hardware import accelerate
 from ..imbalance import ImbalancePlan, parse_imbalance, plan
-from ..metrics import get_metric
+from ..metrics import check_metric, get_metric
 from ..recipe import Recipe
 
 
@@ -47,7 +47,7 @@ def learner(dls, cfg: RunConfig, model=None, load_weights: bool = True,
         model = build_model(cfg.arch, len(dls.vocab), ps=recipe.ps, pretrained=recipe.pretrained and load_weights,
                             weights=cfg.weights if load_weights else None, drop_path=recipe.drop_path)
         model.body_groups = spec.body_groups
-    metrics = [get_metric(n).fastai() for n in metric_names(recipe)]  # the monitored metric last (see `train`)
+    metrics = [get_metric(n).make_fastai() for n in metric_names(recipe)]  # the monitored metric last (see `train`)
     plan = plan if plan is not None else imbalance_plan(recipe, dls)
     learn = Learner(dls, model, loss_func=plan.loss, metrics=metrics,
                     splitter=(stage_splitter if recipe.layer_decay else splitter) if full else trainable_params, wd=recipe.wd if recipe.wd is not None else None)
@@ -85,5 +85,5 @@ def metric_names(recipe: Recipe) -> list:
     monitor = recipe.monitor or recipe.metric
     names = [n for n in dict.fromkeys(["accuracy", recipe.metric, *recipe.extra_metrics]) if n != monitor] + [monitor]
     for n in names:
-        get_metric(n)
+        check_metric(n, recipe.classes, f"recipe {recipe.name!r}")
     return names

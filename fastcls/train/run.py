@@ -2,7 +2,7 @@
 callbacks), predict, store; resume an interrupted run."""
 
 __all__ = ["Prepared", "prepare", "train", "fit_run", "resume_run", "RunResult", "Predictions", "run_metrics",
-           "fit_posthoc_steps", "with_posthoc", "store_run"]
+           "fit_posthoc_steps", "with_posthoc", "store_run", "posthoc_metric"]
 
 import dataclasses
 import sys
@@ -28,7 +28,7 @@ from .learner import imbalance_plan, learner, metric_names, schedule
 from ..errors import FastclsError
 from ..posthoc import PostHoc, fit_posthoc
 from ..imbalance import parse_imbalance
-from ..metrics import get_metric
+from ..metrics import expected_calibration_error, get_metric
 from ..predict import encode_labels, predict_views, tta_blend
 from ..recipe import Recipe
 from ..runs import RunData, RunStore
@@ -101,12 +101,13 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, c
         learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)])
         learn.logger = noop  # the Recorder would print raw lists; EpochLine prints readable ones
     monitor = learn.metrics[-1].name
-    keep = KeepBest(monitor)
+    better = get_metric(recipe.monitor or recipe.metric).better  # log loss: lower is better
+    keep = KeepBest(monitor, comp=better)
     lines = EpochLine(echo=progress == "line")
     cbs = [keep, lines, *cbs]
     es = None
     if recipe.patience:
-        es = EarlyStop(monitor=monitor, comp=np.greater, patience=recipe.patience, reset_on_fit=False)
+        es = EarlyStop(monitor=monitor, comp=better, patience=recipe.patience, reset_on_fit=False)
         cbs.append(es)
     if checkpoint is not None:
         checkpoint.attach(keep, lines, es)
@@ -264,6 +265,9 @@ def run_metrics(recipe: Recipe, preds: Predictions, best_epoch: Optional[int], n
         if has_test:
             metrics.update(_scores(names, raw.test_targets, raw.test_probs, prefix="test_", suffix="_raw"))
     metrics.update(valid_loss=_nll(vp[0], vt), best_epoch=best_epoch, n_train=n_train, n_valid=len(vt))
+    metrics["ece"] = expected_calibration_error(vt, vp[0])
+    if raw is not None:
+        metrics["ece_raw"] = expected_calibration_error(vt, raw.valid_probs[0])
     return metrics
 
 
@@ -282,7 +286,13 @@ def fit_posthoc_steps(recipe: Recipe, preds: Predictions, learn=None, prior=None
     elif prior is None:
         raise FastclsError("Logit adjustment needs the training class counts: pass the learner to store_run.")
     return fit_posthoc(preds.valid_probs[0], preds.valid_targets, prior, recipe.tune_thresholds,
-                       metric=recipe.monitor or "macro_f1")
+                       metric=posthoc_metric(recipe), calibrate=recipe.calibrate)
+
+
+def posthoc_metric(recipe: Recipe) -> str:
+    """What post-hoc steps and ensembles optimise on valid: the recipe's monitor (it stands for the test score), else
+    its metric, except plain accuracy (tuning for it on a skewed valid split undoes the adjustment: macro-F1)."""
+    return recipe.monitor or (recipe.metric if recipe.metric != "accuracy" else "macro_f1")
 
 
 def with_posthoc(recipe: Recipe, preds: Predictions, learn=None, prior=None):
