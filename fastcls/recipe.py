@@ -105,6 +105,11 @@ class Recipe:
     # -- the split's own seed: the validation split, the folds and --sample's subset depend on it, never on the run's
     # --seed (init, augmentation, batch order), so runs differing only in --seed share validation items
     split_seed: int = 42
+    # -- mixing (fastcls.train.mixing: fastai's MixUp / CutMix with Beta(alpha, alpha); 0 = off, one at a time),
+    # stopped for the last `mix_off_epoch` epochs of the last stage
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_off_epoch: int = 0
 
     def __post_init__(self):
         checks = [("size", self.size is None or self.size > 0, "a positive number of pixels (or None: inferred)"),
@@ -121,7 +126,9 @@ class Recipe:
                   ("color_jitter", 0 <= self.color_jitter < 1, "in [0, 1)"),
                   ("classes", self.classes is None or len(set(map(str, self.classes))) == len(self.classes) >= 2,
                    "at least 2 distinct class names (or None: inferred from the data)"),
-                  ("split_seed", self.split_seed >= 0, ">= 0")]
+                  ("split_seed", self.split_seed >= 0, ">= 0"),
+                  ("mixup", self.mixup >= 0, ">= 0 (0: off)"), ("cutmix", self.cutmix >= 0, ">= 0 (0: off)"),
+                  ("mix_off_epoch", self.mix_off_epoch >= 0, ">= 0")]
         for key, ok, want in checks:
             if not ok:
                 raise FastclsError(f"Recipe {self.name!r}: setting {key!r} must be {want}, got {getattr(self, key)!r}.")

@@ -25,6 +25,7 @@ from ..archs import get_arch
 from .callbacks import EarlyStop, EpochLine, KeepBest
 from .checkpoint import Checkpointer, RunInterrupted, interrupt_signals, read_checkpoint
 from .learner import imbalance_plan, learner, metric_names, schedule
+from .mixing import check_mixing, mixing
 from ..errors import FastclsError
 from ..posthoc import PostHoc, fit_posthoc
 from ..imbalance import parse_imbalance
@@ -69,6 +70,7 @@ def prepare(cfg: RunConfig, items: Optional[fdata.Items] = None, store: Optional
     get_arch(cfg.arch)
     metric_names(cfg.recipe)  # unknown metrics and a bad imbalance spec fail before the data is read
     strategies = parse_imbalance(cfg.recipe.imbalance)
+    check_mixing(cfg.recipe, strategies)
     if store is not None:
         store.check_writable()
     items = items if items is not None else fdata.read_items(cfg.recipe, cfg.data)
@@ -86,7 +88,7 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, c
         cfg: the run's config (epochs, freeze_epochs, lr, patience come from its recipe).
         progress: 'bar' (fastprogress bars), 'line' (one line per epoch), 'none', or 'auto' (bar on a terminal).
         stages: (name, epochs, lr, unfreeze) tuples to run instead of `schedule(cfg)` (the sweeps' fast path runs
-            the frozen stage alone).
+            the frozen stage alone, on cached features: not mixed).
         cbs: extra callbacks for every stage.
         checkpoint: saves the training state after every epoch; when it holds a checkpoint, training continues
             from there (fastai's `start_epoch`) instead of starting over.
@@ -111,11 +113,17 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, c
     if checkpoint is not None:
         checkpoint.attach(keep, lines, es)
         cbs.append(checkpoint)
+    mix = mixing(recipe) if stages is None else None
+    if mix is not None:
+        cbs.append(mix)
     set_seed(cfg.seed)
     stages = schedule(cfg, len(learn.splitter(learn.model))) if stages is None else stages
     for i, (stage, n_epochs, lr, unfreeze) in enumerate(stages):
         if unfreeze:
             learn.unfreeze()
+        if mix is not None:  # the last stage's last `mix_off_epoch` epochs train on plain batches
+            last = i == len(stages) - 1 and recipe.mix_off_epoch
+            mix.off_from = n_epochs - recipe.mix_off_epoch if last else None
         lines.stage = stage
         start = 0
         if checkpoint is not None:
