@@ -13,7 +13,7 @@ __all__ = ["RunsDir", "RecipeDirs", "Quiet", "Data", "Size", "Ps", "Epochs", "Fr
            "ChannelsLast", "Compile", "Folds", "Fold", "Runs", "StudentArch", "DropPath", "Executor", "Address",
            "GpusPerTrial", "CpusPerTrial", "Distributed", "Out", "LayerDecay", "BnStats",
            "ArchOpt", "Wd", "Patience", "ValidPct", "RunDropPath", "Normalize", "Aug", "Sets", "SplitSeed",
-           "MixUpOpt", "CutMixOpt", "MixOffEpoch", "RECIPE_FLAGS", "recipe_flags"]
+           "MixUpOpt", "CutMixOpt", "MixOffEpoch", "EmaOpt", "RECIPE_FLAGS", "recipe_flags"]
 
 # -- shared options --------------------------------------------------------------------------------------
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Run store folder (holds index.sqlite and one folder per run).",
@@ -129,10 +129,13 @@ CutMixOpt = Annotated[Optional[float], typer.Option("--cutmix", help="CutMix wit
                                                     "(fastai's CutMix; default: the recipe's, 0 = off).")]
 MixOffEpoch = Annotated[Optional[int], typer.Option("--mix-off-epoch", help="Train the last N epochs of the last "
                                                     "stage without mixing (default: the recipe's, 0).")]
+EmaOpt = Annotated[Optional[float], typer.Option("--ema", help="Keep an exponential moving average of the weights "
+                                                "during the unfrozen stage with this decay, e.g. 0.999; the run keeps "
+                                                "the raw or the averaged model, whichever scores better on valid.")]
 
 RECIPE_FLAGS = {"wd": Wd, "patience": Patience, "valid_pct": ValidPct, "drop_path": RunDropPath, "normalize": Normalize,
                 "aug": Aug, "sets": Sets, "split_seed": SplitSeed, "mixup": MixUpOpt, "cutmix": CutMixOpt,
-                "mix_off_epoch": MixOffEpoch}
+                "mix_off_epoch": MixOffEpoch, "ema": EmaOpt}
 
 
 def recipe_flags(fn):

@@ -110,6 +110,8 @@ class Recipe:
     mixup: float = 0.0
     cutmix: float = 0.0
     mix_off_epoch: int = 0
+    # -- an exponential moving average of the weights during the last (unfrozen) stage (fastcls.train.ema; None: off)
+    ema: Optional[float] = None
 
     def __post_init__(self):
         checks = [("size", self.size is None or self.size > 0, "a positive number of pixels (or None: inferred)"),
@@ -128,7 +130,8 @@ class Recipe:
                    "at least 2 distinct class names (or None: inferred from the data)"),
                   ("split_seed", self.split_seed >= 0, ">= 0"),
                   ("mixup", self.mixup >= 0, ">= 0 (0: off)"), ("cutmix", self.cutmix >= 0, ">= 0 (0: off)"),
-                  ("mix_off_epoch", self.mix_off_epoch >= 0, ">= 0")]
+                  ("mix_off_epoch", self.mix_off_epoch >= 0, ">= 0"),
+                  ("ema", self.ema is None or 0 < self.ema < 1, "a decay in (0, 1), e.g. 0.999 (or None: off)")]
         for key, ok, want in checks:
             if not ok:
                 raise FastclsError(f"Recipe {self.name!r}: setting {key!r} must be {want}, got {getattr(self, key)!r}.")

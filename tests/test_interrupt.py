@@ -42,6 +42,9 @@ CONFIGS = {
     # frozen stage of 1 epoch + 2 unfrozen, early stopping with patience 1 (its state is checkpointed too)
     "frozen": lambda w: RunConfig.from_options("digits", "simple_cnn", weights=w,
                                     **{**TINY3, "freeze_epochs": 1, "epochs": 2, "tta": 0}, patience=1),
+    # the same with an EMA of the unfrozen stage (its average is checkpointed; the better model is kept)
+    "ema": lambda w: RunConfig.from_options("digits", "simple_cnn", weights=w,
+                                 **{**TINY3, "freeze_epochs": 1, "epochs": 2, "tta": 0}, ema=0.7),
 }
 
 
@@ -74,6 +77,8 @@ def _interrupt(cfg, store, point, monkeypatch):
     ("plain", "after-epoch-0"),   # between epochs
     ("plain", "batch-2-5"),       # in the middle of the last epoch
     ("frozen", "after-epoch-0"),  # at the end of the frozen stage: the optimizer state is reset by unfreezing
+    ("ema", "after-epoch-0"),     # before the average starts: it starts from the restored weights
+    ("ema", "after-epoch-1"),     # the average halfway: restored from the checkpoint
 ])
 def test_resume_gives_the_uninterrupted_result(store, reference, body_weights, config, point, monkeypatch):
     ref = reference(config)
@@ -95,6 +100,11 @@ def test_resume_gives_the_uninterrupted_result(store, reference, body_weights, c
     res = resume_run(store, rid, progress="none")
     assert res.run_id == rid and store.resolve(rid)["status"] == "done"
     assert not (store.root / rid / CHECKPOINT).exists(), "a finished run keeps its weights, not its checkpoint"
+    if config == "ema":
+        ref_meta = store.load(ref).meta["ema"]
+        assert ref_meta == store.load(rid).meta["ema"] and ref_meta["updates"] == 2 * 10  # 160 train items / bs 16
+        if point == "after-epoch-1":
+            assert ck["meta"]["ema_updates"] == 10 and any(k.startswith("ema.") for k in ck["tensors"])
     d = differences(outputs(store, ref), outputs(store, rid))
     print(f"resume tolerance {config} at {point}: {d}")
     assert max(d.values()) <= TOL, d

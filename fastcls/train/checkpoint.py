@@ -181,12 +181,13 @@ class Checkpointer(Callback):
 
     def __init__(self, path, resume: Optional[dict] = None):
         self.path, self.resume = Path(path), resume
-        self.stage, self.keep, self.lines, self.es = 0, None, None, None
+        self.stage, self.keep, self.lines, self.es, self.ema = 0, None, None, None, None
         self.pending = resume is not None
         self.epochs_done = resume["meta"]["epochs_done"] if resume else 0
 
-    def attach(self, keep: KeepBest, lines: EpochLine, es: Optional[EarlyStop] = None):
-        self.keep, self.lines, self.es = keep, lines, es
+    def attach(self, keep: KeepBest, lines: EpochLine, es: Optional[EarlyStop] = None, ema=None):
+        """The callbacks whose state the checkpoint holds (`ema`: the run's `fastcls.train.ema.Ema`, if any)."""
+        self.keep, self.lines, self.es, self.ema = keep, lines, es, ema
 
     def start_epoch(self, stage: int, n_epoch: int) -> int:
         """The first epoch of `stage` still to train (`n_epoch`: the stage is already done)."""
@@ -230,6 +231,8 @@ class Checkpointer(Callback):
         rng_t, rng_m = rng_state(learn.dls)
         tensors.update(opt_t)
         tensors.update(rng_t)
+        ema = self.ema.state_dict() if self.ema is not None else {"weights": None, "updates": 0}
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in (ema["weights"] or {}).items()})
         smooth = learn.recorder.smooth_loss
         tensors["recorder.smooth_val"] = torch.as_tensor(smooth.val).detach().cpu().reshape(1).float()
         es = self.es.state_dict() if self.es is not None else {"wait": None, "stopped": False}
@@ -237,7 +240,7 @@ class Checkpointer(Callback):
         meta = {"format": FORMAT, "stage": self.stage, "epoch": int(learn.epoch), "n_epoch": int(learn.n_epoch),
                 "epochs_done": self.epochs_done, "stopped": es["stopped"], "es_wait": es["wait"],
                 "keep": {k: _plain(v) for k, v in keep.items()}, "history": rows,
-                "smooth_count": int(smooth.count), "opt": opt_m, "rng": rng_m}
+                "smooth_count": int(smooth.count), "opt": opt_m, "rng": rng_m, "ema_updates": ema["updates"]}
         from safetensors.torch import save_file
         tensors = _unshared(tensors)
         write_atomic(self.path, lambda p: save_file(tensors, str(p), metadata={"fastcls": json.dumps(meta)}))
@@ -253,6 +256,9 @@ class Checkpointer(Callback):
         best = {k[5:]: v.to(dev) for k, v in t.items() if k.startswith("best.")}
         self.keep.load_state_dict({**m["keep"], "weights": best})
         self.lines.load_state_dict({"rows": m["history"]})
+        if self.ema is not None:  # after the model: without a saved average (frozen stage) it starts from the model
+            ema = {k[4:]: v.to(dev) for k, v in t.items() if k.startswith("ema.")}
+            self.ema.load_state_dict({"weights": ema or None, "updates": m.get("ema_updates", 0)}, learn.model)
         later_stage = self.stage != m["stage"]
         if self.es is not None:  # fastai resets `wait` when a new fit starts
             self.es.load_state_dict({"best": self.keep.best, "wait": 0 if later_stage else m["es_wait"]})
