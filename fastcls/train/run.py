@@ -27,6 +27,7 @@ from .checkpoint import Checkpointer, RunInterrupted, interrupt_signals, read_ch
 from .learner import imbalance_plan, learner, metric_names, schedule
 from .mixing import check_mixing, mixing
 from .ema import Ema, choose
+from .schedules import check_schedule, fit_stage
 from ..errors import FastclsError
 from ..posthoc import PostHoc, fit_posthoc
 from ..imbalance import parse_imbalance
@@ -72,6 +73,7 @@ def prepare(cfg: RunConfig, items: Optional[fdata.Items] = None, store: Optional
     metric_names(cfg.recipe)  # unknown metrics and a bad imbalance spec fail before the data is read
     strategies = parse_imbalance(cfg.recipe.imbalance)
     check_mixing(cfg.recipe, strategies)
+    check_schedule(cfg.recipe)
     if store is not None:
         store.check_writable()
     items = items if items is not None else fdata.read_items(cfg.recipe, cfg.data)
@@ -82,7 +84,8 @@ def prepare(cfg: RunConfig, items: Optional[fdata.Items] = None, store: Optional
 
 def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, cbs: tuple = (),
           checkpoint: Optional[Checkpointer] = None) -> tuple[pd.DataFrame, Optional[int]]:
-    """Frozen stage, then the unfrozen stage with discriminative LRs; the best epoch's weights are kept.
+    """Frozen stage, then the unfrozen stage with discriminative LRs, each with the recipe's optimizer and lr
+    schedule (`fastcls.train.schedules`); the best epoch's weights are kept.
 
     Args:
         learn: from `learner`.
@@ -134,7 +137,7 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, c
             start = checkpoint.start_epoch(i, n_epochs)
         if start < n_epochs:  # a resumed run skips the stages and epochs it had finished
             last = ema is not None and i == len(stages) - 1
-            learn.fit_one_cycle(n_epochs, lr, cbs=cbs + [ema] if last else cbs, start_epoch=start)
+            fit_stage(learn, recipe, n_epochs, lr, cbs + [ema] if last else cbs, start, monitor)
     if checkpoint is not None and checkpoint.pending:  # every epoch was done before: only the state is left to load
         checkpoint.restore(learn)
     keep.restore(learn.model)
