@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 from fastai.callback.core import Callback
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from fastcls.archs import SimpleCNN
 from fastcls.config import RunConfig
 from fastcls.metrics import get_metric
 from fastcls.runs import RunStore
@@ -35,14 +34,6 @@ class Steps(Callback):
     def _state(self):
         return {k: v.detach().clone().double() for k, v in self.learn.model.state_dict().items()
                 if v.dtype.is_floating_point}
-
-
-@pytest.fixture(scope="module")
-def body_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    p = tmp_path_factory.mktemp("w") / "simple_cnn_body.safetensors"
-    save_file({k: v.contiguous() for k, v in SimpleCNN().state_dict().items()}, str(p))
-    return p
 
 
 def test_ema_is_the_closed_form_average_of_the_unfrozen_stage_and_the_better_model_is_kept(tmp_path, body_weights):

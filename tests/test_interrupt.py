@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from fastcls.archs import SimpleCNN
 from fastcls.train.checkpoint import RunInterrupted, read_checkpoint
 from fastcls.config import RunConfig
 from fastcls.runs import CHECKPOINT, RunStore
@@ -27,15 +26,6 @@ from resume_tolerance import differences, outputs  # noqa: E402  (the benchmark'
 TOL = 1e-6
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY3 = dict(seed=3, sample=200, size=16, epochs=3, freeze_epochs=0, bs=16, tta=1, pretrained=False)
-
-@pytest.fixture(scope="module")
-def body_weights(tmp_path_factory):
-    """A simple_cnn body weights file, so the run has a frozen stage (head only) before the unfrozen one."""
-    torch.manual_seed(0)
-    p = tmp_path_factory.mktemp("w") / "simple_cnn_body.safetensors"
-    save_file({k: v.contiguous() for k, v in SimpleCNN().state_dict().items()}, str(p))
-    return p
-
 
 CONFIGS = {
     "plain": lambda w: RunConfig.from_options("digits", "simple_cnn", **TINY3),

@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 import torch
 from fastai.callback.core import Callback
-from safetensors.torch import save_file
 
-from fastcls.archs import SimpleCNN
 from fastcls.config import RunConfig
 from fastcls.errors import FastclsError
 from fastcls.runs import RunStore
@@ -153,10 +151,8 @@ def test_bad_values_stop_before_training(cli, tmp_path):
     _assert_clean_error(cli(*base, "--sched", "plateau", "--warmup", "1"), "--warmup with --sched plateau", runs=runs)
 
 
-def test_the_seeds_schedules_run_from_the_cli(cli, tmp_path):
-    body = tmp_path / "body.safetensors"
-    torch.manual_seed(0)
-    save_file({k: v.contiguous() for k, v in SimpleCNN().state_dict().items()}, str(body))
+def test_the_seeds_schedules_run_from_the_cli(cli, tmp_path, body_weights):
+    body = body_weights
     runs = tmp_path / "runs"
     tiny = ["--size", "16", "--bs", "32", "--sample", "160", "--tta", "0", "--quiet", "--runs-dir", runs]
     seeds = {  # Simpsons: frozen epochs, then unfrozen ones with early stopping on macro-F1 (3 + 50 at full size)
