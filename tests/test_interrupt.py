@@ -35,6 +35,9 @@ CONFIGS = {
     # the same with an EMA of the unfrozen stage (its average is checkpointed; the better model is kept)
     "ema": lambda w: RunConfig.from_options("digits", "simple_cnn", weights=w,
                                  **{**TINY3, "freeze_epochs": 1, "epochs": 2, "tta": 0}, ema=0.7),
+    # ReduceLROnPlateau: its wait counter and best value are checkpointed with the lr it set
+    "plateau": lambda w: RunConfig.from_options("digits", "simple_cnn", **{**TINY3, "epochs": 4, "lr": 0.05},
+                                                sched="plateau", sets=["lr_patience=2", "lr_gamma=0.5"]),
 }
 
 
@@ -69,6 +72,7 @@ def _interrupt(cfg, store, point, monkeypatch):
     ("frozen", "after-epoch-0"),  # at the end of the frozen stage: the optimizer state is reset by unfreezing
     ("ema", "after-epoch-0"),     # before the average starts: it starts from the restored weights
     ("ema", "after-epoch-1"),     # the average halfway: restored from the checkpoint
+    ("plateau", "after-epoch-1"),  # the plateau callback's wait counter restored (patience 2)
 ])
 def test_resume_gives_the_uninterrupted_result(store, reference, body_weights, config, point, monkeypatch):
     ref = reference(config)
@@ -95,6 +99,8 @@ def test_resume_gives_the_uninterrupted_result(store, reference, body_weights, c
         assert ref_meta == store.load(rid).meta["ema"] and ref_meta["updates"] == 2 * 10  # 160 train items / bs 16
         if point == "after-epoch-1":
             assert ck["meta"]["ema_updates"] == 10 and any(k.startswith("ema.") for k in ck["tensors"])
+    if config == "plateau":
+        assert ck["meta"]["plateau"]["wait"] == 1, "the interruption must fall while the plateau callback waits"
     d = differences(outputs(store, ref), outputs(store, rid))
     print(f"resume tolerance {config} at {point}: {d}")
     assert max(d.values()) <= TOL, d

@@ -181,13 +181,14 @@ class Checkpointer(Callback):
 
     def __init__(self, path, resume: Optional[dict] = None):
         self.path, self.resume = Path(path), resume
-        self.stage, self.keep, self.lines, self.es, self.ema = 0, None, None, None, None
+        self.stage, self.keep, self.lines, self.es, self.ema, self.plateau = 0, None, None, None, None, None
         self.pending = resume is not None
         self.epochs_done = resume["meta"]["epochs_done"] if resume else 0
 
-    def attach(self, keep: KeepBest, lines: EpochLine, es: Optional[EarlyStop] = None, ema=None):
-        """The callbacks whose state the checkpoint holds (`ema`: the run's `fastcls.train.ema.Ema`, if any)."""
-        self.keep, self.lines, self.es, self.ema = keep, lines, es, ema
+    def attach(self, keep: KeepBest, lines: EpochLine, es: Optional[EarlyStop] = None, ema=None, plateau=None):
+        """The callbacks whose state the checkpoint holds (`ema`: the run's `fastcls.train.ema.Ema`; `plateau`: its
+        `fastcls.train.schedules.Plateau`; if any)."""
+        self.keep, self.lines, self.es, self.ema, self.plateau = keep, lines, es, ema, plateau
 
     def start_epoch(self, stage: int, n_epoch: int) -> int:
         """The first epoch of `stage` still to train (`n_epoch`: the stage is already done)."""
@@ -240,7 +241,8 @@ class Checkpointer(Callback):
         meta = {"format": FORMAT, "stage": self.stage, "epoch": int(learn.epoch), "n_epoch": int(learn.n_epoch),
                 "epochs_done": self.epochs_done, "stopped": es["stopped"], "es_wait": es["wait"],
                 "keep": {k: _plain(v) for k, v in keep.items()}, "history": rows,
-                "smooth_count": int(smooth.count), "opt": opt_m, "rng": rng_m, "ema_updates": ema["updates"]}
+                "smooth_count": int(smooth.count), "opt": opt_m, "rng": rng_m, "ema_updates": ema["updates"],
+                "plateau": self.plateau.state_dict() if self.plateau is not None else None}
         from safetensors.torch import save_file
         tensors = _unshared(tensors)
         write_atomic(self.path, lambda p: save_file(tensors, str(p), metadata={"fastcls": json.dumps(meta)}))
@@ -262,6 +264,8 @@ class Checkpointer(Callback):
         later_stage = self.stage != m["stage"]
         if self.es is not None:  # fastai resets `wait` when a new fit starts
             self.es.load_state_dict({"best": self.keep.best, "wait": 0 if later_stage else m["es_wait"]})
+        if self.plateau is not None and m.get("plateau") and not later_stage:  # a new stage's fit starts it afresh
+            self.plateau.load_state_dict(m["plateau"])
         if learn.opt is not None:
             load_optimizer_state(learn.opt, t, m["opt"])
             if later_stage:

@@ -27,7 +27,7 @@ from .checkpoint import Checkpointer, RunInterrupted, interrupt_signals, read_ch
 from .learner import imbalance_plan, learner, metric_names, schedule
 from .mixing import check_mixing, mixing
 from .ema import Ema, choose
-from .schedules import check_schedule, fit_stage
+from .schedules import check_schedule, fit_stage, plateau
 from ..errors import FastclsError
 from ..posthoc import PostHoc, fit_posthoc
 from ..imbalance import parse_imbalance
@@ -116,8 +116,11 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, c
         cbs.append(es)
     ema = Ema(recipe.ema) if recipe.ema and stages is None else None  # for the last stage only
     learn.run_ema = ema  # (not `learn.ema`: fastai names an added callback `ema` on the learner and deletes it after)
+    cut = plateau(recipe, monitor)
+    if cut is not None:
+        cbs.append(cut)
     if checkpoint is not None:
-        checkpoint.attach(keep, lines, es, ema)
+        checkpoint.attach(keep, lines, es, ema, cut)
         cbs.append(checkpoint)
     mix = mixing(recipe) if stages is None else None
     if mix is not None:
@@ -137,7 +140,7 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, c
             start = checkpoint.start_epoch(i, n_epochs)
         if start < n_epochs:  # a resumed run skips the stages and epochs it had finished
             last = ema is not None and i == len(stages) - 1
-            fit_stage(learn, recipe, n_epochs, lr, cbs + [ema] if last else cbs, start, monitor)
+            fit_stage(learn, recipe, n_epochs, lr, cbs + [ema] if last else cbs, start)
     if checkpoint is not None and checkpoint.pending:  # every epoch was done before: only the state is left to load
         checkpoint.restore(learn)
     keep.restore(learn.model)

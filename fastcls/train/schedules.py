@@ -5,7 +5,7 @@ the default's. Every schedule is fastai's `ParamScheduler` over the stage's fit 
 default, or fastai's `ReduceLROnPlateau`); discriminative learning rates (``slice(lo, hi)``) scale every group alike.
 """
 
-__all__ = ["SCHEDULES", "OPTIMIZERS", "opt_func", "fit_stage", "lr_curve", "check_schedule"]
+__all__ = ["SCHEDULES", "OPTIMIZERS", "opt_func", "fit_stage", "lr_curve", "plateau", "Plateau", "check_schedule"]
 
 import functools
 import math
@@ -18,7 +18,8 @@ from fastcore.basics import listify
 
 from ..errors import FastclsError
 from ..recipe import Recipe
-from .callbacks import skipped_epoch
+from .callbacks import KeepBest, ordered, skipped_epoch
+from .checkpoint import Checkpointer
 
 SCHEDULES = ("one-cycle", "cosine", "flat-cos", "step", "exp", "plateau")
 OPTIMIZERS = ("adam", "adamw", "sgd", "lamb", "ranger")
@@ -75,19 +76,38 @@ def lr_curve(recipe: Recipe, n_epoch: int, lr_max):
     return combine_scheds([w, 1 - w], [SchedLin(lr_max / WARMUP_DIV, lr_max), main])
 
 
+@ordered
 class Plateau(ReduceLROnPlateau):
-    """fastai's `ReduceLROnPlateau` that leaves the epochs a resumed fit skips alone."""
+    """fastai's `ReduceLROnPlateau` that leaves the epochs a resumed fit skips alone; it cuts the lr before the
+    checkpoint is written, which saves its state (`state_dict`) with the lr."""
+
+    run_after, run_before = KeepBest, Checkpointer
 
     def after_epoch(self):
         if not skipped_epoch(self.learn):
             super().after_epoch()
 
+    def state_dict(self) -> dict:
+        return {"best": float(self.best), "wait": int(self.wait)}
 
-def fit_stage(learn, recipe: Recipe, n_epoch: int, lr, cbs, start_epoch: int = 0, monitor: str = None):
+    def load_state_dict(self, state: dict):
+        self.best, self.wait = state["best"], state["wait"]
+
+
+def plateau(recipe: Recipe, monitor: str):
+    """The run's `Plateau` callback for `sched='plateau'` (one for every stage; it starts afresh with each), or None."""
+    if recipe.sched != "plateau":
+        return None
+    gamma = recipe.lr_gamma if recipe.lr_gamma is not None else 0.1
+    return Plateau(monitor=monitor, comp=np.greater, patience=recipe.lr_patience, factor=1 / gamma)
+
+
+def fit_stage(learn, recipe: Recipe, n_epoch: int, lr, cbs, start_epoch: int = 0):
     """Fit one stage of `n_epoch` epochs at `lr` (a float, a slice or one lr per group) with the recipe's schedule.
 
-    'one-cycle': fastai's `fit_one_cycle` (a warm-up sets its `pct_start`); 'plateau': the lr stays until `monitor`
-    stalls for `lr_patience` epochs, then is multiplied by `lr_gamma` (default 0.1); the others: `lr_curve`.
+    'one-cycle': fastai's `fit_one_cycle` (a warm-up sets its `pct_start`); 'plateau': a constant lr, which the
+    `plateau` callback among `cbs` multiplies by `lr_gamma` (default 0.1) when the monitored metric stalls for
+    `lr_patience` epochs; the others: `lr_curve`.
     """
     cbs = listify(cbs)
     if recipe.sched == "one-cycle":
@@ -99,10 +119,7 @@ def fit_stage(learn, recipe: Recipe, n_epoch: int, lr, cbs, start_epoch: int = 0
         learn.create_opt()
     learn.opt.set_hyper("lr", learn.lr if lr is None else lr)
     lr_max = np.array([h["lr"] for h in learn.opt.hypers])
-    if recipe.sched == "plateau":
-        gamma = recipe.lr_gamma if recipe.lr_gamma is not None else 0.1
-        cbs = [*cbs, Plateau(monitor=monitor, comp=np.greater, patience=recipe.lr_patience, factor=1 / gamma)]
-    else:
+    if recipe.sched != "plateau":
         cbs = [ParamScheduler({"lr": lr_curve(recipe, n_epoch, lr_max)}), *cbs]
     learn.fit(n_epoch, lr=lr_max, cbs=cbs, start_epoch=start_epoch)  # (fit sets the lr: learn.lr without one)
 
