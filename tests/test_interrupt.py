@@ -38,6 +38,8 @@ CONFIGS = {
     # ReduceLROnPlateau: its wait counter and best value are checkpointed with the lr it set
     "plateau": lambda w: RunConfig.from_options("digits", "simple_cnn", **{**TINY3, "epochs": 4, "lr": 0.05},
                                                 sched="plateau", sets=["lr_patience=2", "lr_gamma=0.5"]),
+    # ranger: fastai's Lookahead keeps a step count and slow weights beside RAdam's state
+    "ranger": lambda w: RunConfig.from_options("digits", "simple_cnn", **{**TINY3, "epochs": 2}, opt="ranger"),
 }
 
 
@@ -73,6 +75,7 @@ def _interrupt(cfg, store, point, monkeypatch):
     ("ema", "after-epoch-0"),     # before the average starts: it starts from the restored weights
     ("ema", "after-epoch-1"),     # the average halfway: restored from the checkpoint
     ("plateau", "after-epoch-1"),  # the plateau callback's wait counter restored (patience 2)
+    ("ranger", "after-epoch-0"),  # 10 steps done: the next slow-weight sync (every 6) needs the saved count
 ])
 def test_resume_gives_the_uninterrupted_result(store, reference, body_weights, config, point, monkeypatch):
     ref = reference(config)
@@ -99,6 +102,8 @@ def test_resume_gives_the_uninterrupted_result(store, reference, body_weights, c
         assert ref_meta == store.load(rid).meta["ema"] and ref_meta["updates"] == 2 * 10  # 160 train items / bs 16
         if point == "after-epoch-1":
             assert ck["meta"]["ema_updates"] == 10 and any(k.startswith("ema.") for k in ck["tensors"])
+    if config == "ranger":
+        assert ck["meta"]["opt"]["lookahead_count"] == 10 and "slow.0.0" in ck["tensors"]
     if config == "plateau":
         assert ck["meta"]["plateau"]["wait"] == 1, "the interruption must fall while the plateau callback waits"
     d = differences(outputs(store, ref), outputs(store, rid))

@@ -124,7 +124,13 @@ def optimizer_state(opt) -> tuple[dict, dict]:
             else:
                 rest[k] = _plain(v)
         plain.append(rest)
-    return tensors, {"state": plain, "hypers": [{k: _plain(v) for k, v in h.items()} for h in sd["hypers"]]}
+    meta = {"state": plain, "hypers": [{k: _plain(v) for k, v in h.items()} for h in sd["hypers"]]}
+    if "count" in sd:  # fastai's Lookahead (ranger): its step count and slow weights (None before the first step)
+        meta["lookahead_count"] = int(sd["count"])
+        for g, group in enumerate(sd["slow_weights"] or ()):
+            tensors.update({f"slow.{g}.{i}": w.detach().cpu().contiguous() for i, w in enumerate(group)})
+        meta["slow_groups"] = [len(group) for group in sd["slow_weights"] or ()]
+    return tensors, meta
 
 
 def load_optimizer_state(opt, tensors: dict, meta: dict):
@@ -135,7 +141,13 @@ def load_optimizer_state(opt, tensors: dict, meta: dict):
         if key.startswith("opt."):
             _, i, k = key.split(".", 2)
             states[int(i)][k] = v.to(params[int(i)].device)
-    opt.load_state_dict({"state": states, "hypers": meta["hypers"]})
+    sd = {"state": states, "hypers": meta["hypers"]}
+    if "lookahead_count" in meta:
+        from fastcore.foundation import L
+        dev = params[0].device if params else "cpu"
+        slow = L(L(tensors[f"slow.{g}.{i}"].to(dev) for i in range(n)) for g, n in enumerate(meta["slow_groups"]))
+        sd.update(count=meta["lookahead_count"], slow_weights=slow if meta["slow_groups"] else None)
+    opt.load_state_dict(sd)
 
 
 def _unshared(tensors: dict) -> dict:
