@@ -25,18 +25,18 @@ class Lrs(Callback):
     order = 70
 
     def __init__(self):
-        self.lrs = []
+        self.seen = []
 
     def before_batch(self):
         if self.training:
-            self.lrs.append(self.opt.hypers[-1]["lr"])
+            self.seen.append(self.opt.hypers[-1]["lr"])
 
 
 def _lrs(tmp_path, **kw):
     spy = Lrs()
     res = fit_run(RunConfig.from_options("digits", "simple_cnn", **{**RUN, **kw}), RunStore(tmp_path / "runs"),
                   progress="none", cbs=(spy,))
-    return np.array(spy.lrs), res
+    return np.array(spy.seen), res
 
 
 def _cos(lo, hi, p):
