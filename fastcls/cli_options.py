@@ -13,7 +13,7 @@ __all__ = ["RunsDir", "RecipeDirs", "Quiet", "Data", "Size", "Ps", "Epochs", "Fr
            "ChannelsLast", "Compile", "Folds", "Fold", "Runs", "StudentArch", "DropPath", "Executor", "Address",
            "GpusPerTrial", "CpusPerTrial", "Distributed", "Out", "LayerDecay", "BnStats",
            "ArchOpt", "Wd", "Patience", "ValidPct", "RunDropPath", "Normalize", "Aug", "Sets", "SplitSeed",
-           "RECIPE_FLAGS", "recipe_flags"]
+           "MixUpOpt", "CutMixOpt", "MixOffEpoch", "EmaOpt", "Opt", "Momentum", "Sched", "Warmup", "RECIPE_FLAGS", "recipe_flags"]
 
 # -- shared options --------------------------------------------------------------------------------------
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Run store folder (holds index.sqlite and one folder per run).",
@@ -123,8 +123,29 @@ SplitSeed = Annotated[Optional[int], typer.Option("--split-seed", help="Seed of 
                                                   "--sample subset (default: the recipe's split_seed, fixed), so runs "
                                                   "differing only in --seed share validation items.")]
 
+MixUpOpt = Annotated[Optional[float], typer.Option("--mixup", help="MixUp with Beta(A, A) mixing weights, e.g. 0.4 "
+                                                   "(fastai's MixUp; default: the recipe's, 0 = off).")]
+CutMixOpt = Annotated[Optional[float], typer.Option("--cutmix", help="CutMix with Beta(A, A) patch areas, e.g. 1.0 "
+                                                    "(fastai's CutMix; default: the recipe's, 0 = off).")]
+MixOffEpoch = Annotated[Optional[int], typer.Option("--mix-off-epoch", help="Train the last N epochs of the last "
+                                                    "stage without mixing (default: the recipe's, 0).")]
+EmaOpt = Annotated[Optional[float], typer.Option("--ema", help="Keep an exponential moving average of the weights "
+                                                "during the unfrozen stage with this decay, e.g. 0.999; the run keeps "
+                                                "the raw or the averaged model, whichever scores better on valid.")]
+Opt = Annotated[Optional[str], typer.Option("--opt", help="Optimizer: adamw (fastai's default Adam), adam (L2 "
+                                            "weight decay), sgd, lamb or ranger (default: the recipe's).")]
+Momentum = Annotated[Optional[float], typer.Option("--momentum", help="Adam's beta1 / SGD's momentum, kept constant "
+                                                   "(default: the optimizer's; --set nesterov=true for SGD).")]
+Sched = Annotated[Optional[str], typer.Option("--sched", help="LR schedule of each stage: one-cycle, cosine, flat-cos, "
+                                              "step, exp or plateau (--set lr_gamma/lr_step/lr_patience; default: "
+                                              "the recipe's).")]
+Warmup = Annotated[Optional[float], typer.Option("--warmup", help="Epochs of linear warm-up from lr/25 at the start of "
+                                                 "each stage (one-cycle: its rising part).")]
+
 RECIPE_FLAGS = {"wd": Wd, "patience": Patience, "valid_pct": ValidPct, "drop_path": RunDropPath, "normalize": Normalize,
-                "aug": Aug, "sets": Sets, "split_seed": SplitSeed}
+                "aug": Aug, "sets": Sets, "split_seed": SplitSeed, "mixup": MixUpOpt, "cutmix": CutMixOpt,
+                "mix_off_epoch": MixOffEpoch, "ema": EmaOpt,
+                "opt": Opt, "momentum": Momentum, "sched": Sched, "warmup": Warmup}
 
 
 def recipe_flags(fn):

@@ -111,6 +111,23 @@ class Recipe:
     # probability of the second class, in `classes` order else the vocab's: AUC competitions)
     sub_format: Literal["label", "topk", "probs", "binary"] = "label"
     sub_k: int = 3
+    # -- mixing (fastcls.train.mixing: fastai's MixUp / CutMix with Beta(alpha, alpha); 0 = off, one at a time),
+    # stopped for the last `mix_off_epoch` epochs of the last stage
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_off_epoch: int = 0
+    # -- an exponential moving average of the weights during the last (unfrozen) stage (fastcls.train.ema; None: off)
+    ema: Optional[float] = None
+    # -- optimizer and lr schedule (fastcls.train.schedules): 'adamw' is fastai's default Adam (decoupled weight
+    # decay), 'adam' its L2 variant; momentum: Adam's beta1 / SGD's momentum (None: the optimizer's default)
+    opt: Literal["adam", "adamw", "sgd", "lamb", "ranger"] = "adamw"
+    momentum: Optional[float] = None
+    nesterov: bool = False  # SGD only
+    sched: Literal["one-cycle", "cosine", "flat-cos", "step", "exp", "plateau"] = "one-cycle"
+    warmup: float = 0.0  # epochs of linear warm-up at the start of each stage (one-cycle: its rising part)
+    lr_gamma: Optional[float] = None  # step / plateau: lr factor (default 0.1); exp: per epoch (default 0.95)
+    lr_step: int = 10  # step: epochs between two lr cuts
+    lr_patience: int = 2  # plateau: epochs without improvement of the monitored metric before a cut
 
     def __post_init__(self):
         checks = [("size", self.size is None or self.size > 0, "a positive number of pixels (or None: inferred)"),
@@ -127,7 +144,14 @@ class Recipe:
                   ("color_jitter", 0 <= self.color_jitter < 1, "in [0, 1)"), ("sub_k", self.sub_k >= 1, ">= 1"),
                   ("classes", self.classes is None or len(set(map(str, self.classes))) == len(self.classes) >= 2,
                    "at least 2 distinct class names (or None: inferred from the data)"),
-                  ("split_seed", self.split_seed >= 0, ">= 0")]
+                  ("split_seed", self.split_seed >= 0, ">= 0"),
+                  ("mixup", self.mixup >= 0, ">= 0 (0: off)"), ("cutmix", self.cutmix >= 0, ">= 0 (0: off)"),
+                  ("mix_off_epoch", self.mix_off_epoch >= 0, ">= 0"),
+                  ("ema", self.ema is None or 0 < self.ema < 1, "a decay in (0, 1), e.g. 0.999 (or None: off)"),
+                  ("momentum", self.momentum is None or 0 <= self.momentum < 1, "in [0, 1) (or None)"),
+                  ("warmup", self.warmup >= 0, ">= 0 epochs"), ("lr_step", self.lr_step >= 1, ">= 1 epoch"),
+                  ("lr_gamma", self.lr_gamma is None or 0 < self.lr_gamma <= 1, "in (0, 1] (or None)"),
+                  ("lr_patience", self.lr_patience >= 1, ">= 1 epoch")]
         for key, ok, want in checks:
             if not ok:
                 raise FastclsError(f"Recipe {self.name!r}: setting {key!r} must be {want}, got {getattr(self, key)!r}.")

@@ -70,3 +70,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def body_weights(tmp_path_factory):
+    """A simple_cnn body weights file (`--weights`), so a run has a frozen stage (head only) before the unfrozen one."""
+    import torch
+    from safetensors.torch import save_file
+    from fastcls.archs import SimpleCNN
+    torch.manual_seed(0)
+    p = tmp_path_factory.mktemp("w") / "simple_cnn_body.safetensors"
+    save_file({k: v.contiguous() for k, v in SimpleCNN().state_dict().items()}, str(p))
+    return p

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from fastcls.archs import SimpleCNN
 from fastcls.train.checkpoint import RunInterrupted, read_checkpoint
 from fastcls.config import RunConfig
 from fastcls.runs import CHECKPOINT, RunStore
@@ -28,20 +27,19 @@ TOL = 1e-6
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY3 = dict(seed=3, sample=200, size=16, epochs=3, freeze_epochs=0, bs=16, tta=1, pretrained=False)
 
-@pytest.fixture(scope="module")
-def body_weights(tmp_path_factory):
-    """A simple_cnn body weights file, so the run has a frozen stage (head only) before the unfrozen one."""
-    torch.manual_seed(0)
-    p = tmp_path_factory.mktemp("w") / "simple_cnn_body.safetensors"
-    save_file({k: v.contiguous() for k, v in SimpleCNN().state_dict().items()}, str(p))
-    return p
-
-
 CONFIGS = {
     "plain": lambda w: RunConfig.from_options("digits", "simple_cnn", **TINY3),
     # frozen stage of 1 epoch + 2 unfrozen, early stopping with patience 1 (its state is checkpointed too)
     "frozen": lambda w: RunConfig.from_options("digits", "simple_cnn", weights=w,
                                     **{**TINY3, "freeze_epochs": 1, "epochs": 2, "tta": 0}, patience=1),
+    # the same with an EMA of the unfrozen stage (its average is checkpointed; the better model is kept)
+    "ema": lambda w: RunConfig.from_options("digits", "simple_cnn", weights=w,
+                                 **{**TINY3, "freeze_epochs": 1, "epochs": 2, "tta": 0}, ema=0.7),
+    # ReduceLROnPlateau: its wait counter and best value are checkpointed with the lr it set
+    "plateau": lambda w: RunConfig.from_options("digits", "simple_cnn", **{**TINY3, "epochs": 4, "lr": 0.05},
+                                                sched="plateau", sets=["lr_patience=2", "lr_gamma=0.5"]),
+    # ranger: fastai's Lookahead keeps a step count and slow weights beside RAdam's state
+    "ranger": lambda w: RunConfig.from_options("digits", "simple_cnn", **{**TINY3, "epochs": 2}, opt="ranger"),
 }
 
 
@@ -74,6 +72,10 @@ def _interrupt(cfg, store, point, monkeypatch):
     ("plain", "after-epoch-0"),   # between epochs
     ("plain", "batch-2-5"),       # in the middle of the last epoch
     ("frozen", "after-epoch-0"),  # at the end of the frozen stage: the optimizer state is reset by unfreezing
+    ("ema", "after-epoch-0"),     # before the average starts: it starts from the restored weights
+    ("ema", "after-epoch-1"),     # the average halfway: restored from the checkpoint
+    ("plateau", "after-epoch-1"),  # the plateau callback's wait counter restored (patience 2)
+    ("ranger", "after-epoch-0"),  # 10 steps done: the next slow-weight sync (every 6) needs the saved count
 ])
 def test_resume_gives_the_uninterrupted_result(store, reference, body_weights, config, point, monkeypatch):
     ref = reference(config)
@@ -95,6 +97,15 @@ def test_resume_gives_the_uninterrupted_result(store, reference, body_weights, c
     res = resume_run(store, rid, progress="none")
     assert res.run_id == rid and store.resolve(rid)["status"] == "done"
     assert not (store.root / rid / CHECKPOINT).exists(), "a finished run keeps its weights, not its checkpoint"
+    if config == "ema":
+        ref_meta = store.load(ref).meta["ema"]
+        assert ref_meta == store.load(rid).meta["ema"] and ref_meta["updates"] == 2 * 10  # 160 train items / bs 16
+        if point == "after-epoch-1":
+            assert ck["meta"]["ema_updates"] == 10 and any(k.startswith("ema.") for k in ck["tensors"])
+    if config == "ranger":
+        assert ck["meta"]["opt"]["lookahead_count"] == 10 and "slow.0.0" in ck["tensors"]
+    if config == "plateau":
+        assert ck["meta"]["plateau"]["wait"] == 1, "the interruption must fall while the plateau callback waits"
     d = differences(outputs(store, ref), outputs(store, rid))
     print(f"resume tolerance {config} at {point}: {d}")
     assert max(d.values()) <= TOL, d

@@ -324,6 +324,8 @@ def distill(store: RunStore, refs: list, arch: str, temperature: float = 2.0, al
                            "student's validation split. Distill from a cv run (`fastcls train ... --folds K`: "
                            "out-of-fold probabilities for every item) or add --unlabeled (the test items).")
     scfg, sitems = _given(cfg, items, pd.concat(rows, ignore_index=True), name or f"distill-{runs[0].id}")
+    # the soft-target loss reads the batch's own items: a teacher's mixing (inherited with its recipe) is left out
+    scfg = dataclasses.replace(scfg, recipe=scfg.recipe.override(mixup=0.0, cutmix=0.0, mix_off_epoch=0))
     info = {"teachers": [r.id for r in runs], "temperature": temperature, "alpha": alpha, "unlabeled": unlabeled,
             "soft_train_items": n_soft, "soft_test_items": len(unl), "split": cfg.recipe.split, "sample": cfg.sample}
     t0 = time.time()

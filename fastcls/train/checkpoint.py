@@ -124,7 +124,13 @@ def optimizer_state(opt) -> tuple[dict, dict]:
             else:
                 rest[k] = _plain(v)
         plain.append(rest)
-    return tensors, {"state": plain, "hypers": [{k: _plain(v) for k, v in h.items()} for h in sd["hypers"]]}
+    meta = {"state": plain, "hypers": [{k: _plain(v) for k, v in h.items()} for h in sd["hypers"]]}
+    if "count" in sd:  # fastai's Lookahead (ranger): its step count and slow weights (None before the first step)
+        meta["lookahead_count"] = int(sd["count"])
+        for g, group in enumerate(sd["slow_weights"] or ()):
+            tensors.update({f"slow.{g}.{i}": w.detach().cpu().contiguous() for i, w in enumerate(group)})
+        meta["slow_groups"] = [len(group) for group in sd["slow_weights"] or ()]
+    return tensors, meta
 
 
 def load_optimizer_state(opt, tensors: dict, meta: dict):
@@ -135,7 +141,13 @@ def load_optimizer_state(opt, tensors: dict, meta: dict):
         if key.startswith("opt."):
             _, i, k = key.split(".", 2)
             states[int(i)][k] = v.to(params[int(i)].device)
-    opt.load_state_dict({"state": states, "hypers": meta["hypers"]})
+    sd = {"state": states, "hypers": meta["hypers"]}
+    if "lookahead_count" in meta:
+        from fastcore.foundation import L
+        dev = params[0].device if params else "cpu"
+        slow = L(L(tensors[f"slow.{g}.{i}"].to(dev) for i in range(n)) for g, n in enumerate(meta["slow_groups"]))
+        sd.update(count=meta["lookahead_count"], slow_weights=slow if meta["slow_groups"] else None)
+    opt.load_state_dict(sd)
 
 
 def _unshared(tensors: dict) -> dict:
@@ -181,12 +193,14 @@ class Checkpointer(Callback):
 
     def __init__(self, path, resume: Optional[dict] = None):
         self.path, self.resume = Path(path), resume
-        self.stage, self.keep, self.lines, self.es = 0, None, None, None
+        self.stage, self.keep, self.lines, self.es, self.ema, self.plateau = 0, None, None, None, None, None
         self.pending = resume is not None
         self.epochs_done = resume["meta"]["epochs_done"] if resume else 0
 
-    def attach(self, keep: KeepBest, lines: EpochLine, es: Optional[EarlyStop] = None):
-        self.keep, self.lines, self.es = keep, lines, es
+    def attach(self, keep: KeepBest, lines: EpochLine, es: Optional[EarlyStop] = None, ema=None, plateau=None):
+        """The callbacks whose state the checkpoint holds (`ema`: the run's `fastcls.train.ema.Ema`; `plateau`: its
+        `fastcls.train.schedules.Plateau`; if any)."""
+        self.keep, self.lines, self.es, self.ema, self.plateau = keep, lines, es, ema, plateau
 
     def start_epoch(self, stage: int, n_epoch: int) -> int:
         """The first epoch of `stage` still to train (`n_epoch`: the stage is already done)."""
@@ -230,6 +244,8 @@ class Checkpointer(Callback):
         rng_t, rng_m = rng_state(learn.dls)
         tensors.update(opt_t)
         tensors.update(rng_t)
+        ema = self.ema.state_dict() if self.ema is not None else {"weights": None, "updates": 0}
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in (ema["weights"] or {}).items()})
         smooth = learn.recorder.smooth_loss
         tensors["recorder.smooth_val"] = torch.as_tensor(smooth.val).detach().cpu().reshape(1).float()
         es = self.es.state_dict() if self.es is not None else {"wait": None, "stopped": False}
@@ -237,7 +253,8 @@ class Checkpointer(Callback):
         meta = {"format": FORMAT, "stage": self.stage, "epoch": int(learn.epoch), "n_epoch": int(learn.n_epoch),
                 "epochs_done": self.epochs_done, "stopped": es["stopped"], "es_wait": es["wait"],
                 "keep": {k: _plain(v) for k, v in keep.items()}, "history": rows,
-                "smooth_count": int(smooth.count), "opt": opt_m, "rng": rng_m}
+                "smooth_count": int(smooth.count), "opt": opt_m, "rng": rng_m, "ema_updates": ema["updates"],
+                "plateau": self.plateau.state_dict() if self.plateau is not None else None}
         from safetensors.torch import save_file
         tensors = _unshared(tensors)
         write_atomic(self.path, lambda p: save_file(tensors, str(p), metadata={"fastcls": json.dumps(meta)}))
@@ -253,9 +270,14 @@ class Checkpointer(Callback):
         best = {k[5:]: v.to(dev) for k, v in t.items() if k.startswith("best.")}
         self.keep.load_state_dict({**m["keep"], "weights": best})
         self.lines.load_state_dict({"rows": m["history"]})
+        if self.ema is not None:  # after the model: without a saved average (frozen stage) it starts from the model
+            ema = {k[4:]: v.to(dev) for k, v in t.items() if k.startswith("ema.")}
+            self.ema.load_state_dict({"weights": ema or None, "updates": m.get("ema_updates", 0)}, learn.model)
         later_stage = self.stage != m["stage"]
         if self.es is not None:  # fastai resets `wait` when a new fit starts
             self.es.load_state_dict({"best": self.keep.best, "wait": 0 if later_stage else m["es_wait"]})
+        if self.plateau is not None and m.get("plateau") and not later_stage:  # a new stage's fit starts it afresh
+            self.plateau.load_state_dict(m["plateau"])
         if learn.opt is not None:
             load_optimizer_state(learn.opt, t, m["opt"])
             if later_stage:

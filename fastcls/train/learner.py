@@ -15,6 +15,7 @@ from ..hardware import accelerate
 from ..imbalance import ImbalancePlan, parse_imbalance, plan
 from ..metrics import check_metric, get_metric
 from ..recipe import Recipe
+from .schedules import opt_func
 
 
 def imbalance_plan(recipe: Recipe, dls, strategies: Optional[tuple] = None) -> ImbalancePlan:
@@ -49,7 +50,7 @@ def learner(dls, cfg: RunConfig, model=None, load_weights: bool = True,
         model.body_groups = spec.body_groups
     metrics = [get_metric(n).make_fastai() for n in metric_names(recipe)]  # the monitored metric last (see `train`)
     plan = plan if plan is not None else imbalance_plan(recipe, dls)
-    learn = Learner(dls, model, loss_func=plan.loss, metrics=metrics,
+    learn = Learner(dls, model, loss_func=plan.loss, metrics=metrics, opt_func=opt_func(recipe),
                     splitter=(stage_splitter if recipe.layer_decay else splitter) if full else trainable_params, wd=recipe.wd if recipe.wd is not None else None)
     if full and (recipe.pretrained or cfg.weights):
         learn.freeze()

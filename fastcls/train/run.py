@@ -25,6 +25,9 @@ from ..archs import get_arch
 from .callbacks import EarlyStop, EpochLine, KeepBest
 from .checkpoint import Checkpointer, RunInterrupted, interrupt_signals, read_checkpoint
 from .learner import imbalance_plan, learner, metric_names, schedule
+from .mixing import check_mixing, mixing
+from .ema import Ema, choose
+from .schedules import check_schedule, fit_stage, plateau
 from ..errors import FastclsError
 from ..posthoc import PostHoc, fit_posthoc
 from ..imbalance import parse_imbalance
@@ -69,6 +72,8 @@ def prepare(cfg: RunConfig, items: Optional[fdata.Items] = None, store: Optional
     get_arch(cfg.arch)
     metric_names(cfg.recipe)  # unknown metrics and a bad imbalance spec fail before the data is read
     strategies = parse_imbalance(cfg.recipe.imbalance)
+    check_mixing(cfg.recipe, strategies)
+    check_schedule(cfg.recipe)
     if store is not None:
         store.check_writable()
     items = items if items is not None else fdata.read_items(cfg.recipe, cfg.data)
@@ -79,14 +84,15 @@ def prepare(cfg: RunConfig, items: Optional[fdata.Items] = None, store: Optional
 
 def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, cbs: tuple = (),
           checkpoint: Optional[Checkpointer] = None) -> tuple[pd.DataFrame, Optional[int]]:
-    """Frozen stage, then the unfrozen stage with discriminative LRs; the best epoch's weights are kept.
+    """Frozen stage, then the unfrozen stage with discriminative LRs, each with the recipe's optimizer and lr
+    schedule (`fastcls.train.schedules`); the best epoch's weights are kept.
 
     Args:
         learn: from `learner`.
         cfg: the run's config (epochs, freeze_epochs, lr, patience come from its recipe).
         progress: 'bar' (fastprogress bars), 'line' (one line per epoch), 'none', or 'auto' (bar on a terminal).
         stages: (name, epochs, lr, unfreeze) tuples to run instead of `schedule(cfg)` (the sweeps' fast path runs
-            the frozen stage alone).
+            the frozen stage alone, on cached features: not mixed).
         cbs: extra callbacks for every stage.
         checkpoint: saves the training state after every epoch; when it holds a checkpoint, training continues
             from there (fastai's `start_epoch`) instead of starting over.
@@ -109,21 +115,33 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, c
     if recipe.patience:
         es = EarlyStop(monitor=monitor, comp=better, patience=recipe.patience, reset_on_fit=False)
         cbs.append(es)
+    ema = Ema(recipe.ema) if recipe.ema and stages is None else None  # for the last stage only
+    learn.run_ema = ema  # (not `learn.ema`: fastai names an added callback `ema` on the learner and deletes it after)
+    cut = plateau(recipe, monitor)
+    if cut is not None:
+        cbs.append(cut)
     if checkpoint is not None:
-        checkpoint.attach(keep, lines, es)
+        checkpoint.attach(keep, lines, es, ema, cut)
         cbs.append(checkpoint)
+    mix = mixing(recipe) if stages is None else None
+    if mix is not None:
+        cbs.append(mix)
     set_seed(cfg.seed)
     stages = schedule(cfg, len(learn.splitter(learn.model))) if stages is None else stages
     for i, (stage, n_epochs, lr, unfreeze) in enumerate(stages):
         if unfreeze:
             learn.unfreeze()
+        if mix is not None:  # the last stage's last `mix_off_epoch` epochs train on plain batches
+            last = i == len(stages) - 1 and recipe.mix_off_epoch
+            mix.off_from = n_epochs - recipe.mix_off_epoch if last else None
         lines.stage = stage
         start = 0
         if checkpoint is not None:
             checkpoint.stage = i
             start = checkpoint.start_epoch(i, n_epochs)
         if start < n_epochs:  # a resumed run skips the stages and epochs it had finished
-            learn.fit_one_cycle(n_epochs, lr, cbs=cbs, start_epoch=start)
+            last = ema is not None and i == len(stages) - 1
+            fit_stage(learn, recipe, n_epochs, lr, cbs + [ema] if last else cbs, start)
     if checkpoint is not None and checkpoint.pending:  # every epoch was done before: only the state is left to load
         checkpoint.restore(learn)
     keep.restore(learn.model)
@@ -213,9 +231,17 @@ def _train_and_store(cfg: RunConfig, store: RunStore, rid: str, learn: Learner, 
     recipe = cfg.recipe
     with fdist.distrib(learn):
         history, best_epoch = train(learn, cfg, progress, checkpoint=ckpt, cbs=cbs)
-    valid_probs, valid_targets = predict_views(learn, d.valid, recipe.tta)
     tdl = fdata.test_dl(d, items)
-    test_probs = predict_views(learn, tdl, recipe.tta)[0] if tdl is not None else None
+
+    def predict():
+        return (*predict_views(learn, d.valid, recipe.tta),
+                predict_views(learn, tdl, recipe.tta)[0] if tdl is not None else None)
+    ema_metrics, ema_meta = {}, {}
+    if learn.run_ema is not None and learn.run_ema.weights is not None:  # raw and averaged model: keep the better
+        (valid_probs, valid_targets, test_probs), ema_metrics, ema_meta = choose(learn, learn.run_ema, recipe, predict)
+        ema_meta = {"ema": ema_meta}
+    else:
+        valid_probs, valid_targets, test_probs = predict()
     has_test = test_probs is not None
     preds = Predictions(list(d.vocab), d.valid_ds.items["id"].tolist(), valid_probs, valid_targets,
                         items.test["id"].tolist() if has_test else None, test_probs,
@@ -224,7 +250,7 @@ def _train_and_store(cfg: RunConfig, store: RunStore, rid: str, learn: Learner, 
                      time.time() - t0, learn=learn, sweep=sweep, stats=d.stats, run_id=rid, kind=kind,
                      extra={**({"bad_images": items.bad} if items.bad else {}), "accel": learn.accel,
                             **({"processes": fdist.world_size()} if fdist.world_size() > 1 else {}),
-                            "image_cache": d.cached, **(extra or {})})
+                            "image_cache": d.cached, **ema_meta, **(extra or {})}, metrics_extra=ema_metrics)
 
 
 @dataclass
@@ -310,16 +336,17 @@ def with_posthoc(recipe: Recipe, preds: Predictions, learn=None, prior=None):
 def store_run(cfg: RunConfig, store: RunStore, preds: Predictions, history: pd.DataFrame, best_epoch: Optional[int],
               n_train: int, weights: dict, seconds: float, learn=None, sweep: Optional[str] = None,
               kind: str = "train", config_extra: Optional[dict] = None, stats=None, run_id: Optional[str] = None,
-              extra: Optional[dict] = None) -> RunResult:
+              extra: Optional[dict] = None, metrics_extra: Optional[dict] = None) -> RunResult:
     """Score `preds` and save the run (config, metrics, history, weights, probabilities) atomically in `store`.
 
     `stats` is the data set's own mean/std (normalize='dataset'): predicting later must reuse them (dls(stats=...)).
-    `run_id`: the run started with `store.begin` that these results finish; `extra`: more facts for its meta.json.
+    `run_id`: the run started with `store.begin` that these results finish; `extra`: more facts for its meta.json;
+    `metrics_extra`: more final metrics (e.g. the raw and EMA models' valid scores).
     """
     preds, raw, post = with_posthoc(cfg.recipe, preds, learn)
     if post.applied:
         extra = {**(extra or {}), "posthoc": post.to_dict()}
-    metrics = run_metrics(cfg.recipe, preds, best_epoch, n_train, raw=raw, posthoc=post)
+    metrics = {**run_metrics(cfg.recipe, preds, best_epoch, n_train, raw=raw, posthoc=post), **(metrics_extra or {})}
     run = RunData(config={**cfg.to_dict(), **(config_extra or {})}, vocab=preds.vocab, valid_probs=preds.valid_probs,
                   valid_targets=preds.valid_targets, valid_ids=preds.valid_ids, metrics=metrics,
                   test_probs=preds.test_probs, test_ids=preds.test_ids, history=history, weights=weights,
