@@ -15,7 +15,6 @@ made the file.
 __all__ = ["write_submission", "submission_for_run", "submission_ids", "submission_frame", "neutralise",
            "record_submission", "record_lb", "submissions_table", "with_lb_scores", "SUBMISSIONS"]
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Optional
@@ -26,7 +25,8 @@ import pandas as pd
 from .config import RunConfig
 from .errors import FastclsError
 from .recipe import Recipe
-from .files import exclusive, read_json, write_atomic, write_json
+from .files import exclusive, file_sha256, read_json, write_atomic, write_json
+from .runs import RunStore
 
 SUBMISSIONS = "submissions.json"  # in the run store's root: one record per written submission
 
@@ -191,18 +191,17 @@ def submission_for_run(run, path, beta: Optional[float] = 0.25, data=None, recip
     data = data or cfg.data or (recipe.data if recipe.data not in (None, "builtin") else None)
     blended = np.asarray(probs[0]) if beta is None else tta_blend(np.asarray(probs), beta)
     df = write_submission(recipe, run.test_ids, blended, run.vocab, path, data=data)
-    if record:
-        name = run.metrics.get("metric_name")
-        record_submission(run.path.parent, run.id, path, name, run.metrics.get(name))
+    if record and RunStore(run.path.parent).writable():  # a read-only store: the file is written, not recorded
+        try:
+            name = run.metrics.get("metric_name")
+            local = run.metrics.get(name)
+        except FastclsError:  # a damaged metrics.json: the submission stands, its record lacks the local score
+            name = local = None
+        record_submission(run.path.parent, run.id, path, name, local)
     return df
 
 
 # -- leaderboard bookkeeping ---------------------------------------------------------------------------------------
-
-def _sha256(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
 
 def _update(store_root, change):
     """Apply `change(records) -> result` to the store's submission records under its lock; returns the result."""
@@ -218,7 +217,7 @@ def _update(store_root, change):
 def record_submission(store_root, run_id: str, path, metric_name: Optional[str] = None,
                       local: Optional[float] = None) -> dict:
     """Record a written submission file: its sha256, path, run, the run's local score; returns the record."""
-    rec = {"sha256": _sha256(path), "file": str(Path(path).resolve()), "run": run_id, "metric_name": metric_name,
+    rec = {"sha256": file_sha256(path), "file": str(Path(path).resolve()), "run": run_id, "metric_name": metric_name,
            "local": None if local is None else float(local), "public": None, "private": None,
            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     return _update(store_root, lambda records: records.append(rec) or rec)
@@ -242,7 +241,7 @@ def record_lb(store, target: str, public: Optional[float] = None, private: Optio
     if public is None and private is None:
         raise FastclsError("Give a leaderboard score: --public SCORE and/or --private SCORE.")
     if Path(target).is_file():
-        key, what = "sha256", _sha256(target)
+        key, what = "sha256", file_sha256(target)
         where = (f"No recorded submission has the contents of {target} (sha256 {what[:12]}...). Only files that "
                  "`fastcls submit` or `fastcls ensemble --submission` wrote from this store are recorded; check "
                  f"--runs-dir ({store.root}) or that the file was not edited after it was written.")

@@ -219,7 +219,8 @@ def ensemble(store: RunStore, refs: list[str], method: str = "mean", tta_beta: O
         run = store.load(run_id) if run_id else SimpleNamespace(
             id="ensemble", config=config, vocab=list(runs[0].vocab), test_ids=test_ids,
             test_probs=None if test_probs is None else test_probs[None])
-        sub = submission_for_run(run, submission, beta=None, data=runs[0].config.get("data"), recipe_dirs=recipe_dirs)
+        sub = submission_for_run(run, submission, beta=None, data=runs[0].config.get("data"), recipe_dirs=recipe_dirs,
+                                 record=run_id is not None)  # a read-only store records nothing
     return EnsembleResult(run_id=run_id, table=pd.DataFrame(rows), method=method, metric=metric, score=score,
                           evaluated=evaluated, weights=w_out, betas=betas, valid_ids=valid_ids,
                           valid_probs=valid_probs, oof_probs=oof_probs, test_ids=test_ids, test_probs=test_probs,
