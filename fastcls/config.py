@@ -111,6 +111,8 @@ class RunConfig:
         from .archs import get_arch
         from .imbalance import parse_imbalance
         r = get_recipe(recipe, recipes or ())
+        if isinstance(aug, bool):  # the Recipe field itself (aug on/off), not a preset name
+            overrides, aug = {**overrides, "aug": aug}, None
         named = {k: v for k, v in overrides.items() if v is not None}
         set_values = parse_sets(r, sets)
         for k in set(named) & set(set_values):

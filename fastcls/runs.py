@@ -189,11 +189,12 @@ class RunStore:
     def _connect(self, write: bool = True) -> sqlite3.Connection:
         """The index; a reader neither switches on WAL nor creates anything (immutable on a read-only store)."""
         path = inside(self.root, INDEX, what="index") if (self.root / INDEX).is_symlink() else self.root / INDEX
-        if write:
+        if write or self.writable():
+            # a reader of a writable store connects plainly (changing nothing): in WAL mode only a read-write
+            # connection can check the log back in and remove -wal/-shm when it is the last one to close
             con = sqlite3.connect(path, timeout=60)
-        else:
-            mode = "ro" if self.writable() else "ro&immutable=1"  # immutable: SQLite writes no -shm beside it
-            con = sqlite3.connect(f"{path.resolve().as_uri()}?mode={mode}", uri=True, timeout=60)
+        else:  # immutable: SQLite writes nothing beside a read-only index, not even -shm
+            con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True, timeout=60)
         con.row_factory = sqlite3.Row
         con.execute("PRAGMA busy_timeout=60000")
         if write:
