@@ -331,13 +331,13 @@ def test_check_reports_a_trim_that_leaves_nothing(cli, tmp_path):
 
 
 # -- submissions ------------------------------------------------------------------------------------------------------
-def test_submission_neutralises_formula_labels_but_not_ids(tmp_path):
+def test_submission_neutralises_formula_labels_and_ids(tmp_path):
     r = get_recipe("tshirts")
     vocab = ["=HYPERLINK(1)", "@cmd", "plain", "-1"]
     probs = np.eye(4)
     df = write_submission(r, ["-a.jpg", "b.jpg", "+c.jpg", "d.jpg"], probs, vocab, tmp_path / "s.csv")
     back = pd.read_csv(tmp_path / "s.csv", dtype=str)
-    assert back["image"].tolist() == ["-a.jpg", "b.jpg", "+c.jpg", "d.jpg"]
+    assert back["image"].tolist() == ["'-a.jpg", "b.jpg", "'+c.jpg", "d.jpg"]
     assert back["class"].tolist() == ["'=HYPERLINK(1)", "'@cmd", "plain", "-1"] == df["class"].tolist()
     assert neutralise("+SUM(A1)") == "'+SUM(A1)" and neutralise("2.5") == "2.5"
 
