@@ -211,36 +211,6 @@ def show_cmd(run: Annotated[str, typer.Argument(help="Run id, unique id prefix, 
         out.print(_table(r.history, title="History"))
 
 
-@app.command("check")
-@_cli
-def check_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fastcls recipes`).")],
-              data: Data = None, recipes: RecipeDirs = None,
-              no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip opening every image (faster on "
-                                                      "large data; unreadable files go unnoticed).")] = False):
-    """Validate a data folder against a recipe (layout, class counts, unreadable files, unknown labels); no training.
-
-    Exit status 0 when training would work, 1 when the folder has problems.
-    """
-    from .data import check_data
-    from .recipe import get_recipe
-    rep = check_data(get_recipe(recipe, recipes or ()), data, verify_images=not no_verify)
-    out.print(f"[bold]Recipe {escape(rep.recipe)}[/] (layout {rep.layout}) on {escape(str(rep.path))}",
-              highlight=False, markup=True)
-    if len(rep.counts):
-        df = rep.counts if rep.counts["valid"].any() else \
-            rep.counts[["class", "total"]].rename(columns={"total": "images"})
-        out.print(_table(df.astype({c: int for c in df.columns if c != "class"})))
-        out.print(f"{len(df)} classes, {int(rep.counts['total'].sum())} labelled images, {rep.n_test} test images.")
-    for w in rep.warnings:
-        out.print(f"[yellow]Warning:[/] {escape(w)}", highlight=False, markup=True)
-    for p in rep.problems:
-        out.print(f"[bold red]Problem:[/] {escape(p)}", highlight=False, markup=True)
-    if not rep.ok:
-        out.print(f"{len(rep.problems)} problem(s): training on this folder would fail.")
-        raise typer.Exit(1)
-    out.print("OK: the data folder matches the recipe.")
-
-
 @app.command("pseudo-label")
 @_cli
 def pseudo_label_cmd(runs: Runs,
@@ -595,7 +565,7 @@ def weights_path_cmd():
     out.print(str(weights_dir()), highlight=False, soft_wrap=True)
 
 
-from .cli_tools import register  # noqa: E402  (predict, export, doctor: in their own module)
+from .cli_tools import register  # noqa: E402  (check, predict, export, doctor: in their own module)
 register(app, _cli, out, _table)
 app.command("lb")(_cli(lb_cmd))  # cli_scores.py: leaderboard bookkeeping
 

@@ -327,7 +327,12 @@ def test_check_reports_a_trim_that_leaves_nothing(cli, tmp_path):
     pd.concat([pd.read_csv(data / "train.csv"), pd.DataFrame([("tiny.jpg", "plain")], columns=["image", "class"])]
               ).to_csv(data / "train.csv", index=False)
     res = cli("check", "tshirts", "--data", data)
-    assert res.exit_code == 1 and "leaves nothing of 1 image" in res.stdout.replace("\n", " ")
+    text = " ".join(res.stdout.split())
+    assert res.exit_code == 1 and "leaves nothing of 1 image" in text and "or --crop none" in text
+    res = cli("check", "tshirts", "--data", data, "--crop", "none")  # the hint's option: `check` takes it too
+    assert res.exit_code == 0 and "OK: the data folder matches the recipe" in res.stdout, res.output
+    res = cli("check", "tshirts", "--data", data, "--trim", "10,10,10,10")
+    assert res.exit_code == 0 and "leaves nothing" not in res.stdout, res.output
 
 
 # -- submissions ------------------------------------------------------------------------------------------------------
