@@ -48,6 +48,11 @@ def _cli(fn):
         except RunInterrupted as e:  # Ctrl-C / SIGTERM while training: say how to resume
             err.print(f"[bold yellow]Interrupted:[/] {escape(str(e))}", highlight=False, markup=True)
             raise typer.Exit(e.exit_code)
+        except KeyboardInterrupt:  # Ctrl-C before or after training (reading data, scoring, writing files)
+            err.print(f"[bold yellow]Interrupted:[/] `fastcls {name}` stopped by Ctrl-C before it finished. Each file "
+                      "it writes is written whole or not at all; run the same command again.", highlight=False,
+                      markup=True)
+            raise typer.Exit(RunInterrupted.exit_code)
     return wrapper
 
 
@@ -56,14 +61,17 @@ def _cli(fn):
 def recipes_cmd(recipes: RecipeDirs = None):
     """List the available recipes (built-in, ./recipes, --recipes DIR)."""
     from .recipe import find_recipes
-    t = Table(title="Recipes")
+    t, found = Table(title="Recipes"), sorted(find_recipes(recipes or ()).items())
     for c in ("name", "layout", "metric", "archs", "size", "source"):
         t.add_column(c)
-    for name, e in sorted(find_recipes(recipes or ()).items()):
+    for name, e in found:
         r = e.recipe
         src = e.origin + (f" (replaces built-in {e.shadows.name})" if e.shadows else "")
-        t.add_row(name, r.layout, r.metric, ", ".join(r.archs), str(r.size or "auto"), f"{src}: {e.path}")
+        t.add_row(name, r.layout, r.metric, ", ".join(r.archs), str(r.size or "auto"), src)
     out.print(t)
+    user = [f"  {name}: {e.path}" for name, e in found if e.origin != "built-in"]  # whole paths, never cut short
+    out.print(*(["Recipe files that are not fastcls's own (Python code, run whenever fastcls looks for recipes "
+                 "here):", *user] if user else []), sep="\n", highlight=False, soft_wrap=True)
 
 
 @app.command("archs")
