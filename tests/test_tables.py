@@ -160,8 +160,11 @@ def test_linked_folders_loops_and_one_file_under_two_labels(tmp_path, capsys):
     items = read_items(FOLDER, data)
     assert sorted(items.train["id"]) == [f"{c}/{i}.png" for c in ("cat", "dog") for i in range(3)]
     err = " ".join(capsys.readouterr().err.split())
-    assert f"warning: {data / 'train' / 'cat' / 'again'} links back to {(data / 'train' / 'cat').resolve()} (a loop)" \
-           in err and f"{data / 'train' / 'all'} links back to" in err
+    assert f"warning: {data / 'train' / 'cat' / 'again'} leads to {(data / 'train' / 'cat').resolve()}, which is " \
+           "read already (a loop" in err and f"{data / 'train' / 'all'} links back to" in err
+    (data / "train" / "dog" / "in").mkdir()
+    (data / "train" / "dog" / "in" / "out").symlink_to("../../dog")  # a loop two levels down
+    assert len(read_items(FOLDER, data).train) == 6
     (data / "train" / "cat" / "dogs").symlink_to("../dog")  # dog's images under 'cat' too
     with pytest.raises(FastclsError) as e:
         read_items(FOLDER, data)

@@ -90,16 +90,18 @@ def _is_image(p: Path) -> bool:
 
 
 def _image_files(folder: Path, notes: list) -> list[Path]:
-    """Every image file under `folder`, sorted; linked sub-folders are followed, but a link back to a folder on
-    the way down (a loop, which would list its images again and again) is skipped, with a note."""
-    files = []
+    """Every image file under `folder`, sorted; linked sub-folders are followed, but a link to a folder already
+    read on this walk (a loop: a link back up, or two links to each other) is skipped with a note."""
+    files, seen = [], {os.path.realpath(folder)}
     for top, dirs, names in os.walk(folder, followlinks=True):
-        real, kept = os.path.realpath(top), []
+        kept = []
         for d in sorted(dirs):
             target = os.path.realpath(os.path.join(top, d))
-            if os.path.islink(os.path.join(top, d)) and (real + os.sep).startswith(target + os.sep):
-                notes.append(f"{Path(top) / d} links back to {target} (a loop): skipped, its images are read once.")
+            if target in seen:
+                notes.append(f"{Path(top) / d} leads to {target}, which is read already (a loop, or a second way "
+                             "to one folder): skipped, its images are read once.")
             else:
+                seen.add(target)
                 kept.append(d)
         dirs[:] = kept
         files += [p for p in (Path(top) / n for n in names) if _is_image(p)]
