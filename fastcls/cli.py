@@ -48,6 +48,11 @@ def _cli(fn):
         except RunInterrupted as e:  # Ctrl-C / SIGTERM while training: say how to resume
             err.print(f"[bold yellow]Interrupted:[/] {escape(str(e))}", highlight=False, markup=True)
             raise typer.Exit(e.exit_code)
+        except KeyboardInterrupt:  # Ctrl-C before or after training (reading data, scoring, writing files)
+            err.print(f"[bold yellow]Interrupted:[/] `fastcls {name}` stopped by Ctrl-C before it finished. Each file "
+                      "it writes is written whole or not at all; run the same command again.", highlight=False,
+                      markup=True)
+            raise typer.Exit(RunInterrupted.exit_code)
     return wrapper
 
 
@@ -56,14 +61,17 @@ def _cli(fn):
 def recipes_cmd(recipes: RecipeDirs = None):
     """List the available recipes (built-in, ./recipes, --recipes DIR)."""
     from .recipe import find_recipes
-    t = Table(title="Recipes")
+    t, found = Table(title="Recipes"), sorted(find_recipes(recipes or ()).items())
     for c in ("name", "layout", "metric", "archs", "size", "source"):
         t.add_column(c)
-    for name, e in sorted(find_recipes(recipes or ()).items()):
+    for name, e in found:
         r = e.recipe
         src = e.origin + (f" (replaces built-in {e.shadows.name})" if e.shadows else "")
-        t.add_row(name, r.layout, r.metric, ", ".join(r.archs), str(r.size or "auto"), f"{src}: {e.path}")
+        t.add_row(name, r.layout, r.metric, ", ".join(r.archs), str(r.size or "auto"), src)
     out.print(t)
+    user = [f"  {name}: {e.path}" for name, e in found if e.origin != "built-in"]  # whole paths, never cut short
+    out.print(*(["Recipe files that are not fastcls's own (Python code, run whenever fastcls looks for recipes "
+                 "here):", *user] if user else []), sep="\n", highlight=False, soft_wrap=True)
 
 
 @app.command("archs")
@@ -209,36 +217,6 @@ def show_cmd(run: Annotated[str, typer.Argument(help="Run id, unique id prefix, 
     out.print_json(json.dumps({"metrics": r.metrics, "config": r.config}, default=str))
     if r.history is not None and len(r.history):
         out.print(_table(r.history, title="History"))
-
-
-@app.command("check")
-@_cli
-def check_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fastcls recipes`).")],
-              data: Data = None, recipes: RecipeDirs = None,
-              no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip opening every image (faster on "
-                                                      "large data; unreadable files go unnoticed).")] = False):
-    """Validate a data folder against a recipe (layout, class counts, unreadable files, unknown labels); no training.
-
-    Exit status 0 when training would work, 1 when the folder has problems.
-    """
-    from .data import check_data
-    from .recipe import get_recipe
-    rep = check_data(get_recipe(recipe, recipes or ()), data, verify_images=not no_verify)
-    out.print(f"[bold]Recipe {escape(rep.recipe)}[/] (layout {rep.layout}) on {escape(str(rep.path))}",
-              highlight=False, markup=True)
-    if len(rep.counts):
-        df = rep.counts if rep.counts["valid"].any() else \
-            rep.counts[["class", "total"]].rename(columns={"total": "images"})
-        out.print(_table(df.astype({c: int for c in df.columns if c != "class"})))
-        out.print(f"{len(df)} classes, {int(rep.counts['total'].sum())} labelled images, {rep.n_test} test images.")
-    for w in rep.warnings:
-        out.print(f"[yellow]Warning:[/] {escape(w)}", highlight=False, markup=True)
-    for p in rep.problems:
-        out.print(f"[bold red]Problem:[/] {escape(p)}", highlight=False, markup=True)
-    if not rep.ok:
-        out.print(f"{len(rep.problems)} problem(s): training on this folder would fail.")
-        raise typer.Exit(1)
-    out.print("OK: the data folder matches the recipe.")
 
 
 @app.command("pseudo-label")
@@ -595,7 +573,7 @@ def weights_path_cmd():
     out.print(str(weights_dir()), highlight=False, soft_wrap=True)
 
 
-from .cli_tools import register  # noqa: E402  (predict, export, doctor: in their own module)
+from .cli_tools import register  # noqa: E402  (check, predict, export, doctor: in their own module)
 register(app, _cli, out, _table)
 app.command("lb")(_cli(lb_cmd))  # cli_scores.py: leaderboard bookkeeping
 

@@ -1,5 +1,5 @@
-"""Commands that need no training: `fastcls predict` and `fastcls export` (`fastcls.inference`) and `fastcls doctor`
-(`fastcls.doctor`), registered on the app by `register`: the same thin commands as `fastcls.cli`'s, in their own
+"""Commands that need no training: `fastcls check` (`fastcls.data.check_data`), `fastcls predict` and `fastcls
+export` (`fastcls.inference`) and `fastcls doctor` (`fastcls.doctor`), registered on the app by `register`: the same thin commands as `fastcls.cli`'s, in their own
 module."""
 
 __all__ = ["register"]
@@ -8,13 +8,44 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
-from .cli_options import Bs, OnBadImage, RunRef, RunsDir
+from .cli_options import Bs, Crop, Data, OnBadImage, RecipeDirs, RunRef, RunsDir, Trim
 
 
 def register(app: typer.Typer, cli, out, table):
     """Add the commands to `app`, each wrapped by `cli` (FastclsError -> one paragraph, exit 2), printing to `out`
     (tables made by `table`)."""
+    @app.command("check")
+    @cli
+    def check_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fastcls recipes`).")],
+                  data: Data = None, recipes: RecipeDirs = None, crop: Crop = None, trim: Trim = None,
+                  no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip opening every image (faster on "
+                                                          "large data; unreadable files go unnoticed).")] = False):
+        """Validate a data folder against a recipe (layout, class counts, unreadable files, unknown labels, what a
+        --crop / --trim leaves of each image); no training.
+
+        Exit status 0 when training would work, 1 when the folder has problems.
+        """
+        from .data import check_data
+        from .recipe import crop_overrides, get_recipe
+        r = get_recipe(recipe, recipes or ()).override(**crop_overrides(crop, trim))
+        rep = check_data(r, data, verify_images=not no_verify)
+        out.print(f"[bold]Recipe {escape(rep.recipe)}[/] (layout {rep.layout}) on {escape(str(rep.path))}",
+                  highlight=False, markup=True)
+        if len(rep.counts):
+            df = rep.counts if rep.counts["valid"].any() else \
+                rep.counts[["class", "total"]].rename(columns={"total": "images"})
+            out.print(table(df.astype({c: int for c in df.columns if c != "class"})))
+            out.print(f"{len(df)} classes, {int(rep.counts['total'].sum())} labelled images, {rep.n_test} test images.")
+        for kind, texts in (("[yellow]Warning:[/]", rep.warnings), ("[bold red]Problem:[/]", rep.problems)):
+            for t in texts:
+                out.print(f"{kind} {escape(t)}", highlight=False, markup=True)
+        if not rep.ok:
+            out.print(f"{len(rep.problems)} problem(s): training on this folder would fail.")
+            raise typer.Exit(1)
+        out.print("OK: the data folder matches the recipe.")
+
     @app.command("predict")
     @cli
     def predict_cmd(run: Annotated[str, typer.Argument(help="Run id, prefix or name (a cv run or ensemble too), "

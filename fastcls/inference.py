@@ -30,6 +30,7 @@ from .errors import FastclsError
 from .files import file_sha256, read_json, write_atomic, write_json
 from .posthoc import PostHoc
 from .predict import predict_views, tta_blend
+from .runfiles import checked_weights
 from .runs import RunStore
 from .submission import write_submission
 
@@ -41,10 +42,7 @@ SUBMIT_BETA = 0.25  # a single run's TTA blend, as `fastcls submit` writes it
 # -- the plan: from the store or from a bundle -----------------------------------------------------------------------
 def _net(run, path: Optional[Path] = None) -> dict:
     """One trained model of a stored run: config, normalisation statistics, weights file and its checksum."""
-    weights = run.weights_path
-    if not weights.is_file():
-        raise FastclsError(f"Run {run.id} has no weights file {weights}: it cannot predict new images. Nothing was "
-                           "written; train the run again (or restore the file).")
+    weights = checked_weights(run.path, run.meta.get("weights_sha256"))  # before anything is written
     cfg = run.config
     stats = run.meta.get("normalize_stats") if "normalize_stats" in run.meta else \
         RunConfig.from_dict(cfg, lenient=True).norm_stats

@@ -7,7 +7,7 @@ one FastclsError naming it and what to do (`fastcls doctor`), never in a traceba
 """
 
 __all__ = ["check_run", "write_run_files", "DamagedRunFile", "damaged", "read_run_json", "read_run_npy",
-           "read_run_csv", "check_safetensors"]
+           "read_run_csv", "check_safetensors", "checked_weights"]
 
 import json
 import os
@@ -114,6 +114,19 @@ def check_safetensors(folder: Path, name: str) -> None:
         raise damaged(path, f"is not a readable safetensors file ({type(e).__name__}: {e})") from None
     if not keys or size < 16:
         raise damaged(path, "holds no tensors")
+
+
+def checked_weights(folder: Path, sha256: Optional[str], name: str = "model.safetensors") -> Path:
+    """The path of a run's weights file, checked: inside the folder, a readable safetensors file, and (when
+    meta.json recorded one) of the SHA-256 the run was stored with."""
+    path = _file(folder, name, required=False)
+    if path is None:
+        raise damaged(folder / name, "is missing: the run has no weights file to predict new images with")
+    check_safetensors(folder, name)
+    if sha256 and file_sha256(path) != sha256:
+        raise damaged(path, "does not match the checksum meta.json recorded when the run was stored (it was altered "
+                            "or damaged)")
+    return path
 
 
 def check_run(run):

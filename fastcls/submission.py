@@ -15,6 +15,7 @@ made the file.
 __all__ = ["write_submission", "submission_for_run", "submission_ids", "submission_frame", "neutralise",
            "record_submission", "record_lb", "submissions_table", "with_lb_scores", "SUBMISSIONS"]
 
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -54,6 +55,19 @@ def neutralise(cell: str) -> str:
         return s  # '-1' or '+2.5' is a number to a spreadsheet, not a formula
     except ValueError:
         return "'" + s
+
+
+def _safe_ids(ids: list) -> list:
+    """Test ids as cells a spreadsheet will not run (`neutralise`), with a warning naming the ones changed: a file
+    named '=cmd|...' is written as "'=cmd|...", which a grader comparing file names will not match."""
+    safe = [neutralise(i) for i in ids]
+    changed = [i for i, s in zip(ids, safe) if i != s]
+    if changed:
+        shown = ", ".join(map(repr, changed[:5])) + (" ..." if len(changed) > 5 else "")
+        print(f"fastcls: warning: {len(changed)} test id(s) start like a spreadsheet formula ({shown}): written with "
+              "a leading ' so a spreadsheet shows them as text. A grader that compares ids will not match those rows: "
+              "rename the files.", file=sys.stderr)
+    return safe
 
 
 def _labels(recipe: Recipe, probs: np.ndarray, vocab) -> list:
@@ -113,9 +127,9 @@ def submission_frame(recipe: Recipe, test_ids, probs, vocab, data=None) -> pd.Da
         dup = pd.Series(ids)[pd.Series(ids).duplicated()].iloc[0]
         raise FastclsError(f"Submission for recipe {recipe.name!r}: test id {dup!r} occurs twice once written as "
                            f"'{recipe.sub_id}'. Use sub_id='id' in the recipe.")
-    columns = _columns(recipe, probs, vocab)
+    columns = {neutralise(c): v for c, v in _columns(recipe, probs, vocab).items()}  # class names head 'probs'
     if not recipe.sub_template:
-        return pd.DataFrame({recipe.sub_id_col: ids, **columns})
+        return pd.DataFrame({recipe.sub_id_col: _safe_ids(ids), **columns})
     if data is None:
         raise FastclsError(f"Recipe {recipe.name!r} fills the template {recipe.sub_template}, which lives in the data "
                            "folder: pass the data folder (--data PATH).")

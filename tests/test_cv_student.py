@@ -121,6 +121,12 @@ def test_single_fold_then_the_rest_builds_the_parent(tmp_path):
     res = _cli("train", "digits", "simple_cnn", *TINY, "--sample", "60", "--folds", "2", "--runs-dir", runs)
     assert res.exit_code == 0, res.output
     assert len(_rows(runs)) == 3, "the same folds again: the stored cv run is found, not stored twice"
+    res = _cli("train", "digits", "simple_cnn", *TINY, "--sample", "60", "--folds", "2", "--name", "my-cv",
+               "--runs-dir", runs)
+    assert res.exit_code == 0 and len(_rows(runs)) == 3, "--name of this cv's own run: the same command again"
+    res = _cli("train", "digits", "simple_cnn", *TINY, "--sample", "60", "--folds", "3", "--name", "my-cv",
+               "--runs-dir", runs)
+    assert res.exit_code == 2 and "--name 'my-cv' is taken" in res.output and len(_rows(runs)) == 3
 
 
 def test_fold_errors(tmp_path):

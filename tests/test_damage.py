@@ -19,7 +19,7 @@ from fastcls.cli import app
 FILES = ["config.json", "meta.json", "metrics.json", "vocab.json", "valid_ids.json", "test_ids.json",
          "valid_probs.npy", "valid_targets.npy", "test_probs.npy", "history.csv", "model.safetensors", "index.sqlite"]
 DAMAGES = ["deleted", "zero", "truncated", "random", "wrong", "outside"]
-COMMANDS = ["runs", "show", "ensemble", "submit", "report", "resume"]
+COMMANDS = ["runs", "show", "ensemble", "submit", "report", "resume", "predict", "export"]
 
 # the files each command needs (damage to one of these: exit 2 naming it; to any other: the command still works);
 # `resume` refuses a done run whatever its files hold, so it always exits 2
@@ -31,6 +31,9 @@ NEEDS = {
     "submit": {"config.json", "vocab.json", "test_ids.json", "test_probs.npy"},
     "report": {"config.json", "meta.json", "metrics.json", "vocab.json", "valid_ids.json", "valid_probs.npy",
                "valid_targets.npy", "history.csv"},
+    # new images through the stored model: its config, statistics and checksum (meta.json), vocab and weights
+    "predict": {"config.json", "meta.json", "vocab.json", "model.safetensors"},
+    "export": {"config.json", "meta.json", "vocab.json", "model.safetensors"},
 }
 # damage that leaves a file usable: a deleted optional file, or a "wrong" file a command does not look inside
 HARMLESS = {("history.csv", "deleted"), ("metrics.json", "deleted"), ("history.csv", "wrong"),
@@ -80,8 +83,10 @@ def _snapshot(root: Path) -> dict:
     return snap
 
 
-def _args(command: str, runs: Path, rid: str, out: Path) -> list:
+def _args(command: str, runs: Path, rid: str, out: Path, images: Path = None) -> list:
     return {"runs": ["runs"], "show": ["show", rid], "resume": ["resume", rid],
+            "predict": ["predict", rid, "--data", images, "--out", out / "pred.csv"],
+            "export": ["export", rid, "--out", out / "bundle"],
             "ensemble": ["ensemble", rid, rid, "--method", "mean", "--tta-beta", "1"],
             "submit": ["submit", rid, "--out", out / "sub.csv"],
             "report": ["report", rid, "--top", "0", "--out", out / "report"]}[command] + ["--runs-dir", runs]
@@ -93,13 +98,23 @@ def world(digits_store, tmp_path_factory):
     return Path(digits_store), rid, tmp_path_factory
 
 
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Two new 8x8 digit images for `predict` (a folder of images: the fastest input it takes)."""
+    from PIL import Image
+    folder = tmp_path_factory.mktemp("new-images")
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(folder / f"new{i}.png")
+    return folder
+
+
 def _invoke(args):
     from typer.testing import CliRunner
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.mark.parametrize("fname", FILES)
-def test_damage_matrix(world, fname):
+def test_damage_matrix(world, images, fname):
     """One file x every damage x every command (the store copied fresh per damage, hashed around each command)."""
     store, rid, tmp = world
     for how in DAMAGES:
@@ -114,7 +129,7 @@ def test_damage_matrix(world, fname):
         for cmd in COMMANDS:
             case = f"{fname} {how} {cmd}"
             before = _snapshot(base)
-            res = _invoke(_args(cmd, runs, rid, out))
+            res = _invoke(_args(cmd, runs, rid, out, images))
             text = res.output.replace("\n", " ")
             assert "Traceback" not in text and res.exception is None or isinstance(res.exception, SystemExit), \
                 f"{case}: {res.exception!r}\n{text}"
@@ -167,20 +182,22 @@ def read_only(base: Path):
                 p.chmod(p.stat().st_mode | 0o200)
 
 
-def test_read_only_store_every_reading_command_works(world, tmp_path_factory):
+def test_read_only_store_every_reading_command_works(world, images, tmp_path_factory):
     store, rid, _ = world
     base = tmp_path_factory.mktemp("ro")
     shutil.copytree(store, base / "runs")
+    shutil.copytree(images, base / "images")  # where `nobody` can read them
+    reading = ("runs", "show", "ensemble", "submit", "predict", "export")
     out = tmp_path_factory.mktemp("ro-out")
     out.chmod(0o777)
     warm = tmp_path_factory.mktemp("warm")  # first on a writable copy: as `nobody`, lazy imports from a private
     shutil.copytree(store, warm / "runs")   # Python install would fail
-    for cmd in ("runs", "show", "ensemble", "submit"):
-        assert _invoke(_args(cmd, warm / "runs", rid, warm)).exit_code == 0
+    for cmd in reading:
+        assert _invoke(_args(cmd, warm / "runs", rid, warm, images)).exit_code == 0
     before = _snapshot(base)
     with read_only(base):
         assert not os.access(base / "runs", os.W_OK, effective_ids=os.access in os.supports_effective_ids)
-        results = {cmd: _invoke(_args(cmd, base / "runs", rid, out)) for cmd in ("runs", "show", "ensemble", "submit")}
+        results = {cmd: _invoke(_args(cmd, base / "runs", rid, out, base / "images")) for cmd in reading}
         ens_sub = _invoke(["ensemble", rid, rid, "--submission", out / "ens.csv", "--runs-dir", base / "runs"])
     for cmd, res in results.items():
         assert res.exit_code == 0, f"{cmd}: {res.output} {res.exception!r}"
@@ -188,3 +205,5 @@ def test_read_only_store_every_reading_command_works(world, tmp_path_factory):
     assert ens_sub.exit_code == 0, ens_sub.output
     assert (out / "ens.csv").read_text().count("\n") == (out / "sub.csv").read_text().count("\n")
     assert _snapshot(base) == before  # not even a -wal or -shm file beside the index
+    assert (out / "pred.csv").read_text() == (warm / "pred.csv").read_text()  # the same predictions as writable
+    assert (out / "bundle" / "manifest.json").is_file() and not (out / ".bundle.tmp").exists()

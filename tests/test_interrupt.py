@@ -162,6 +162,7 @@ def test_signals_to_real_training_processes_then_cli_resume(cli, wave, store, re
         code, out, err = res[k]
         assert code == 130, err
         assert "interrupted" in err and f"fastcls resume {board.resolve(k)['id']}" in " ".join(err.split())
+        assert f"interrupted ({'Ctrl-C' if k == 'sigint' else 'SIGTERM'}) after 1 of 3 epochs" in " ".join(err.split())
         assert "Traceback" not in err
         rid = board.resolve(k)["id"]
         assert board.resolve(rid)["status"] == "interrupted"
@@ -175,3 +176,15 @@ def test_signals_to_real_training_processes_then_cli_resume(cli, wave, store, re
     assert max(d.values()) <= TOL, d
     res_ = cli("resume", rid, "--runs-dir", root)
     assert res_.exit_code == 2 and "already done" in res_.stderr
+
+
+def test_ctrl_c_outside_training_names_the_command(cli, monkeypatch):
+    """Ctrl-C while a command reads data (no run yet): exit 130, what stopped and what to do, no traceback."""
+    import fastcls.data
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt()
+    monkeypatch.setattr(fastcls.data, "check_data", interrupted)
+    res = cli("check", "digits")
+    assert res.exit_code == 130 and "Traceback" not in res.output and "()" not in res.output
+    assert "Interrupted: `fastcls check` stopped by Ctrl-C before it finished" in " ".join(res.stderr.split())

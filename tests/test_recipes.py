@@ -72,6 +72,9 @@ def test_user_recipe_in_cwd_wins(tmp_path, monkeypatch, cli):
     assert "mydata" in found
     res = cli("recipes")
     assert res.exit_code == 0 and "replaces built-in digits.py" in res.stdout and "mydata" in res.stdout
+    # the file that runs is shown: nobody runs a stranger's recipe unknowingly
+    assert f"  mydata: {tmp_path / 'recipes' / 'mydata.py'}\n" in res.stdout  # whole, however long
+    assert f"  digits: {tmp_path / 'recipes' / 'digits.py'}\n" in res.stdout
 
 
 def test_broken_recipe_file_is_a_clear_error(tmp_path):

@@ -327,17 +327,22 @@ def test_check_reports_a_trim_that_leaves_nothing(cli, tmp_path):
     pd.concat([pd.read_csv(data / "train.csv"), pd.DataFrame([("tiny.jpg", "plain")], columns=["image", "class"])]
               ).to_csv(data / "train.csv", index=False)
     res = cli("check", "tshirts", "--data", data)
-    assert res.exit_code == 1 and "leaves nothing of 1 image" in res.stdout.replace("\n", " ")
+    text = " ".join(res.stdout.split())
+    assert res.exit_code == 1 and "leaves nothing of 1 image" in text and "or --crop none" in text
+    res = cli("check", "tshirts", "--data", data, "--crop", "none")  # the hint's option: `check` takes it too
+    assert res.exit_code == 0 and "OK: the data folder matches the recipe" in res.stdout, res.output
+    res = cli("check", "tshirts", "--data", data, "--trim", "10,10,10,10")
+    assert res.exit_code == 0 and "leaves nothing" not in res.stdout, res.output
 
 
 # -- submissions ------------------------------------------------------------------------------------------------------
-def test_submission_neutralises_formula_labels_but_not_ids(tmp_path):
+def test_submission_neutralises_formula_labels_and_ids(tmp_path):
     r = get_recipe("tshirts")
     vocab = ["=HYPERLINK(1)", "@cmd", "plain", "-1"]
     probs = np.eye(4)
     df = write_submission(r, ["-a.jpg", "b.jpg", "+c.jpg", "d.jpg"], probs, vocab, tmp_path / "s.csv")
     back = pd.read_csv(tmp_path / "s.csv", dtype=str)
-    assert back["image"].tolist() == ["-a.jpg", "b.jpg", "+c.jpg", "d.jpg"]
+    assert back["image"].tolist() == ["'-a.jpg", "b.jpg", "'+c.jpg", "d.jpg"]
     assert back["class"].tolist() == ["'=HYPERLINK(1)", "'@cmd", "plain", "-1"] == df["class"].tolist()
     assert neutralise("+SUM(A1)") == "'+SUM(A1)" and neutralise("2.5") == "2.5"
 

@@ -137,7 +137,7 @@ def test_submission_label_cells_never_start_a_formula(tmp_path, label, written):
     df = write_submission(_sub_recipe(), ["=id1", "id2"], np.array([[0.9, 0.1], [0.2, 0.8]]), vocab, tmp_path / "s.csv")
     back = pd.read_csv(tmp_path / "s.csv", dtype=str, keep_default_na=False)
     assert back["label"].tolist() == [written, "zzz"] == df["label"].tolist()
-    assert back["id"].tolist() == ["=id1", "id2"], "ids must match the grader's: never altered"
+    assert back["id"].tolist() == ["'=id1", "id2"] == df["id"].tolist()  # a formula-like file name: escaped too
     assert not [p for p in tmp_path.iterdir() if p.name != "s.csv"], "no temporary file left"
 
 
@@ -154,3 +154,21 @@ def test_submission_quoting_keeps_the_format_of_indices_and_templates(tmp_path):
     write_submission(r, ["x", "y"], probs, ["=a", "b"], tmp_path / "t.csv", data=tmp_path / "data")
     back = pd.read_csv(tmp_path / "t.csv", dtype=str, keep_default_na=False)
     assert back.to_dict("list") == {"id": ["y", "x"], "note": ["=keep", "@keep"], "label": ["b", "'=a"]}
+
+
+@pytest.mark.parametrize("name, written", [
+    ("=cmd|' /C calc'!A0.png", "'=cmd|' /C calc'!A0.png"), ("+x.png", "'+x.png"), ("-y.png", "'-y.png"),
+    ("@SUM(A1).png", "'@SUM(A1).png"), ("img-1.png", "img-1.png"), ("1.png", "1.png"),
+])
+def test_formula_like_test_file_names_are_escaped_in_the_submission(tmp_path, capsys, name, written):
+    """A test file name a spreadsheet would run is written with a leading ' (a warning says so); Kaggle-style ids
+    (numbers, plain names) are written as they are; the file reads back to exactly those cells, every row there."""
+    from fastcls.submission import write_submission
+    ids = [name, "-1", "+2.5", "plain"]
+    write_submission(_sub_recipe(), ids, np.eye(4)[:, :2] + 0.1, ["cat", "dog"], tmp_path / "s.csv")
+    back = pd.read_csv(tmp_path / "s.csv", dtype=str, keep_default_na=False)
+    assert back["id"].tolist() == [written, "-1", "+2.5", "plain"]
+    assert not any(c.startswith(("=", "+", "-", "@")) and c not in ("-1", "+2.5") for c in back["id"])
+    assert [c[1:] if c != i else c for c, i in zip(back["id"], ids)] == ids  # the original name after the '
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("1 test id(s) start like a spreadsheet formula" in err) == (written != name)

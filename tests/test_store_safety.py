@@ -142,3 +142,21 @@ def test_doctor_finds_and_marks_damage_and_deletes_nothing(digits_store, tmp_pat
     assert "broken" in cli("runs", "--runs-dir", runs).output
     res = cli("show", rid, "--runs-dir", runs)
     assert res.exit_code == 2 and "broken" in res.stderr, res.output
+
+
+def test_a_name_already_taken_is_refused_before_training(digits_store, tmp_path, cli):
+    """--name must find one run later: a second run (or ensemble) of a taken name is refused before it trains."""
+    runs, rid = _copy(digits_store, tmp_path)
+    before = sorted(p.name for p in runs.iterdir())
+    res = cli("train", "digits", "simple_cnn", *TINY, "--name", "tiny-digits", "--runs-dir", runs)
+    msg = " ".join(res.output.split())
+    assert res.exit_code == 2 and "Traceback" not in msg, msg
+    assert f"--name 'tiny-digits' is taken: run {rid} (train, done) in {runs} has it" in msg
+    assert "Nothing was trained; choose another --name" in msg
+    res = cli("ensemble", rid, rid, "--name", "tiny-digits", "--runs-dir", runs)
+    assert res.exit_code == 2 and f"--name 'tiny-digits' is taken: run {rid}" in " ".join(res.output.split())
+    RunStore(runs).set_status(rid, "interrupted", note="test")
+    res = cli("train", "digits", "simple_cnn", *TINY, "--name", "tiny-digits", "--runs-dir", runs)
+    assert res.exit_code == 2 and f"continue it with `fastcls resume {rid}`" in " ".join(res.output.split())
+    assert sorted(p.name for p in runs.iterdir()) == before
+    assert cli("show", "tiny-digits", "--runs-dir", runs).exit_code == 0  # still one run of that name

@@ -91,3 +91,82 @@ def test_npz_labels_that_do_not_fit(tmp_path, labels, n_images, phrase):
              classes=np.array(["x", "y", "z"]))
     with pytest.raises(FastclsError, match=phrase):
         read_items(Recipe(name="n", layout="npz", npz_test=None), tmp_path)
+
+
+def test_one_image_under_two_paths_is_refused_naming_both_rows(tmp_path):
+    """`./a.png` and `x/../a.png` are one file: listed twice (with two labels, or one) is refused, naming the rows."""
+    data = make_csv_data(tmp_path / "data", GOOD)
+    (data / "images" / "sub").mkdir()
+    rows = GOOD + [("./im1.png", "dog"), ("sub/../im2.png", "dog")]
+    pd.DataFrame(rows, columns=["file", "label"]).to_csv(data / "train.csv", index=False)
+    with pytest.raises(FastclsError) as e:
+        read_items(Recipe(name="tab", layout="csv"), data)
+    msg = str(e.value)
+    assert "2 image file(s) are listed more than once under different paths (1 with different labels)" in msg
+    assert f"{(data / 'images' / 'im1.png').resolve()} as 'im1.png' (train.csv row 3, label 'cat'), './im1.png' " \
+           "(train.csv row 10, label 'dog')" in msg
+    assert "'im2.png' (train.csv row 4, label 'dog'), 'sub/../im2.png' (train.csv row 11, label 'dog')" in msg
+
+
+def test_rows_of_a_given_validation_table_are_numbered_in_their_own_file(tmp_path):
+    data = make_csv_data(tmp_path / "data", GOOD)
+    pd.DataFrame([("im0.png", "dog"), ("./im1.png", "cat")], columns=["file", "label"]).to_csv(data / "val.csv",
+                                                                                               index=False)
+    with pytest.raises(FastclsError) as e:
+        read_items(Recipe(name="tab", layout="csv", valid_csv="val.csv"), data)
+    msg = str(e.value)
+    assert "'images/im0.png' appears 2 times (train.csv row 2, val.csv row 2)" in msg
+    assert "'images/./im1.png' (val.csv row 3, label 'cat')" in msg and "(train.csv row 3, label 'cat')" in msg
+
+
+def test_missing_value_labels_are_refused_not_made_a_class(tmp_path):
+    """A NaN written out as text ('NaN', 'null', ...) is no class; a recipe that declares such a class keeps it."""
+    data = make_csv_data(tmp_path / "data", GOOD + [("im8.png", "NaN"), ("im9.png", "cat"), ("im10.png", "null")])
+    with pytest.raises(FastclsError, match=r"2 training item\(s\) have a missing-value label 'NaN', 'null' "
+                                           r"\(train.csv row 10, row 12\): a missing label is not a class"):
+        read_items(Recipe(name="tab", layout="csv"), data)
+    declared = read_items(Recipe(name="tab", layout="csv", classes=("cat", "dog", "NaN", "null")), data)
+    assert declared.vocab == ["NaN", "cat", "dog", "null"]
+
+
+def _folder(root, classes=("cat", "dog")):
+    for c in classes:
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (10, 10), (90 * len(c), 20 * i, 0)).save(root / "train" / c / f"{i}.png")
+    return root
+
+
+FOLDER = Recipe(name="f", layout="folder", test_dir=None)
+
+
+def test_empty_class_folder_is_a_warning_naming_it(tmp_path, capsys, cli):
+    """A class with no images cannot be learned: training goes on without it, and says so (`check`: a warning)."""
+    data = _folder(tmp_path / "data")
+    (data / "train" / "cow").mkdir()
+    items = read_items(FOLDER, data)
+    assert items.vocab == ["cat", "dog"]
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"fastcls: warning: class folder {data / 'train' / 'cow'} has no images: class 'cow' is left out" in err
+    res = cli("check", "folder", "--data", data, "--no-verify")
+    assert res.exit_code == 0 and "has no images: class 'cow' is left out" in " ".join(res.stdout.split())
+
+
+def test_linked_folders_loops_and_one_file_under_two_labels(tmp_path, capsys):
+    """A folder linked into itself is read once (a warning); a file reached under two class folders is refused."""
+    data = _folder(tmp_path / "data")
+    (data / "train" / "cat" / "again").symlink_to("../cat")  # a loop inside a class
+    (data / "train" / "all").symlink_to(".")                 # the training folder as a class of itself
+    items = read_items(FOLDER, data)
+    assert sorted(items.train["id"]) == [f"{c}/{i}.png" for c in ("cat", "dog") for i in range(3)]
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"warning: {data / 'train' / 'cat' / 'again'} leads to {(data / 'train' / 'cat').resolve()}, which is " \
+           "read already (a loop" in err and f"{data / 'train' / 'all'} links back to" in err
+    (data / "train" / "dog" / "in").mkdir()
+    (data / "train" / "dog" / "in" / "out").symlink_to("../../dog")  # a loop two levels down
+    assert len(read_items(FOLDER, data).train) == 6
+    (data / "train" / "cat" / "dogs").symlink_to("../dog")  # dog's images under 'cat' too
+    with pytest.raises(FastclsError) as e:
+        read_items(FOLDER, data)
+    assert f"{(data / 'train' / 'dog' / '0.png').resolve()} as 'cat/dogs/0.png' (label 'cat'), 'dog/0.png' " \
+           "(label 'dog')" in str(e.value) and "3 with different labels" in str(e.value)

@@ -41,6 +41,7 @@ class Items:
     bad: list = field(default_factory=list)  # unreadable images left out by check_images: {split, id, path, reason}
     blank: frozenset = frozenset()  # paths of unreadable test images, predicted from a blank image (rows kept)
     checked: Optional[str] = None  # the --on-bad-image policy check_images applied to these items (None: not yet)
+    notes: list = field(default_factory=list)  # what the reader left out on purpose (empty class folders, link loops)
 
     @property
     def vocab(self) -> list:
@@ -88,20 +89,47 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".") and p.is_file()
 
 
-def _test_from_dir(path: Path, recipe: Recipe) -> Optional[pd.DataFrame]:
+def _image_files(folder: Path, notes: list) -> list[Path]:
+    """Every image file under `folder`, sorted; linked sub-folders are followed, but a link to a folder already
+    read on this walk (a loop: a link back up, or two links to each other) is skipped with a note."""
+    files, seen = [], {os.path.realpath(folder)}
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        kept = []
+        for d in sorted(dirs):
+            target = os.path.realpath(os.path.join(top, d))
+            if target in seen:
+                notes.append(f"{Path(top) / d} leads to {target}, which is read already (a loop, or a second way "
+                             "to one folder): skipped, its images are read once.")
+            else:
+                seen.add(target)
+                kept.append(d)
+        dirs[:] = kept
+        files += [p for p in (Path(top) / n for n in names) if _is_image(p)]
+    return sorted(files)
+
+
+def _test_from_dir(path: Path, recipe: Recipe, notes: list) -> Optional[pd.DataFrame]:
     if not recipe.test_dir or not (path / recipe.test_dir).is_dir():
         return None
-    files = [p for p in sorted((path / recipe.test_dir).rglob("*")) if _is_image(p)]
+    files = _image_files(path / recipe.test_dir, notes)
     ids = [str(p.relative_to(path / recipe.test_dir)) for p in files]
     return pd.DataFrame({"id": ids, "x": [str(p) for p in files]})
 
 
-def _class_rows(root: Path, skip=()) -> list[tuple]:
-    """(id relative to root, path, class) for every image in the class sub-folders of `root`."""
+def _class_rows(root: Path, notes: list, skip=()) -> list[tuple]:
+    """(id relative to root, path, class) for every image in the class sub-folders of `root`; a class folder with
+    no image is noted (it cannot be learned, so it is not a class of the run)."""
     rows = []
     for cls_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "__"))
                           and d.resolve() not in skip):
-        rows += [(str(p.relative_to(root)), str(p), cls_dir.name) for p in sorted(cls_dir.rglob("*")) if _is_image(p)]
+        if (os.path.realpath(root) + os.sep).startswith(os.path.realpath(cls_dir) + os.sep):  # root/x -> root
+            notes.append(f"{cls_dir} links back to {os.path.realpath(cls_dir)} (a loop): not a class folder, skipped.")
+            continue
+        found = [(str(p.relative_to(root)), str(p), cls_dir.name) for p in _image_files(cls_dir, notes)]
+        if not found:
+            notes.append(f"class folder {cls_dir} has no images: class {cls_dir.name!r} is left out (a class with no "
+                         "images cannot be learned). Add images to it, or delete the folder.")
+        rows += found
     return rows
 
 
@@ -112,19 +140,19 @@ def read_folder(path: Path, recipe: Recipe) -> Items:
     if not root.is_dir():
         raise _layout_error(recipe, path, f"no folder {root}")
     # class folders at the data root itself must not take the test or valid folder for a class
-    skip = {(path / d).resolve() for d in (recipe.test_dir, recipe.valid_dir) if d}
-    rows = _class_rows(root, skip)
+    skip, notes = {(path / d).resolve() for d in (recipe.test_dir, recipe.valid_dir) if d}, []
+    rows = _class_rows(root, notes, skip)
     if not rows:
         raise _layout_error(recipe, path, f"no images in class sub-folders of {root}")
     train = pd.DataFrame(rows, columns=["id", "x", "label"])
     if recipe.valid_dir:
         vroot = path / recipe.valid_dir
-        valid = pd.DataFrame(_class_rows(vroot) if vroot.is_dir() else [], columns=["id", "x", "label"])
+        valid = pd.DataFrame(_class_rows(vroot, notes) if vroot.is_dir() else [], columns=["id", "x", "label"])
         if not len(valid):
             raise _layout_error(recipe, path, f"no images in class sub-folders of the validation folder {vroot}")
         valid["id"] = [f"{recipe.valid_dir}/{i}" for i in valid["id"]]  # cat/1.jpg may be in train and in valid
         train = pd.concat([train.assign(is_valid=False), valid.assign(is_valid=True)], ignore_index=True)
-    return Items(train, _test_from_dir(path, recipe), root=path)
+    return Items(train, _test_from_dir(path, recipe, notes), root=path, notes=notes)
 
 
 def read_folder_auto(path: Path, recipe: Recipe) -> Items:
@@ -193,9 +221,10 @@ def read_csv_layout(path: Path, recipe: Recipe) -> Items:
         tdf = _read_csv(path / recipe.test_csv, [col], recipe, path)
         tdir = path / (recipe.test_dir or recipe.image_dir)
         test = pd.DataFrame({"id": tdf[col], "x": _csv_files(tdf, col, tdir, recipe, path / recipe.test_csv)})
-    else:
-        test = _test_from_dir(path, recipe)
-    return Items(train, test, root=path)
+    notes = []
+    if test is None:
+        test = _test_from_dir(path, recipe, notes)
+    return Items(train, test, root=path, notes=notes)
 
 
 def _load_npz(file: Path, recipe: Recipe, path: Path, keys) -> dict:
@@ -322,20 +351,40 @@ def read_layout(recipe: Recipe, path: Optional[Path]) -> Items:
     return LAYOUTS[recipe.layout](path, recipe)
 
 
+# labels that mean "no label": pandas' missing-value markers (a NaN written out as text), unless a declared class
+NA_LABELS = {"nan", "NaN", "NAN", "-nan", "-NaN", "<NA>", "N/A", "n/a", "#N/A", "#NA", "NULL", "null", "NaT"}
+
+
+def _row_names(train: pd.DataFrame, recipe: Recipe) -> list[str]:
+    """Where each training row comes from: 'train.csv row 3' (spreadsheet numbering: the header is row 1; rows of
+    a given validation table numbered in their own file), else the item's id."""
+    if recipe.layout != "csv":
+        return [repr(str(i)) for i in train["id"]]
+    valid = train["is_valid"].astype(bool) if recipe.valid_csv and "is_valid" in train else \
+        pd.Series(False, index=train.index)
+    number = valid.groupby(valid).cumcount() + 2
+    return [f"{recipe.valid_csv if v else recipe.csv} row {n}" for v, n in zip(valid, number)]
+
+
 def item_problems(items: Items, recipe: Recipe, limit: int = 8) -> list[str]:
     """What would break training on these items, with the rows (cheap checks; `check_data` also decodes every image).
 
-    Duplicate ids, empty labels, labels outside the recipe's `classes`, fewer than two classes, image files listed
-    but missing. CSV rows are numbered as in a spreadsheet (the header is row 1).
+    Duplicate ids, one image file listed twice under different paths (`./a.jpg`, `x/../a.jpg`, a linked folder),
+    empty or missing-value ('NaN') labels, labels outside the recipe's `classes`, fewer than two classes, image files
+    listed but missing. CSV rows are numbered as in a spreadsheet (the header is row 1).
     """
     train, problems = items.train.reset_index(drop=True), []
     csv = recipe.layout == "csv"
+    names = _row_names(train, recipe)
 
     def rows(idx) -> str:
-        idx = list(idx)
-        shown = ", ".join(f"row {i + 2}" if csv else repr(str(train["id"].iloc[i])) for i in idx[:limit])
-        return (f"{recipe.csv} " if csv else "items ") + shown + (f" and {len(idx) - limit} more" if len(idx) > limit
-                                                                  else "")
+        idx, shown, last = list(idx), [], None
+        for i in idx[:limit]:
+            file, _, row = names[i].rpartition(" row ") if csv else ("", "", names[i])
+            shown.append(f"{file} row {row}" if csv and file != last else f"row {row}" if csv else row)
+            last = file
+        return ("" if csv else "items ") + ", ".join(shown) + (f" and {len(idx) - limit} more" if len(idx) > limit
+                                                               else "")
     ids = train["id"].astype(str)
     dups = ids[ids.duplicated(keep=False)]
     if len(dups):
@@ -343,16 +392,36 @@ def item_problems(items: Items, recipe: Recipe, limit: int = 8) -> list[str]:
         shown = "; ".join(f"{v!r} appears {len(ix)} times ({rows(ix)})" for v, ix in groups[:limit])
         problems.append(f"duplicate item ids: {shown}{' ...' if len(groups) > limit else ''}. Every training item "
                         "must appear once.")
+    if not items.arrays and len(train):
+        real = pd.Series([os.path.realpath(x) for x in train["x"].astype(str)], index=train.index)
+        groups = [ix for _, ix in real[real.duplicated(keep=False)].groupby(real, sort=False).groups.items()
+                  if ids[ix].nunique() > 1]  # the same id twice: reported above
+        if groups:
+            one = lambda i: f"{ids[i]!r} ({f'{rows([i])}, ' if csv else ''}label {train['label'][i]!r})"  # noqa: E731
+            shown = "; ".join(f"{real[ix[0]]} as {', '.join(map(one, ix))}" for ix in groups[:limit])
+            conflict = sum(train["label"][ix].nunique() > 1 for ix in groups)
+            problems.append(f"{len(groups)} image file(s) are listed more than once under different paths"
+                            f"{f' ({conflict} with different labels)' if conflict else ''}: {shown}"
+                            f"{' ...' if len(groups) > limit else ''}. Every image must be listed once, with one "
+                            "label: remove the extra rows (or the linked folder).")
     labels = train["label"].astype(str)
     empty = labels.str.strip() == ""
     if empty.any():
         problems.append(f"{int(empty.sum())} training item(s) have an empty label ({rows(np.flatnonzero(empty))}).")
+    declared = {str(c) for c in recipe.classes or ()}
+    na = (train["label"].isna() | labels.str.strip().isin(NA_LABELS - declared)) & ~empty
+    if na.any():
+        shown = ", ".join(map(repr, sorted(labels[na].unique())))
+        problems.append(f"{int(na.sum())} training item(s) have a missing-value label {shown} "
+                        f"({rows(np.flatnonzero(na))}): a missing label is not a class. Fill in the label, or remove "
+                        "the row(s).")
+        empty |= na
     if recipe.classes:
-        bad = ~labels.isin([str(c) for c in recipe.classes]) & ~empty
+        bad = ~labels.isin(declared) & ~empty
         if bad.any():
-            names = sorted(labels[bad].unique())
+            names_ = sorted(labels[bad].unique())
             problems.append(f"{int(bad.sum())} training item(s) have a label the recipe does not declare: "
-                            f"{', '.join(map(repr, names[:limit]))}{' ...' if len(names) > limit else ''} "
+                            f"{', '.join(map(repr, names_[:limit]))}{' ...' if len(names_) > limit else ''} "
                             f"({rows(np.flatnonzero(bad))}, e.g. item {train['id'][bad].iloc[0]!r}). Declared classes: "
                             f"{', '.join(map(str, recipe.classes))}. Fix the labels, or the recipe's classes.")
     if labels[~empty].nunique() < 2:
@@ -369,9 +438,10 @@ def item_problems(items: Items, recipe: Recipe, limit: int = 8) -> list[str]:
 
 
 def item_notes(items: Items, recipe: Recipe, limit: int = 8) -> list[str]:
-    """Not errors, but worth a look: image files in a csv layout's image folder that no table lists."""
+    """Not errors, but worth a look: what the layout reader left out (a class folder with no images, a folder
+    linked into itself), and image files in a csv layout's image folder that no table lists."""
     if recipe.layout != "csv" or items.root is None or not (items.root / recipe.image_dir).is_dir():
-        return []
+        return list(items.notes)
     listed = set(items.train["x"].astype(str))
     if items.test is not None:
         listed |= set(items.test["x"].astype(str))
@@ -379,8 +449,8 @@ def item_notes(items: Items, recipe: Recipe, limit: int = 8) -> list[str]:
     extra = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                    if p.suffix.lower() in IMAGE_EXTS and str(p) not in listed and p.is_file())
     if not extra:
-        return []
-    return [f"{len(extra)} image file(s) in {folder} are listed in no table and are not used: "
+        return list(items.notes)
+    return [*items.notes, f"{len(extra)} image file(s) in {folder} are listed in no table and are not used: "
             f"{', '.join(extra[:limit])}{' ...' if len(extra) > limit else ''}"]
 
 
@@ -419,7 +489,7 @@ def read_items(recipe: Recipe, data=None) -> Items:
         raise FastclsError(f"Recipe {recipe.name!r}, {where}: {len(problems)} problem(s), nothing was trained:\n"
                            + "\n".join(f"  - {p}" for p in problems + item_notes(items, recipe))
                            + f"\n`fastcls check {recipe.name}{f' --data {path}' if path else ''}` lists every problem.")
-    for note in item_notes(items, recipe):
-        print(f"fastcls: note: {note}", file=sys.stderr)
+    for note in item_notes(items, recipe):  # what the reader left out is a warning; unlisted files a note
+        print(f"fastcls: {'warning' if note in items.notes else 'note'}: {note}", file=sys.stderr)
     _attach_solution(items, recipe, path)
     return items

@@ -113,6 +113,9 @@ def ensemble(store: RunStore, refs: list[str], method: str = "mean", tta_beta: O
     """
     t0 = time.perf_counter()
     _check_method(method, weights)
+    if name is not None and store.writable():
+        from ..train.run import check_new_name
+        check_new_name(store, name)
     if tta_beta is not None and not 0 <= tta_beta <= 1:
         raise FastclsError(f"tta_beta is the weight of the plain view and must lie in [0, 1]; got {tta_beta}.")
     if weights is not None:

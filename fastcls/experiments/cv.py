@@ -32,7 +32,7 @@ from ..errors import FastclsError
 from ..runs import RunData, RunStore
 from .executors import LocalExecutor, Trial
 from ..posthoc import PostHoc
-from ..train import Predictions, RunResult, fit_run, prepare, resume_run, run_metrics, with_posthoc
+from ..train import Predictions, RunResult, check_new_name, fit_run, prepare, resume_run, run_metrics, with_posthoc
 from ..config import RunConfig
 from ..predict import encode_labels
 
@@ -124,6 +124,9 @@ def run_cv(cfg: RunConfig, store: RunStore, k: int = 5, fold: Optional[int] = No
     items, recipe = prep.items, prep.cfg.recipe
     fdata.assign_folds(_fold_items(cfg, items), recipe, k, recipe.split_seed)  # too few groups: say so before training
     cid = cv_id(cfg, k)
+    if cfg.name:  # --name may already be this cv's own run (the same command run again): only another run's is taken
+        folds = filter(None, (store.find(f"{cid}-f{i}") for i in range(k)))
+        check_new_name(store, cfg.name, allow={store.resolve(r).get("parent") for r in folds})
     executor = executor or LocalExecutor()
     failed = []
     if getattr(executor, "remote", False):  # a worker's private store holds no fold: skip the stored ones here
@@ -248,5 +251,6 @@ def train_or_cv(cfg: RunConfig, store: RunStore, progress: str = "auto", executo
         if executor is not None and getattr(executor, "remote", False):
             raise FastclsError("--executor ray runs the folds of --folds K as Ray tasks; add --folds K, or train this "
                                "one run here (for one run on several GPUs see --distributed).")
+        check_new_name(store, cfg.name)
         return fit_run(cfg, store, progress)
     return run_cv(cfg, store, cfg.folds, cfg.fold, progress, executor=executor)

@@ -1,7 +1,7 @@
 """One run from recipe to store: prepare (items checked, recipe resolved), train (frozen + unfrozen stages with the
 callbacks), predict, store; resume an interrupted run."""
 
-__all__ = ["Prepared", "prepare", "train", "fit_run", "resume_run", "RunResult", "Predictions", "run_metrics",
+__all__ = ["check_new_name", "Prepared", "prepare", "train", "fit_run", "resume_run", "RunResult", "Predictions", "run_metrics",
            "fit_posthoc_steps", "with_posthoc", "store_run", "posthoc_metric"]
 
 import dataclasses
@@ -52,6 +52,21 @@ class Prepared:
         return fdata.dls(cfg.recipe.override(**changes) if changes else cfg.recipe, self.items, seed=cfg.seed,
                          sample=cfg.sample, num_workers=cfg.workers, stats=cfg.norm_stats,
                          fold=(cfg.fold, cfg.folds) if cfg.folds else None)
+
+
+def check_new_name(store: RunStore, name: Optional[str], allow=()) -> None:
+    """Refuse a run name `store` already holds (but for runs in `allow`): a name must find one run, or `show`,
+    `submit`, `ensemble` would answer "matches 2 runs". Checked before anything trains."""
+    if not name or not (store.root / "index.sqlite").exists():
+        return
+    df = store.leaderboard(status=None, sort="newest")
+    taken = df[(df["name"] == name) & ~df["id"].isin(list(allow))]
+    if len(taken):
+        r = taken.iloc[0]
+        todo = f"continue it with `fastcls resume {r['id']}`, or " if r["status"] in ("interrupted", "failed") else ""
+        raise FastclsError(f"--name {name!r} is taken: run {r['id']} ({r['kind']}, {r['status']}) in {store.root} has "
+                           f"it, and a name must find one run. Nothing was trained; {todo}choose another --name, or "
+                           f"leave it out (a unique name is made), or delete {store.root / r['id']} first.")
 
 
 def prepare(cfg: RunConfig, items: Optional[fdata.Items] = None, store: Optional[RunStore] = None) -> Prepared:
