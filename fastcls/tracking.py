@@ -234,29 +234,36 @@ def export_store(store, client=None) -> dict:
 
 # -- later additions to a tracked run --------------------------------------------------------------------------------
 
-def _tracked_client(run):
-    """The MLflow client and run id of a run logged before (its meta.json's `mlflow`), or (None, None)."""
+def _to_tracked_run(run, what: str, log) -> Optional[str]:
+    """`log(client, mlflow_run_id)` when `run` was logged before (its meta.json's `mlflow`); returns that id, or None
+    when the run is not tracked or logging failed (a warning: what fastcls stored stands)."""
     info = run.meta.get("mlflow") or {}
     if not info.get("run_id"):
-        return None, None
-    return _mlflow()(tracking_uri=info["uri"]), info["run_id"]
+        return None
+    try:
+        log(_mlflow()(tracking_uri=info["uri"]), info["run_id"])
+    except Exception as e:  # noqa: BLE001  (a server that is down must not fail a recorded score or a report)
+        warnings.warn(f"Could not log {what} of run {run.id} to MLflow ({info['uri']}): {e}", stacklevel=3)
+        return None
+    return info["run_id"]
 
 
 def lb_scores(store, target: str, public: Optional[float] = None, private: Optional[float] = None) -> dict:
-    """`fastcls.submission.record_lb`, then the scores logged to the run's MLflow run when it is tracked."""
+    """`fastcls.submission.record_lb`, then the scores logged to the run's MLflow run when it is tracked
+    (`mlflow_run` in the returned record)."""
     rec = record_lb(store, target, public, private)
-    client, mid = _tracked_client(store.load(rec["run"]))
-    if client is not None:
-        _sync_lb(client, mid, _lb_values(store, rec["run"]))
-        rec["mlflow_run"] = mid
-    return rec
+    try:
+        run = store.load(rec["run"])
+    except FastclsError:  # the score is recorded; a run that cannot be read is not tracked now
+        return rec
+    mid = _to_tracked_run(run, "leaderboard scores", lambda c, m: _sync_lb(c, m, _lb_values(store, run.id)))
+    return {**rec, **({"mlflow_run": mid} if mid else {})}
 
 
 def log_report(run, files: dict):
     """Log a written report's figures to the run's MLflow run when it is tracked (artifact folder `report`)."""
-    client, mid = _tracked_client(run)
-    if client is None:
-        return
-    for path in files.values():
-        if Path(path).suffix == ".png":
-            client.log_artifact(mid, str(path), "report")
+    def log(client, mid):
+        for path in files.values():
+            if Path(path).suffix == ".png":
+                client.log_artifact(mid, str(path), "report")
+    _to_tracked_run(run, "the report's figures", log)

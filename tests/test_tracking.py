@@ -24,7 +24,7 @@ def _toy(store, sweep=None, name=None):
     return store.save(RunData(config=RunConfig(Recipe(name="toy"), "simple_cnn").to_dict(), vocab=["a", "b", "c"],
                               valid_probs=p[None], valid_targets=np.array([0, 1, 2]), valid_ids=["x", "y", "z"],
                               metrics={"metric_name": "accuracy", "accuracy": 1.0, "map@3": 1.0}, history=hist,
-                              sweep=sweep, name=name))
+                              test_probs=p[None], test_ids=["x", "y", "z"], sweep=sweep, name=name))
 
 
 def _by_fastcls_id(client):
@@ -100,3 +100,20 @@ def test_track_bad_input_is_one_clear_error(cli, tmp_path, monkeypatch):
     assert res.exit_code == 2 and "pip install 'fastcls[mlflow]'" in res.stderr
     res = cli("runs", "--export", "mlflow", "--runs-dir", tmp_path / "runs")
     assert res.exit_code == 2 and "pip install 'fastcls[mlflow]'" in res.stderr
+
+
+def test_tracking_failures_warn_and_leave_the_store_as_is(cli, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow", reason="mlflow (the dev extra) is not installed")
+    from fastcls.submission import submission_for_run, submissions_table
+    from fastcls.tracking import tracked
+    monkeypatch.setenv("FASTCLS_MLFLOW_URI", "sqlite:////proc/no-such-dir/mlruns.db")  # cannot be created
+    store = RunStore(tmp_path / "runs")
+    with tracked("mlflow"), pytest.warns(UserWarning, match="is stored, but logging it to MLflow"):
+        rid = _toy(store)
+    assert store.load(rid).metrics["accuracy"] == 1.0 and "mlflow" not in store.load(rid).meta
+    store.set_status(rid, "done", mlflow={"uri": "sqlite:////proc/no-such-dir/mlruns.db", "run_id": "0" * 32})
+    submission_for_run(store.load(rid), tmp_path / "s.csv", beta=None)
+    with pytest.warns(UserWarning, match="Could not log leaderboard scores"):
+        res = cli("lb", tmp_path / "s.csv", "--public", "0.5", "--runs-dir", store.root)
+    assert res.exit_code == 0 and "public 0.5" in res.stdout and "MLflow" not in res.stdout, res.output
+    assert submissions_table(store.root)["public"].tolist() == [0.5]
