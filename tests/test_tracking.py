@@ -95,6 +95,9 @@ def test_track_bad_input_is_one_clear_error(cli, tmp_path, monkeypatch):
     res = cli("train", "digits", "simple_cnn", *TINY, "--track", "wandb", "--runs-dir", tmp_path / "runs")
     assert res.exit_code == 2 and "Unknown tracker 'wandb'" in res.stderr and "Traceback" not in res.output
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("2*"))  # nothing trained
+    for cmd in (["sweep", "digits", "--arch", "simple_cnn"], ["sweep-dropout", "digits", "simple_cnn"]):
+        res = cli(*cmd, "--ps", "0.1,0.2", "--track", "wandb", "--runs-dir", tmp_path / "runs")
+        assert res.exit_code == 2 and "Unknown tracker 'wandb'" in res.stderr, res.output
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
     res = cli("train", "digits", "simple_cnn", *TINY, "--track", "mlflow", "--runs-dir", tmp_path / "runs")
     assert res.exit_code == 2 and "pip install 'fastcls[mlflow]'" in res.stderr
