@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -186,7 +187,7 @@ def log_stored_run(store, rid: str, client=None) -> tuple:
     Returns:
         (MLflow run id, whether it was logged now).
     """
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
     client = _client(store, client)
     run = store.load(rid)
     mid = _find(client, RUN_TAG, run.id)
@@ -201,7 +202,8 @@ def log_stored_run(store, rid: str, client=None) -> tuple:
             tags[PARENT_TAG] = log_stored_run(store, run.meta["parent"], client)[0]
         mid = client.create_run(exp, run_name=run.name, tags=tags).info.run_id
         params = [Param(k, v) for k, v in _params(run.config).items()]
-        metrics = [Metric(k, v, 0, s) for k, v, s in _metrics(run)]
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, s) for k, v, s in _metrics(run)]
         for i in range(0, max(len(params), len(metrics)), 100):  # MLflow's batch limits
             client.log_batch(mid, metrics=metrics[i:i + 100], params=params[i:i + 100])
         for path, folder in _figures(run):
