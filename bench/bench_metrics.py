@@ -9,9 +9,11 @@ slice of the long-tailed training set, so what is fitted on it is fitted on a di
 
     python bench/bench_metrics.py                 # the docs table (3 runs, 3 epochs)
     python bench/bench_metrics.py --epochs 2      # a quick look
+    # the table and timings also go to bench/results/metrics.json (--out)
 """
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -47,6 +49,8 @@ def main():
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "metrics.json", help="JSON file for the "
+                    "table (rows as records) and the timings.")
     ap.add_argument("--store", type=Path, default=None, help="Keep the trained runs here and reuse them on a rerun "
                     "(default: a temporary folder).")
     args = ap.parse_args()
@@ -88,6 +92,12 @@ def main():
     print(df.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"\n{args.runs} runs x {args.epochs} epochs of simple_cnn at 28 px trained (or reused) in {train_s:.0f} s; "
           f"{time.time() - t0:.0f} s in all")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"command": " ".join(["python", "bench/bench_metrics.py", *sys.argv[1:]]),
+                                    "runs": args.runs, "epochs": args.epochs, "train_s": round(train_s, 1),
+                                    "total_s": round(time.time() - t0, 1),
+                                    "rows": df.replace({np.nan: None}).to_dict(orient="records")}, indent=1) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

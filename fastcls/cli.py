@@ -19,7 +19,7 @@ from .cli_options import (RunsDir, RecipeDirs, Quiet, Data, Size, Ps, Epochs, Fr
                           Folds, Fold, Runs, StudentArch, DropPath, Executor, Address, GpusPerTrial, CpusPerTrial,
                           Distributed, Out, LayerDecay, BnStats, ArchOpt, recipe_flags, Calibrate,
                           CalibrateEnsemble, MetricOpt)
-from .cli_scores import lb_cmd, lb_columns
+from .cli_scores import lb_cmd, report_cmd, runs_cmd
 from .cli_table import table as _table
 from .errors import FastclsError, RunInterrupted
 
@@ -176,23 +176,7 @@ def resume_cmd(run: RunRef, data: Data = None, runs_dir: RunsDir = Path("runs"),
     _print_result(res, store.load(res.run_id).config, runs_dir)
 
 
-@app.command("runs")
-@_cli
-def runs_cmd(recipe: Annotated[Optional[str], typer.Option("--recipe", help="Only runs of this recipe.")] = None,
-             sort: Annotated[str, typer.Option("--sort", help="'metric' (best first) or 'newest'.")] = "metric",
-             runs_dir: RunsDir = Path("runs")):
-    """The leaderboard: one line per stored run, best (or newest) first."""
-    from .runs import RunStore
-    from .submission import with_lb_scores
-    if sort not in ("metric", "newest"):
-        raise FastclsError(f"--sort must be 'metric' or 'newest', got {sort!r}.")
-    df = with_lb_scores(runs_dir, RunStore(runs_dir).leaderboard(recipe=recipe, sort=sort, status=None))
-    if not len(df):
-        out.print(f"No runs in {runs_dir}" + (f" for recipe {recipe!r}" if recipe else "") + ".")
-        return
-    df = df.assign(time=df["seconds"].round(1))[["id", "name", "kind", "status", "recipe", "arch", "size", "ps",
-                                                  "metric_name", "metric", "valid_loss", "time", *lb_columns(df)]]
-    out.print(_table(df, title=f"Runs in {runs_dir}"))
+app.command("runs")(_cli(runs_cmd))  # cli_scores.py: the leaderboard, --export mlflow
 
 
 @app.command("show")
@@ -499,25 +483,7 @@ def lr_find_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fa
     out.print(f"Wrote {path}", highlight=False)
 
 
-@app.command("report")
-@_cli
-def report_cmd(run: RunRef,
-               top: Annotated[int, typer.Option("--top", help="Images in the top-losses grid (0: none).")] = 16,
-               out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder to write into (default: "
-                                                           "<run folder>/report).")] = None,
-               runs_dir: RunsDir = Path("runs"), recipes: RecipeDirs = None):
-    """Write a run's report: confusion matrices, per-class scores, top losses, curves, and one HTML page.
-
-    RUN may also be a sweep id: the sweep's curve and table, plus the best trial's report.
-    """
-    from .runs import RunStore
-    from .report import write_report
-    rep = write_report(RunStore(runs_dir), run, out=out_dir, top=top, recipe_dirs=recipes or ())
-    for note in rep.notes:
-        err.print(f"[yellow]Note:[/] {escape(note)}", highlight=False, markup=True)
-    for key, path in rep.files.items():
-        out.print(f"{key:22s} {path}", highlight=False)
-    out.print(f"[bold]Report:[/] {escape(str(rep.html))}", highlight=False, markup=True)
+app.command("report")(_cli(report_cmd))  # cli_scores.py: run reports, --cv-lb
 
 
 weights_app = typer.Typer(help="The local pretrained-weights folder ($FASTCLS_WEIGHTS) that --pretrained uses offline.",

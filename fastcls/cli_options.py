@@ -13,7 +13,7 @@ __all__ = ["RunsDir", "RecipeDirs", "Quiet", "Data", "Size", "Ps", "Epochs", "Fr
            "ChannelsLast", "Compile", "Folds", "Fold", "Runs", "StudentArch", "DropPath", "Executor", "Address",
            "GpusPerTrial", "CpusPerTrial", "Distributed", "Out", "LayerDecay", "BnStats",
            "ArchOpt", "Wd", "Patience", "ValidPct", "RunDropPath", "Normalize", "Aug", "Sets", "SplitSeed",
-           "MixUpOpt", "CutMixOpt", "MixOffEpoch", "EmaOpt", "Opt", "Momentum", "Sched", "Warmup", "RECIPE_FLAGS", "recipe_flags"]
+           "MixUpOpt", "CutMixOpt", "MixOffEpoch", "EmaOpt", "Opt", "Momentum", "Sched", "Warmup", "RECIPE_FLAGS", "recipe_flags", "Track"]
 
 # -- shared options --------------------------------------------------------------------------------------
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Run store folder (holds index.sqlite and one folder per run).",
@@ -148,20 +148,29 @@ RECIPE_FLAGS = {"wd": Wd, "patience": Patience, "valid_pct": ValidPct, "drop_pat
                 "opt": Opt, "momentum": Momentum, "sched": Sched, "warmup": Warmup}
 
 
+Track = Annotated[Optional[str], typer.Option("--track", help="Log every run this command stores to an experiment "
+                                             "tracker: 'mlflow' ($FASTCLS_MLFLOW_URI, default sqlite:///mlruns.db "
+                                             "beside the runs folder; pip install 'fastcls[mlflow]').")]
+
+
 def recipe_flags(fn):
     """Give a command every option of `RECIPE_FLAGS`; they reach it as one dict, its `flags` parameter (for
-    `RunConfig.from_options(..., **flags)`), so the commands that build a run config offer the same flags."""
+    `RunConfig.from_options(..., **flags)`), so the commands that build a run config offer the same flags.
+    The command also gets `--track` (`fastcls.tracking.tracked`): the runs it stores are logged to MLflow."""
     sig = inspect.signature(fn)
     params = [p for p in sig.parameters.values() if p.name != "flags"]
     params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=a)
-               for k, a in RECIPE_FLAGS.items()]
+               for k, a in {**RECIPE_FLAGS, "track": Track}.items()]
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .tracking import tracked
         flags = {k: kwargs.pop(k, None) for k in RECIPE_FLAGS}
-        return fn(*args, flags=flags, **kwargs)
+        with tracked(kwargs.pop("track", None)):
+            return fn(*args, flags=flags, **kwargs)
     wrapper.__signature__ = sig.replace(parameters=params)
-    wrapper.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k != "flags"}, **RECIPE_FLAGS}
+    wrapper.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k != "flags"}, **RECIPE_FLAGS,
+                               "track": Track}
     return wrapper
 
 

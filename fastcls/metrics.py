@@ -2,7 +2,7 @@
 
 __all__ = ["Metric", "METRICS", "PATTERNS", "COUNT_METRICS", "get_metric", "score", "accuracy_from_counts",
            "macro_f1_from_counts", "log_loss", "roc_auc", "map_at_k", "top_k_accuracy", "qwk", "macro_f_beta",
-           "expected_calibration_error", "check_metric"]
+           "expected_calibration_error", "calibration_bins", "check_metric"]
 
 import re
 import warnings
@@ -155,14 +155,20 @@ def macro_f_beta(y, pred, beta: float = 1.0) -> float:
     return float(fbeta_score(y, pred, beta=beta, average="macro", zero_division=0))
 
 
-def expected_calibration_error(y, probs, bins: int = 15) -> float:
-    """Expected calibration error of the top class: the bin-weighted |accuracy - confidence| over equal-width
-    confidence bins (Guo et al. 2017)."""
+def calibration_bins(y, probs, bins: int = 15) -> tuple:
+    """Per equal-width bin of top-class confidence: (items, correct ones, summed confidence), each `bins` long;
+    the reliability diagram's data (`fastcls.report`) and the ECE's."""
     p, y = np.asarray(probs, dtype=np.float64), np.asarray(y, dtype=np.int64)
     conf, right = p.max(1), (p.argmax(1) == y)
     which = np.minimum((conf * bins).astype(np.int64), bins - 1)
-    gap = np.abs(np.bincount(which, right, bins) - np.bincount(which, conf, bins))
-    return float(gap.sum() / max(len(y), 1))
+    return np.bincount(which, None, bins), np.bincount(which, right, bins), np.bincount(which, conf, bins)
+
+
+def expected_calibration_error(y, probs, bins: int = 15) -> float:
+    """Expected calibration error of the top class: the bin-weighted |accuracy - confidence| over equal-width
+    confidence bins (Guo et al. 2017)."""
+    n, right, conf = calibration_bins(y, probs, bins)
+    return float(np.abs(right - conf).sum() / max(int(n.sum()), 1))
 
 
 METRICS: dict[str, Metric] = {

@@ -5,7 +5,7 @@ written last, so a crash never leaves a half run: either the folder and the row 
 Arrays are plain `.npy` files (memory-mappable, no pickle); weights are safetensors.
 """
 
-__all__ = ["RunData", "StoredRun", "RunStore", "new_run_id", "environment_info", "STATUSES", "CHECKPOINT"]
+__all__ = ["RunData", "StoredRun", "RunStore", "new_run_id", "environment_info", "STATUSES", "CHECKPOINT", "AFTER_STORE"]
 
 import json
 import os
@@ -36,6 +36,7 @@ from .runfiles import check_run as _check_run, read_run_csv, read_run_json, read
 INDEX = "index.sqlite"
 CHECKPOINT = "checkpoint.safetensors"  # a resumable training state, in the folder of a run not yet done
 STATUSES = ("running", "interrupted", "failed", "done", "broken")  # broken: a damaged run (`fastcls doctor`)
+AFTER_STORE: list = []  # callables (store, run id) called once a run is stored done (`fastcls.tracking.tracked`)
 _COLUMNS = ("id", "name", "kind", "status", "recipe", "arch", "size", "ps", "metric_name", "metric", "valid_loss",
             "seconds", "created", "sweep", "parent", "config")
 
@@ -388,6 +389,7 @@ class RunStore:
         finally:
             (self.root / rid / LOCK).unlink(missing_ok=True)
             unlock(lock)
+        [hook(self, rid) for hook in list(AFTER_STORE)]
         return rid
 
     def import_run(self, files: dict) -> str:
@@ -490,6 +492,7 @@ class RunStore:
         (path / CHECKPOINT).unlink(missing_ok=True)
         (path / LOCK).unlink(missing_ok=True)
         self.release(rid)
+        [hook(self, rid) for hook in list(AFTER_STORE)]
         return rid
 
     # -- paths and status of one run (training asks the store; it never builds them itself) ---------------------

@@ -32,7 +32,8 @@ def store(tmp_path_factory):
     from fastcls.cli import app
     root = tmp_path_factory.mktemp("runs")
     for args in (["--name", "a"], ["--name", "b", "--size", "24", "--ps", "0.1"], ["--name", "t", "--tta", "2"],
-                 ["--name", "k", "--folds", "2"], ["--name", "p", "--tune-thresholds", "--imbalance", "logit-adjust"]):
+                 ["--name", "k", "--folds", "2"], ["--name", "p", "--tune-thresholds", "--imbalance", "logit-adjust"],
+                 ["--name", "m", "--set", "sub_format=topk", "--set", "sub_k=3"]):
         res = CliRunner().invoke(app, ["train", "digits", "simple_cnn", *PLAIN, *args, "--runs-dir", str(root)])
         assert res.exit_code == 0, res.output
     return RunStore(root)
@@ -106,6 +107,24 @@ def test_folder_of_images_and_csv_match_the_arrays(store, images, tmp_path):
     pd.DataFrame({"path": [f"{images.name}/{i}" for i in res.ids[:5]]}).to_csv(images.parent / "few.csv", index=False)
     few = predict(store, "a", data=images.parent / "few.csv")
     np.testing.assert_allclose(few.probs, res.probs[:5], atol=1e-6)
+
+
+def test_predict_writes_the_recipes_submission_format(store, images, tmp_path, cli):
+    """A MAP@3 recipe (sub_format=topk, sub_k=3): `fastcls predict` writes three guesses per image, best first, the
+    as `fastcls submit` writes from the stored test probabilities (the images named after the test ids)."""
+    res = cli("predict", "m", "--data", images, "--out", tmp_path / "sub.csv", "--probs", tmp_path / "p.npz",
+              "--runs-dir", store.root)
+    assert res.exit_code == 0, res.output
+    sub = pd.read_csv(tmp_path / "sub.csv", dtype=str)
+    z = np.load(tmp_path / "p.npz", allow_pickle=False)
+    vocab = [str(v) for v in z["vocab"]]
+    best3 = [" ".join(vocab[k] for k in np.argsort(-p, kind="stable")[:3]) for p in z["probs"]]
+    assert list(sub.columns) == ["id", "label"] and sub["label"].tolist() == best3
+    assert all(len(set(g.split())) == 3 for g in sub["label"])
+    assert cli("submit", "m", "--out", tmp_path / "stored.csv", "--runs-dir", store.root).exit_code == 0
+    stored = pd.read_csv(tmp_path / "stored.csv", dtype=str)
+    stored = stored.set_index(stored["id"].str.removesuffix(".png"))["label"]
+    assert stored.reindex(sub["id"].str.removesuffix(".png")).tolist() == sub["label"].tolist()  # the same model
 
 
 def test_export_predicts_offline_in_a_fresh_process(store, images, tmp_path):

@@ -13,7 +13,7 @@ LAYERS = [
     {"runs", "runfiles", "doctor", "recipe", "weights", "hardware", "imbalance", "posthoc", "plots"},
     {"archs", "predict"},
     {"config"},
-    {"submission"},
+    {"submission", "tracking"},
     {"data"},
     {"train"},
     {"ensemble", "experiments"},

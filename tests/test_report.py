@@ -185,8 +185,10 @@ def test_report_of_a_trained_run(cli, digits_store):
     assert pc["recall"].tolist() == pytest.approx([expected[i, i] / max(1, expected[i].sum()) for i in range(n)])
 
     page = _check_html(folder / "index.html")
-    assert page.imgs == 5
-    for ref in ("confusion.csv", "per_class.csv", "top_losses.png", "history.png"):
+    assert page.imgs == 6
+    _png(folder / "reliability.png", (650, 600))
+    for ref in ("confusion.csv", "per_class.csv", "top_losses.png", "history.png", "reliability.png",
+                "reliability.csv"):
         assert ref in page.refs
 
 

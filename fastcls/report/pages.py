@@ -18,8 +18,10 @@ from ..metrics import get_metric
 from ..plots import plot_sweep, save_figure
 from ..config import RunConfig
 from ..files import write_atomic
+from ..tracking import log_report
 from .plots import (confusion, per_class, plot_confusion, plot_history, plot_members, plot_per_class, plot_top_losses,
                     top_losses)
+from .scores import calibration_section
 
 # fastcls.data and fastcls.experiments.sweep are imported inside the functions that need them: they load torch and
 # fastai, and `import fastcls.report` (figures in a notebook, the CLI's --help) stays without them.
@@ -202,6 +204,10 @@ def write_report(store, ref: str, out=None, top: int = 16, recipe_dirs=()) -> Re
     figure("per_class", plot_per_class(table, f"{label}: per-class precision, recall, F1"),
            "Per-class precision, recall, F1")
     sections.append(_html_table(table) + '<p><a href="per_class.csv">per_class.csv</a></p>')
+    fig, files["reliability_csv"], ece = calibration_section(run, folder, label)
+    figure("reliability", fig, "Reliability diagram (valid): " + ", ".join(f"ECE {k} {v:.4f}" for k, v in ece.items()))
+    sections.append('<p><a href="reliability.csv">reliability.csv</a> (per confidence bin: items, mean confidence, '
+                    'accuracy)</p>')
 
     if top > 0:
         worst = top_losses(targets, probs, top)
@@ -232,7 +238,9 @@ def write_report(store, ref: str, out=None, top: int = 16, recipe_dirs=()) -> Re
             f"stored validation prediction ({len(targets)} items, {len(vocab)} classes).</p>"
             + _html_table(metrics)
             + "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes))
-    return Report(folder, _write_page(folder, label, head, sections), files, notes)
+    report = Report(folder, _write_page(folder, label, head, sections), files, notes)
+    log_report(run, files)  # to its MLflow run when the run is tracked (fastcls.tracking)
+    return report
 
 
 def _write_page(folder: Path, title: str, head: str, sections: list) -> Path:
