@@ -9,9 +9,9 @@ to decode the JPEG plus 1.7 ms to resize it; PNG would take 1.3 ms to read, JPEG
 29 levels). No margin for random crops is kept because no random crop runs before the cached stage.
 
 Layout: `<root>/<settings hash>/<aa>/<source hash>-<version hash>.npy` (or `.png`) where the settings hash covers the
-crop, size and format, the source hash covers the absolute path, and the version hash covers the file's size and mtime. A changed
-source gets a new version hash: its old entry is never read again and is deleted when the new one is written.
-Entries are written to a temporary file and renamed into place, so concurrent readers (DataLoader workers, parallel
+crop, size and format, the source hash covers the absolute path, and the version hash covers the file's size and
+mtime. A changed source gets a new version hash: its old entry is never read again and is deleted when the new one is
+written. Entries are written to a temporary file and renamed into place, so concurrent readers (DataLoader workers, parallel
 runs) see either nothing or a whole entry. The root is `images/` under `$FASTCLS_CACHE`, else `~/.cache/fastcls/images`.
 """
 

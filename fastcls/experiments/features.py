@@ -3,7 +3,8 @@
 fastai 0.7 made dropout sweeps cheap with `precompute=True`: the body runs once per image, only the head trains.
 Here the body runs once per image and view (a fixed number of augmented views of the training set, the plain and
 TTA views of valid and test), the pooled vectors (`AdaptiveConcatPool2d`: max then average) are cached under
-`<runs>/cache/features/<key>/` (float16 `.npy` files, memory-mapped when read), and each trial trains the arch's own head minus its pooling on them. The trained
+`<runs>/cache/features/<key>/` (float16 `.npy` files, memory-mapped when read), and each trial trains the arch's own
+head minus its pooling on them. The trained
 head is the full model's head (same modules), so a fast run stores full-model weights and the same kinds of
 probabilities as a full run.
 
