@@ -54,3 +54,29 @@ def test_streamed_members_give_identical_results_in_less_memory(runs, method, mo
         assert (a is None and b is None) or np.array_equal(a, b)
     one = N * len(VOCAB) * 4  # one member's (N, C) float32 copy
     assert kept_peak > streamed_peak + (M - 1) * one, (kept_peak, streamed_peak)
+
+
+def _mapped_kib(path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    import re
+    total, current = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", head[0]):  # a mapping's header line; the path is its 6th field
+            current = len(head) >= 6 and head[5] == str(path)
+        elif current and head[0] == "Rss:":
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
+def test_members_read_once_leave_no_pages_resident(runs):
+    """After the load-time check reads every member's file, their pages are released: resident memory does not
+    grow by the size of every member (the files stay in the page cache)."""
+    from fastcls.ensemble.members import _load_members
+    store, refs = runs
+    members = _load_members(store, refs)[0]
+    files = [m.run.path / "valid_probs.npy" for m in members]
+    assert all(f.is_file() for f in files)
+    np.asarray(members[0].run.valid_probs)[0, :10].sum()  # a mapping is live
+    assert sum(_mapped_kib(f.resolve()) for f in files[1:]) == 0

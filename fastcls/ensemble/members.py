@@ -20,7 +20,7 @@ from ..metrics import get_metric
 from ..predict import lerp_blend
 from ..runs import RunStore, StoredRun
 from .combiners import combine
-from .scoring import _CHUNK, _argmax
+from .scoring import _CHUNK, _argmax, _release
 from .search import _member_tops
 
 _SUM_TOL = 1e-3  # same tolerance as the store's own check when a run is saved
@@ -118,8 +118,10 @@ def _checked_views(run: StoredRun, split: str, arr, ids: Callable[[], list], ord
             if v > 0 and keep:
                 aug[lo:lo + _CHUNK] += x
     if not keep:
+        _release(arr)
         return (arr[0] if order is None else _Rows(arr, order, 1)), (_Rows(arr, order, 0) if V > 1 else None)
     plain = arr[0] if order is None else arr[0][order]
+    _release(arr)  # every view was read: drop its pages (see `_release`)
     if aug is not None:
         aug /= np.float32(V - 1)
         if order is not None:
