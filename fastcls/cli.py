@@ -19,6 +19,7 @@ from .cli_options import (RunsDir, RecipeDirs, Quiet, Data, Size, Ps, Epochs, Fr
                           Folds, Fold, Runs, StudentArch, DropPath, Executor, Address, GpusPerTrial, CpusPerTrial,
                           Distributed, Out, LayerDecay, BnStats, ArchOpt, recipe_flags, Calibrate,
                           CalibrateEnsemble, MetricOpt)
+from .cli_cache import cache_cmd
 from .cli_scores import lb_cmd, report_cmd, runs_cmd
 from .cli_table import table as _table
 from .errors import FastclsError, RunInterrupted
@@ -147,21 +148,6 @@ def _print_result(res, cfg: dict, runs_dir):
                         "ps": cfg["ps"], **{k: v for k, v in m.items() if k != "metric_name"},
                         "seconds": round(res.seconds, 1)}])
     out.print(_table(df.T.reset_index().set_axis(["field", "value"], axis=1), title=f"Run {res.run_id} stored in {runs_dir}"))
-
-
-@app.command("cache")
-@_cli
-def cache_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fastcls recipes`).")],
-              data: Data = None, size: Size = None, recipes: RecipeDirs = None):
-    """Fill the pre-resized image cache: decode, crop and resize every train and test image once, at --size."""
-    from .data.cache import fill_cache
-    from .data import read_items
-    from .recipe import get_recipe
-    r = get_recipe(recipe, recipes or ())
-    r = r.override(size=size) if size is not None else r
-    st = fill_cache(r, read_items(r, data))
-    out.print(f"{st.total} images at {st.size} px (crop {r.crop}): {st.written} written, {st.hits} already cached. "
-              f"{st.folder} holds {st.bytes / 1e6:.1f} MB.", highlight=False)
 
 
 @app.command("resume")
@@ -542,6 +528,7 @@ def weights_path_cmd():
 from .cli_tools import register  # noqa: E402  (check, predict, export, doctor: in their own module)
 register(app, _cli, out, _table)
 app.command("lb")(_cli(lb_cmd))  # cli_scores.py: leaderboard bookkeeping
+app.command("cache")(_cli(cache_cmd))  # cli_cache.py: the image cache
 
 
 def main():

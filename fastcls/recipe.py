@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
+from .budget import parse_bytes
 from .errors import FastclsError, suggest
 
 Layout = Literal["folder", "csv", "npz", "digits", "custom"]
@@ -70,6 +71,8 @@ class Recipe:
     # imagenet: ImageNet's always; dataset: the train split's own (refused with a pretrained body); none: no normalising
     normalize: Literal["model", "imagenet", "dataset", "none"] = "model"
     cache: Optional[bool] = None  # pre-resized image cache (fastcls.cache); None: on for image files > 2x the size
+    # disk budget of the image cache, e.g. "20G": raw arrays when they fit, else lossless PNG (None: the free space)
+    cache_budget: Optional[str] = None
     # -- model and schedule
     metric: str = "accuracy"
     extra_metrics: tuple = ()  # also scored (valid and test) and stored, e.g. ("macro_f1",)
@@ -151,7 +154,9 @@ class Recipe:
                   ("momentum", self.momentum is None or 0 <= self.momentum < 1, "in [0, 1) (or None)"),
                   ("warmup", self.warmup >= 0, ">= 0 epochs"), ("lr_step", self.lr_step >= 1, ">= 1 epoch"),
                   ("lr_gamma", self.lr_gamma is None or 0 < self.lr_gamma <= 1, "in (0, 1] (or None)"),
-                  ("lr_patience", self.lr_patience >= 1, ">= 1 epoch")]
+                  ("lr_patience", self.lr_patience >= 1, ">= 1 epoch"),
+                  ("cache_budget", self.cache_budget is None or _is_size(self.cache_budget),
+                   "a size such as '20G' or '500M' (or None: the free disk space)")]
         for key, ok, want in checks:
             if not ok:
                 raise FastclsError(f"Recipe {self.name!r}: setting {key!r} must be {want}, got {getattr(self, key)!r}.")
@@ -178,6 +183,14 @@ class Recipe:
             v = getattr(self, f.name)
             out[f.name] = f"{v.__module__}.{v.__qualname__}" if callable(v) else (list(v) if isinstance(v, tuple) else v)
         return out
+
+
+def _is_size(text) -> bool:
+    try:
+        parse_bytes(text)
+    except FastclsError:
+        return False
+    return True
 
 
 def _type_name(tp) -> str:

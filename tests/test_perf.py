@@ -49,9 +49,8 @@ def _all_batches(d, items):
 @pytest.mark.parametrize("crop, trim, in_memory", [("none", (0, 0, 0, 0), True), ("center", (0, 0, 0, 0), False),
                                                   ("trim", (4, 2, 0.1, 3), True), ("trim", (4, 2, 0.1, 3), False)])
 def test_cache_gives_the_same_tensors_cold_and_warm(tmp_path, cache_dir, monkeypatch, crop, trim, in_memory):
-    import fastcls.data.cache
     if not in_memory:  # too big to keep in memory: each item is read from the disk cache every epoch
-        monkeypatch.setattr(fastcls.data.cache, "MEMORY_BUDGET", 0)
+        monkeypatch.setenv("FASTCLS_MEMORY_BUDGET", "0")
     root = make_photos(tmp_path / "data")
     r = Recipe(name="p", layout="folder", size=20, bs=4, crop=crop, trim=trim, aug=False)
     items = read_items(r, root)
@@ -101,11 +100,10 @@ def test_presized_batches_match_item_by_item_batches_shuffled_with_labels(worker
 
 
 def test_presizing_arrays_stays_within_the_memory_budget(monkeypatch):
-    import fastcls.data.cache
     r = get_recipe("digits").override(size=16)
     items = read_items(r)
     assert dls(r, items, sample=64, num_workers=0).cached == "memory"
-    monkeypatch.setattr(fastcls.data.cache, "MEMORY_BUDGET", 1000)
+    monkeypatch.setenv("FASTCLS_MEMORY_BUDGET", "1000")
     assert dls(r, items, sample=64, num_workers=0).cached is None
     assert dls(r.override(cache=True), items, sample=64, num_workers=0).cached is None
 

@@ -135,14 +135,15 @@ def test_a_second_sweep_reuses_the_cached_features(cli, fast_sweep, monkeypatch)
     assert a.id != b.id
     np.testing.assert_array_equal(a.valid_probs, b.valid_probs)
     np.testing.assert_array_equal(a.test_probs, b.test_probs)
-    with np.load(next((runs / "cache" / "features").glob("*.npz"))) as z:  # the cached views are augmented
-        assert z["train"].shape == (2, 160, 256) and z["valid"].shape == (2, 40, 256) and z["test"].shape[1] == 297
-        assert not np.allclose(z["train"][0], z["train"][1]) and not np.allclose(z["valid"][0], z["valid"][1])
+    folder = next((runs / "cache" / "features").glob("*/meta.json")).parent
+    z = {k: np.load(folder / f"{k}.npy") for k in ("train", "valid", "test")}  # the cached views are augmented
+    assert z["train"].shape == (2, 160, 256) and z["valid"].shape == (2, 40, 256) and z["test"].shape[1] == 297
+    assert not np.allclose(z["train"][0], z["train"][1]) and not np.allclose(z["valid"][0], z["valid"][1])
     # a different image size is a different feature set
     res = cli("sweep-dropout", "digits", "simple_cnn", "--ps", "0.3", *FAST, "--size", "24", "--runs-dir", runs)
     assert res.exit_code == 0, res.output
     assert computed.calls == 1
-    assert len(list((runs / "cache" / "features").glob("*.npz"))) == 2
+    assert len(list((runs / "cache" / "features").glob("*/meta.json"))) == 2
 
 
 @pytest.mark.parametrize("path", ["fast", "full"])

@@ -2,20 +2,21 @@
 
 fastcls's item pipeline is deterministic (crop on the original, then a squish resize to the working size; the random
 flips, rotations and zooms run afterwards on the batch), so the cache stores exactly what that pipeline produces:
-one raw uint8 `.npy` per image at the working size. Reading it back gives bit-identical tensors to decoding the
+one raw uint8 `.npy` per image at the working size (or, when raw arrays would not fit the cache's disk budget, one
+lossless PNG: `cache_format`). Reading it back gives bit-identical tensors to decoding the
 original, at a fraction of the cost (measured on the simpsons photos: 0.07 ms to read a 224 px `.npy` against 2.4 ms
 to decode the JPEG plus 1.7 ms to resize it; PNG would take 1.3 ms to read, JPEG-95 0.6 ms but changes pixels by up to
 29 levels). No margin for random crops is kept because no random crop runs before the cached stage.
 
-Layout: `<root>/<settings hash>/<aa>/<source hash>-<version hash>.npy` where the settings hash covers the crop and
-size, the source hash covers the absolute path, and the version hash covers the file's size and mtime. A changed
-source gets a new version hash: its old entry is never read again and is deleted when the new one is written.
-Entries are written to a temporary file and renamed into place, so concurrent readers (DataLoader workers, parallel
+Layout: `<root>/<settings hash>/<aa>/<source hash>-<version hash>.npy` (or `.png`) where the settings hash covers the
+crop, size and format, the source hash covers the absolute path, and the version hash covers the file's size and
+mtime. A changed source gets a new version hash: its old entry is never read again and is deleted when the new one is
+written. Entries are written to a temporary file and renamed into place, so concurrent readers (DataLoader workers, parallel
 runs) see either nothing or a whole entry. The root is `images/` under `$FASTCLS_CACHE`, else `~/.cache/fastcls/images`.
 """
 
 __all__ = ["cache_home", "cache_root", "cache_settings", "CachedImageGetter", "PresizedArrays", "PresizedDL",
-           "use_cache", "pre_resized", "fill_cache", "CacheStats", "MEMORY_BUDGET"]
+           "use_cache", "pre_resized", "fill_cache", "CacheStats", "FORMATS", "cache_format", "CachePlan"]
 
 import hashlib
 import json
@@ -35,13 +36,18 @@ from fastai.vision.core import PILImage, TensorImage
 from fasttransform import Transform
 from PIL import Image
 
+from ..budget import DISK_MARGIN, free_bytes, human_bytes, memory_budget, parse_bytes
 from ..errors import FastclsError
 from ..recipe import Recipe
 from .images import ImageGetter, item_tfms, resolve_recipe
 from .items import Items
 
 _VERSION = 1  # bump when the stored format or the cached pipeline changes
-MEMORY_BUDGET = 1 << 30  # bytes of pre-resized images a run keeps in memory (beyond it: item by item each epoch)
+# stored formats, both lossless: raw arrays (fastest to read) and PNG (smaller; chosen when raw would not fit the
+# cache's disk budget, `Recipe.cache_budget`)
+FORMATS = {"npy": ("npy-uint8-rgb", ".npy"), "png": ("png-rgb", ".png")}
+_NPY_HEADER = 128  # bytes of a .npy header
+_PNG_LEVEL = 1  # zlib level of cached PNGs: level 6 is ~10% smaller and several times slower to write
 
 
 def cache_home() -> Path:
@@ -54,10 +60,11 @@ def cache_root() -> Path:
     return cache_home() / "images"
 
 
-def cache_settings(recipe: Recipe) -> dict:
-    """The recipe settings that decide what the cached stage produces (and so belong in the cache key)."""
+def cache_settings(recipe: Recipe, fmt: str = "npy") -> dict:
+    """The recipe settings that decide what the cached stage produces (and so belong in the cache key), and the
+    stored format `fmt` (a key of `FORMATS`)."""
     return {"v": _VERSION, "crop": recipe.crop, "trim": list(recipe.trim) if recipe.crop == "trim" else None,
-            "size": recipe.size, "resize": "squish", "format": "npy-uint8-rgb"}
+            "size": recipe.size, "resize": "squish", "format": FORMATS[fmt][0]}
 
 
 def _digest(text: str, n: int = 16) -> str:
@@ -78,6 +85,7 @@ class CachedImageGetter:
         self.getter, self.tfms, self.settings = getter, list(tfms), settings
         self.root = Path(root) if root is not None else cache_root()
         self.folder = self.root / _digest(json.dumps(settings, sort_keys=True))
+        self.suffix = next(suffix for name, suffix in FORMATS.values() if name == settings["format"])
         self._folder_ready = False
 
     def entry(self, src) -> Path:
@@ -85,19 +93,28 @@ class CachedImageGetter:
         src = os.path.abspath(src)
         st = os.stat(src)
         h = _digest(src)
-        return self.folder / h[:2] / f"{h}-{_digest(f'{st.st_size}:{st.st_mtime_ns}', 8)}.npy"
+        return self.folder / h[:2] / f"{h}-{_digest(f'{st.st_size}:{st.st_mtime_ns}', 8)}{self.suffix}"
 
     def __call__(self, row) -> PILImage:
         if row["x"] in getattr(self.getter, "blank", ()):  # an unreadable test image stands in as a blank: not cached
             return self.make(row)
         path = self.entry(row["x"])
         try:
-            return PILImage(Image.fromarray(np.load(path, allow_pickle=False)))
+            return PILImage(Image.fromarray(self.read(path)))
         except (FileNotFoundError, ValueError, OSError):  # a miss, or an unreadable entry: rebuild it
             pass
         img = self.make(row)
         self._store(path, np.asarray(img))
         return img
+
+    def read(self, path: Path) -> np.ndarray:
+        """The (S, S, 3) uint8 array of a cache entry (raises OSError or ValueError when it is missing or damaged)."""
+        if self.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        with Image.open(path) as im:
+            if im.format != "PNG" or im.mode != "RGB":
+                raise ValueError(f"{path} is not an RGB PNG")
+            return np.asarray(im)
 
     def make(self, row) -> PILImage:
         """The cached stage computed from the original: decode, crop, resize."""
@@ -106,16 +123,16 @@ class CachedImageGetter:
     def _store(self, path: Path, arr: np.ndarray):
         self._prepare()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=self.suffix)
         try:
             with os.fdopen(fd, "wb") as f:
-                np.save(f, np.ascontiguousarray(arr, dtype=np.uint8), allow_pickle=False)
+                _encode(f, arr, self.suffix)
             os.replace(tmp, path)  # atomic: readers see no entry or a whole one
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         prefix = path.name.split("-")[0]
-        for old in path.parent.glob(f"{prefix}-*.npy"):  # versions of a source that has since changed
+        for old in path.parent.glob(f"{prefix}-*{self.suffix}"):  # versions of a source that has since changed
             if old != path:
                 old.unlink(missing_ok=True)
 
@@ -131,6 +148,14 @@ class CachedImageGetter:
                 json.dump(self.settings, f)
             os.replace(tmp, info)
         self._folder_ready = True
+
+
+def _encode(f, arr: np.ndarray, suffix: str):
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    if suffix == ".npy":
+        np.save(f, arr, allow_pickle=False)
+    else:
+        Image.fromarray(arr).save(f, format="PNG", compress_level=_PNG_LEVEL)
 
 
 def _apply(getter, tfms, row) -> PILImage:
@@ -226,9 +251,11 @@ class PresizedDL(TfmdDL):
 def pre_resized(recipe: Recipe, items: Items, frames, getter, tfms: list):
     """The item getter to use, the item transforms still to run, and which pre-resized paths were chosen.
 
-    Image files go through the disk cache when `use_cache` says so. Then, unless `recipe.cache` is False, all images
-    (files or arrays) are cropped and resized once up front and kept in memory (`PresizedArrays`) when they fit in
-    `MEMORY_BUDGET`; otherwise each item is made (or read from the disk cache) every epoch.
+    Image files go through the disk cache when `use_cache` says so, in the format `cache_format` picks (refused
+    before anything is written when the cache will not fit on its disk). Then, unless `recipe.cache` is False, all
+    images (files or arrays) are cropped and resized once up front and kept in memory (`PresizedArrays`) when they fit
+    in the memory budget (`fastcls.budget.memory_budget`, `$FASTCLS_MEMORY_BUDGET`); otherwise each item is made (or
+    read from the disk cache) every epoch.
 
     Returns:
         `(get_x, item_tfms, kind)`, kind one of "memory", "disk+memory", "disk" or None. With "memory" in it, get_x
@@ -237,11 +264,86 @@ def pre_resized(recipe: Recipe, items: Items, frames, getter, tfms: list):
     frames = [df for df in frames if df is not None]
     disk = use_cache(recipe, items)
     if disk:
-        getter, tfms = CachedImageGetter(getter, tfms, cache_settings(recipe)), []
+        plan = cache_format(recipe, items, getter=getter, tfms=tfms)
+        getter, tfms = CachedImageGetter(getter, tfms, cache_settings(recipe, plan.fmt)), []
     n = sum(len(df) for df in frames)
-    if recipe.cache is not False and n * recipe.size ** 2 * 3 <= MEMORY_BUDGET:
+    if recipe.cache is not False and n * recipe.size ** 2 * 3 <= memory_budget():
         return PresizedArrays(getter, tfms, frames), [], "disk+memory" if disk else "memory"
     return getter, tfms, "disk" if disk else None
+
+
+@dataclass
+class CachePlan:
+    """The image cache's format for a recipe and data set, and what filling it still needs on disk."""
+
+    fmt: str  # a key of FORMATS
+    folder: Path
+    images: int  # train + test images
+    missing: int  # images not cached yet in this format
+    per_image: float  # estimated bytes per entry
+    budget: Optional[int]  # Recipe.cache_budget in bytes (None: the free disk space decides)
+
+    @property
+    def need(self) -> int:
+        """Estimated bytes still to write."""
+        return int(self.missing * self.per_image)
+
+
+def _sources(items: Items) -> list:
+    return [x for df in (items.train, items.test) if df is not None for x in df["x"]]
+
+
+def _png_bytes(getter, tfms, xs, n_probe: int = 8) -> float:
+    """Mean size of a cached PNG, from up to `n_probe` images spread over `xs` made and encoded in memory."""
+    import io
+    sizes = []
+    for x in [xs[i] for i in np.linspace(0, len(xs) - 1, num=min(n_probe, len(xs))).astype(int)]:
+        try:
+            buf = io.BytesIO()
+            _encode(buf, np.asarray(_apply(getter, tfms, {"x": x})), ".png")
+            sizes.append(buf.tell())
+        except OSError:
+            continue
+    return float(np.mean(sizes)) if sizes else 0.0
+
+
+def cache_format(recipe: Recipe, items: Items, root: Optional[Path] = None, getter=None,
+                 tfms: Optional[list] = None) -> CachePlan:
+    """Pick the image cache's stored format for `recipe` on `items`, within its disk budget, before writing anything.
+
+    Raw arrays (`npy`) when the whole cache fits `recipe.cache_budget` (when set) and what is still missing fits the
+    free disk space; else lossless PNG when that fits (its size estimated by encoding a few images); else a
+    FastclsError with the numbers (needed, budget, free) and what to do. An existing cache of a format that fits is
+    reused as it is.
+
+    Args:
+        recipe: crop and working size (already resolved: not None), and the disk budget `cache_budget`.
+        items: file-based items (train and test images are cached).
+        root: the cache folder (default `cache_root()`).
+        getter, tfms: how an image is made (default: `ImageGetter()` and the recipe's item transforms).
+    """
+    getter = getter if getter is not None else ImageGetter()
+    tfms = item_tfms(recipe) if tfms is None else tfms
+    xs = _sources(items)
+    budget = None if recipe.cache_budget is None else parse_bytes(recipe.cache_budget, "cache_budget")
+    free = free_bytes(Path(root) if root is not None else cache_root())
+    tried = []
+    for fmt in FORMATS:
+        get = CachedImageGetter(getter, tfms, cache_settings(recipe, fmt), root)
+        per = recipe.size ** 2 * 3 + _NPY_HEADER if fmt == "npy" else _png_bytes(getter, tfms, xs)
+        missing = len(xs)
+        if (get.folder / "settings.json").is_file():  # partly filled: only its missing entries need space
+            missing = sum(1 for x in xs if not os.path.exists(x) or not get.entry(x).exists())
+        plan = CachePlan(fmt, get.folder, len(xs), missing, per, budget)
+        if (budget is None or len(xs) * per <= budget) and plan.need + DISK_MARGIN <= free:
+            return plan
+        tried.append(f"{FORMATS[fmt][0]} about {human_bytes(len(xs) * per)} ({human_bytes(plan.need)} still to write)")
+    limit = f"a budget of {human_bytes(budget)} (cache_budget) and " if budget is not None else ""
+    raise FastclsError(
+        f"The image cache of {len(xs)} images at {recipe.size} px will not fit: {'; '.join(tried)}, against "
+        f"{limit}{human_bytes(free)} free in {get.root} (fastcls keeps {human_bytes(DISK_MARGIN)} spare). Nothing was "
+        "written. Free some disk space, point $FASTCLS_CACHE at a bigger disk, raise --cache-budget, use a smaller "
+        "--size, or train without the disk cache (--no-cache).")
 
 
 def _file_based(items: Items) -> bool:
@@ -282,6 +384,7 @@ class CacheStats:
     folder: Path
     bytes: int
     size: int  # the working size the images were cached at
+    format: str = "npy"  # a key of FORMATS (cache_format's choice)
 
     @property
     def total(self) -> int:
@@ -305,7 +408,8 @@ def fill_cache(recipe: Recipe, items: Items, root: Optional[Path] = None, thread
                            "each run crops and resizes them once in memory, so there is nothing to cache on disk. "
                            "The image cache is for image files.")
     recipe = resolve_recipe(recipe, items)  # a recipe may leave the size to the data
-    get = CachedImageGetter(ImageGetter(), item_tfms(recipe), cache_settings(recipe), root)
+    plan = cache_format(recipe, items, root)  # refuses a cache that will not fit before anything is written
+    get = CachedImageGetter(ImageGetter(), item_tfms(recipe), cache_settings(recipe, plan.fmt), root)
     rows = [r for df in (items.train, items.test) if df is not None for r in df[["x"]].to_dict("records")]
 
     def one(row) -> bool:
@@ -321,5 +425,5 @@ def fill_cache(recipe: Recipe, items: Items, root: Optional[Path] = None, thread
 
     with ThreadPoolExecutor(threads or os.cpu_count() or 1) as ex:
         hits = sum(ex.map(one, rows))
-    disk = sum(p.stat().st_size for p in get.folder.rglob("*.npy"))
-    return CacheStats(hits, len(rows) - hits, get.folder, disk, recipe.size)
+    disk = sum(p.stat().st_size for p in get.folder.rglob(f"*{get.suffix}"))
+    return CacheStats(hits, len(rows) - hits, get.folder, disk, recipe.size, plan.fmt)

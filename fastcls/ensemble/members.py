@@ -1,7 +1,11 @@
 """Stored runs as ensemble members: cross-checking runs (recipe, vocab, metric, items, labels), aligning their rows
 by item id, checking stored probabilities, and each member's view of them (plain view, TTA mean, blends).
 
-Probabilities stay memory-mapped; a member materialises at most one blend at a time.
+Probabilities stay memory-mapped; a member materialises at most one blend at a time. When the members' in-memory
+copies (TTA means, re-ordered rows, blends) would exceed the memory budget (`fastcls.budget.memory_budget`,
+`$FASTCLS_MEMORY_BUDGET`), no member holds any: each view is a `_Rows` that computes the rows asked for from the
+memory-mapped file, with the same arithmetic, so the results are identical and memory stays flat in the number of
+runs.
 """
 
 __all__ = ["check_runs", "aligned_probs"]
@@ -10,12 +14,13 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ..budget import memory_budget
 from ..errors import FastclsError
 from ..metrics import get_metric
 from ..predict import lerp_blend
 from ..runs import RunStore, StoredRun
 from .combiners import combine
-from .scoring import _CHUNK, _argmax
+from .scoring import _CHUNK, _argmax, _release
 from .search import _member_tops
 
 _SUM_TOL = 1e-3  # same tolerance as the store's own check when a run is saved
@@ -48,10 +53,57 @@ def _alignment(ref_ids: list, ids: list, run: StoredRun, ref: StoredRun, split: 
     return np.fromiter((pos[i] for i in ref_ids), dtype=np.int64, count=len(ref_ids))
 
 
-def _checked_views(run: StoredRun, split: str, arr, ids: Callable[[], list], order):
-    """(plain, mean of TTA views or None), aligned; every view is checked for NaN and row sums block by block."""
+class _Rows:
+    """A member's (N, C) float32 probabilities computed on access from its memory-mapped (V, N, C) array: the plain
+    view, the mean of the TTA views, or their blend at `beta`, rows in the reference order (`order`). Indexing with a
+    slice or an index array reads only those rows; `np.asarray` builds the whole array block by block. The arithmetic
+    is `_checked_views`' and `lerp_blend`'s, so the values are identical to the in-memory ones."""
+
+    ndim, dtype = 2, np.dtype(np.float32)
+
+    def __init__(self, arr, order, beta):
+        self.arr, self.order, self.beta = arr, order, beta  # beta: 1 plain, 0 TTA mean, else the blend
+        self.shape = arr.shape[1:]
+
+    def __len__(self):
+        return self.shape[0]
+
+    def _rows(self, idx) -> np.ndarray:
+        V = self.arr.shape[0]
+        plain = np.asarray(self.arr[0, idx], dtype=np.float32) if self.beta != 0 else None
+        if self.beta == 1:
+            return plain
+        aug = None
+        for v in range(1, V):
+            x = self.arr[v, idx]
+            aug = np.zeros(x.shape, dtype=np.float32) if aug is None else aug
+            aug += x
+        aug /= np.float32(V - 1)
+        return aug if self.beta == 0 else plain * np.float32(self.beta) + aug * np.float32(1 - self.beta)
+
+    def __getitem__(self, key):
+        rest = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        if self.order is not None:
+            key = self.order[key]
+        elif not isinstance(key, slice):
+            key = np.asarray(key)
+        out = self._rows(key)
+        return out[(slice(None), *rest)] if rest else out
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.empty(self.shape, dtype=np.float32)
+        for lo in range(0, len(out), _CHUNK):
+            out[lo:lo + _CHUNK] = self[lo:lo + _CHUNK]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def _checked_views(run: StoredRun, split: str, arr, ids: Callable[[], list], order, keep: bool = True):
+    """(plain, mean of TTA views or None), aligned; every view is checked for NaN and row sums block by block.
+    `keep` False: nothing is materialised, both come back as `_Rows` computed on access."""
     V, N, _ = arr.shape
-    aug = np.zeros(arr.shape[1:], dtype=np.float32) if V > 1 else None
+    aug = np.zeros(arr.shape[1:], dtype=np.float32) if V > 1 and keep else None
     for v in range(V):
         for lo in range(0, N, _CHUNK):
             x = arr[v, lo:lo + _CHUNK]
@@ -63,9 +115,13 @@ def _checked_views(run: StoredRun, split: str, arr, ids: Callable[[], list], ord
                     f"have rows that do not sum to 1 (sum {x[i].sum(dtype=np.float64):.4g})"
                 raise FastclsError(f"Run {_run_label(run)}: stored {split} probabilities (view {v}) {what}, first at "
                                    f"item {ids()[lo + i]!r}. Predict that run again or leave it out of the ensemble.")
-            if v > 0:
+            if v > 0 and keep:
                 aug[lo:lo + _CHUNK] += x
+    if not keep:
+        _release(arr)
+        return (arr[0] if order is None else _Rows(arr, order, 1)), (_Rows(arr, order, 0) if V > 1 else None)
     plain = arr[0] if order is None else arr[0][order]
+    _release(arr)  # every view was read: drop its pages (see `_release`)
     if aug is not None:
         aug /= np.float32(V - 1)
         if order is not None:
@@ -76,14 +132,16 @@ def _checked_views(run: StoredRun, split: str, arr, ids: Callable[[], list], ord
 class _Member:
     """One run's aligned validation probabilities: the plain view and the TTA mean, with blends and tops cached."""
 
-    def __init__(self, run: StoredRun, order, test_order=None):
-        self.run, self.order, self.test_order = run, order, test_order
-        self.plain, self.aug = _checked_views(run, "validation", run.valid_probs, lambda: run.valid_ids, order)
+    def __init__(self, run: StoredRun, order, test_order=None, keep: bool = True):
+        self.run, self.order, self.test_order, self.keep = run, order, test_order, keep
+        self.plain, self.aug = _checked_views(run, "validation", run.valid_probs, lambda: run.valid_ids, order, keep)
         self._blend, self._tops = (None, None), {}
 
     def probs(self, beta):
         if self.aug is None or beta in (0, 1, None):
             return lerp_blend(self.plain, self.aug, 1 if beta is None else beta)
+        if not self.keep:  # streamed: the blend is computed block by block where it is read
+            return _Rows(self.run.valid_probs, self.order, beta)
         if self._blend[0] != beta:
             self._blend = (None, None)  # one materialised blend per member at a time
             self._blend = (beta, lerp_blend(self.plain, self.aug, beta))
@@ -100,7 +158,10 @@ class _Member:
         return _argmax(self.probs(beta))
 
     def test(self, beta):
-        plain, aug = _checked_views(self.run, "test", self.run.test_probs, lambda: self.run.test_ids, self.test_order)
+        plain, aug = _checked_views(self.run, "test", self.run.test_probs, lambda: self.run.test_ids, self.test_order,
+                                    self.keep)
+        if not self.keep and aug is not None and beta not in (0, 1, None):
+            return _Rows(self.run.test_probs, self.test_order, beta)
         return lerp_blend(plain, aug, 1 if beta is None else beta)
 
 
@@ -166,6 +227,16 @@ def aligned_probs(runs: Sequence[StoredRun], split: str = "test", beta: float = 
     return ref_ids, combine(probs, "mean")
 
 
+def _in_memory_bytes(runs, orders) -> int:
+    """What the members would hold in memory: per run a TTA mean and a blend (runs with TTA views) and its plain
+    view re-ordered (runs whose rows are in another order), each (N, C) float32."""
+    total = 0
+    for run, order in zip(runs, orders):
+        V, N, C = run.valid_probs.shape
+        total += N * C * 4 * (2 * (V > 1) + (order is not None))
+    return total
+
+
 def _load_members(store: RunStore, refs: Sequence[str]):
     """Load and cross-check the runs; returns (members, runs, metric, targets, valid_ids, test_ids or None)."""
     if not refs:
@@ -201,6 +272,7 @@ def _load_members(store: RunStore, refs: Sequence[str]):
         # 6 MB of str objects per run
         vars(run).pop("valid_ids", None)
         vars(run).pop("test_ids", None)
-    members = [_Member(run, o, to) for run, o, to in zip(runs, orders, test_orders)]
+    keep = _in_memory_bytes(runs, orders) <= memory_budget()
+    members = [_Member(run, o, to, keep) for run, o, to in zip(runs, orders, test_orders)]
     return members, runs, metric, targets, ref_ids, ref_test
 

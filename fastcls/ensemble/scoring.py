@@ -6,6 +6,7 @@ the greedy search and the bootstrap cheap; for a probability metric (log loss, A
 and `pred` says which of the two a consumer must hand it.
 """
 
+import mmap
 from typing import Optional
 
 import numpy as np
@@ -65,6 +66,18 @@ def _score(metric: str, targets, probs_or_labels) -> float:
     return _LabelScorer(metric, targets, C)(x)
 
 
+def _release(a):
+    """Drop the pages of a memory-mapped array (or a `_Rows` over one) from this process once it has been read: the
+    file stays in the page cache, but resident memory no longer grows by every member read (MADV_DONTNEED on a
+    read-only shared mapping; the next read faults the pages back in from the cache)."""
+    m = getattr(getattr(a, "arr", a), "_mmap", None)
+    if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            m.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # a closed or unsupported mapping: nothing to release
+            pass
+
+
 def _take(a, rows, lo, hi):
     """Rows lo:hi of `a` (a slice, so memory-mapped arrays stay lazy) or of `a[rows]` (a gather)."""
     return a[lo:hi] if rows is None else a[rows[lo:hi]]
@@ -79,6 +92,7 @@ def _argmax(a, rows=None) -> np.ndarray:
     out = np.empty(n, dtype=np.int64)
     for lo in range(0, n, _CHUNK):
         out[lo:lo + _CHUNK] = _take(a, rows, lo, lo + _CHUNK).argmax(1)
+    _release(a)
     return out
 
 
@@ -93,5 +107,6 @@ def _weighted_sum(probs, weights, rows=None) -> np.ndarray:
             out = np.zeros((_n_rows(p, rows), p.shape[1]), dtype=np.float32)
         for lo in range(0, len(out), _CHUNK):
             out[lo:lo + _CHUNK] += _take(p, rows, lo, lo + _CHUNK) * wm
+        _release(p)
     return out
 

@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .scoring import _CHUNK, _LabelScorer, _weighted_sum
+from .scoring import _CHUNK, _LabelScorer, _release, _weighted_sum
 
 __all__ = []  # internal to the ensemble package: `fastcls.ensemble.combiners` fits 'hill' and 'weighted' with it
 
@@ -64,6 +64,7 @@ def _member_tops(p, U) -> _Tops:
             q[sl] = out.max(1)
         # the second largest is exact when the largest is in U; otherwise the largest bounds it
         p2[sl] = np.where(part[:, -1] >= q[sl], np.maximum(part[:, -2], q[sl]), q[sl])
+    _release(p)
     return _Tops(a1, p1, p2, pu, q)
 
 

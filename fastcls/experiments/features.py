@@ -3,7 +3,8 @@
 fastai 0.7 made dropout sweeps cheap with `precompute=True`: the body runs once per image, only the head trains.
 Here the body runs once per image and view (a fixed number of augmented views of the training set, the plain and
 TTA views of valid and test), the pooled vectors (`AdaptiveConcatPool2d`: max then average) are cached under
-`<runs>/cache/features/<key>.npz`, and each trial trains the arch's own head minus its pooling on them. The trained
+`<runs>/cache/features/<key>/` (float16 `.npy` files, memory-mapped when read), and each trial trains the arch's own
+head minus its pooling on them. The trained
 head is the full model's head (same modules), so a fast run stores full-model weights and the same kinds of
 probabilities as a full run.
 
@@ -22,6 +23,7 @@ import itertools
 import json
 import os
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -36,19 +38,22 @@ from .. import data as fdata
 from ..archs import build_body, get_arch, make_head, resolve_weights, split_head
 from ..errors import FastclsError
 from ..predict import pooled_features
-from ..files import write_atomic
+from ..budget import check_disk
+from ..files import read_json, write_atomic, write_json, write_npy
 from ..train import Predictions, RunResult, learner, store_run, train
 from ..config import RunConfig
 from ..predict import encode_labels
 
-FEATURE_FORMAT = 1
+FEATURE_FORMAT = 2  # 1: one float32 .npz per key (read once and converted)
+_KEY_VERSION = 1  # what the features are, not how they are stored: format 2 kept the keys of format 1
+FEATURE_DTYPE = np.float16  # cached features: half the disk and page cache of float32; heads read them as float32
 BN_IMAGES = 512  # training images (at most) that re-estimate the body's batch-norm statistics
 FEATURE_BS = 64  # extraction batch size: fixed, so the cache does not depend on the head's training batch size
 # recipe settings that only affect the head's training or the report: sweeping them reuses the same features
 HEAD_ONLY = frozenset({"description", "metric", "archs", "epochs", "freeze_epochs", "lr", "ps", "ps_grid", "bs", "wd",
                        "layer_decay",
                        "label_smoothing", "imbalance", "patience", "sub_id_col", "sub_label_col", "sub_id",
-                       "sub_template"})
+                       "sub_template", "cache_budget"})
 
 
 @dataclass
@@ -110,7 +115,7 @@ def feature_key(cfg: RunConfig, items: fdata.Items, views: int, fingerprint: Opt
     `fingerprint` is `data_fingerprint(items)` when the caller already has it.
     """
     recipe = {k: v for k, v in cfg.recipe.to_dict().items() if k not in HEAD_ONLY}
-    spec = {"format": FEATURE_FORMAT, "recipe": recipe, "arch": cfg.arch, "weights": _weights_id(cfg),
+    spec = {"format": _KEY_VERSION, "recipe": recipe, "arch": cfg.arch, "weights": _weights_id(cfg),
             "data": fingerprint or data_fingerprint(items), "seed": cfg.seed, "sample": cfg.sample, "views": views}
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return f"{cfg.recipe.name}-{cfg.arch}-{cfg.recipe.size}px-{digest}"
@@ -175,25 +180,67 @@ def _bn_buffers(body: nn.Module) -> dict:
 
 
 _ARRAYS = ("train", "train_targets", "valid", "valid_targets", "test", "test_targets")
+_FEATURES = ("train", "valid", "test")  # stored as FEATURE_DTYPE; the targets keep their integer type
 
 
-def _save(fs: FeatureSet, path: Path):
-    """Write the feature set as one .npz under a temporary name, then rename it into place (never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _cache_path(cache_dir, key: str) -> Path:
+    """The folder of one cached feature set: `<key>/` with one `.npy` per array and `meta.json` (written last)."""
+    return Path(cache_dir) / key
+
+
+def _estimate_bytes(items: fdata.Items, nf: int, views: int, tta: int) -> int:
+    """An upper bound of a feature set's size on disk: every item in its most-viewed split, in FEATURE_DTYPE."""
+    n = sum(len(df) for df in (items.train, items.test) if df is not None)
+    return n * max(views, 1 + tta) * nf * np.dtype(FEATURE_DTYPE).itemsize
+
+
+def _save(fs: FeatureSet, folder: Path):
+    """Write the feature set as `.npy` files (features in FEATURE_DTYPE) then `meta.json`, each atomically: a reader
+    sees no `meta.json` (a miss) until every array is in place."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {k: getattr(fs, k) for k in _ARRAYS if getattr(fs, k) is not None}
+    shapes = {}
+    for k, v in arrays.items():
+        v = np.asarray(v, dtype=FEATURE_DTYPE) if k in _FEATURES else np.asarray(v)
+        write_npy(folder / f"{k}.npy", np.ascontiguousarray(v))
+        shapes[k] = list(v.shape)
+    bn = fs.bn_stats or {}
+    if bn:
+        def write_bn(p):
+            with open(p, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
+                np.savez(f, **bn)
+        write_atomic(folder / "bn.npz", write_bn)
     meta = {"format": FEATURE_FORMAT, "key": fs.key, "arch": fs.arch, "nf": fs.nf, "vocab": fs.vocab,
             "valid_ids": fs.valid_ids, "test_ids": fs.test_ids, "body_hash": fs.body_hash, "stats": fs.stats,
-            "seconds": fs.seconds}
-    arrays = {k: getattr(fs, k) for k in _ARRAYS if getattr(fs, k) is not None}
-    arrays.update({f"bn:{k}": v for k, v in (fs.bn_stats or {}).items()})
-
-    def write(p):
-        with open(p, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
-            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
-    write_atomic(path, write)
+            "seconds": fs.seconds, "dtype": np.dtype(FEATURE_DTYPE).name, "shapes": shapes, "bn": bool(bn)}
+    write_json(folder / "meta.json", meta)
 
 
-def _load(path: Path) -> Optional[FeatureSet]:
-    """The cached feature set at `path`, or None when it is absent or unreadable (it is then recomputed)."""
+def _load(folder: Path) -> Optional[FeatureSet]:
+    """The cached feature set in `folder`, its features memory-mapped (read-only), or None when it is absent,
+    incomplete or unreadable (it is then recomputed)."""
+    meta = read_json(folder / "meta.json")
+    if not isinstance(meta, dict) or meta.get("format") != FEATURE_FORMAT:
+        return None
+    try:
+        arrays = {k: np.load(folder / f"{k}.npy", mmap_mode="r", allow_pickle=False) for k in meta["shapes"]}
+        if any(list(a.shape) != meta["shapes"][k] for k, a in arrays.items()):
+            return None
+        bn = {}
+        if meta["bn"]:
+            with np.load(folder / "bn.npz", allow_pickle=False) as z:
+                bn = {k: z[k] for k in z.files}
+        return FeatureSet(meta["key"], meta["arch"], meta["nf"], meta["vocab"], arrays["train"],
+                          np.asarray(arrays["train_targets"]), arrays["valid"], np.asarray(arrays["valid_targets"]),
+                          meta["valid_ids"], arrays.get("test"), meta["test_ids"],
+                          None if "test_targets" not in arrays else np.asarray(arrays["test_targets"]),
+                          meta["body_hash"], bn, meta.get("stats"), meta["seconds"], True)
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+        return None
+
+
+def _load_v1(path: Path) -> Optional[FeatureSet]:
+    """A feature set cached by an older fastcls (format 1: one float32 `.npz`), or None."""
     if not path.is_file():
         return None
     try:
@@ -201,25 +248,30 @@ def _load(path: Path) -> Optional[FeatureSet]:
             meta = json.loads(str(z["meta"]))
             arrays = {k: z[k] for k in _ARRAYS if k in z.files}
             bn = {k[3:]: z[k] for k in z.files if k.startswith("bn:")}
-    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        if meta.get("format") != 1:
+            return None
+        return FeatureSet(meta["key"], meta["arch"], meta["nf"], meta["vocab"], arrays["train"],
+                          arrays["train_targets"], arrays["valid"], arrays["valid_targets"], meta["valid_ids"],
+                          arrays.get("test"), meta["test_ids"], arrays.get("test_targets"), meta["body_hash"], bn,
+                          meta.get("stats"), meta["seconds"], True)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError, zipfile.BadZipFile):  # a damaged file: recompute
         return None
-    if meta.get("format") != FEATURE_FORMAT:
-        return None
-    return FeatureSet(meta["key"], meta["arch"], meta["nf"], meta["vocab"], arrays["train"], arrays["train_targets"],
-                      arrays["valid"], arrays["valid_targets"], meta["valid_ids"], arrays.get("test"),
-                      meta["test_ids"], arrays.get("test_targets"), meta["body_hash"], bn, meta.get("stats"),
-                      meta["seconds"], True)
 
 
 def cached_features(cfg: RunConfig, items: fdata.Items, views: int, cache_dir, progress: str = "auto",
                     key: Optional[str] = None):
     """The feature set of `cfg` from `cache_dir` when present, else computed and cached.
 
+    Features are stored as FEATURE_DTYPE (float16) `.npy` files under `<cache_dir>/<key>/` and come back
+    memory-mapped, so a sweep's trials share the page cache instead of each holding a copy. A cache written by an
+    older fastcls (`<key>.npz`, float32) is converted once and removed. Before computing, the disk the cache will
+    need is checked (`fastcls.budget.check_disk`).
+
     Args:
         cfg: the run's config (recipe, arch, weights, seed, sample decide the key; head settings do not).
         items: the data set's items.
         views: augmented passes over the training items.
-        cache_dir: folder of `<key>.npz` files (the sweeps use `<runs>/cache/features`).
+        cache_dir: folder of cached feature sets (the sweeps use `<runs>/cache/features`).
         progress: 'none' prints nothing.
         key: `feature_key(cfg, items, views)` when the caller already has it.
 
@@ -227,13 +279,24 @@ def cached_features(cfg: RunConfig, items: fdata.Items, views: int, cache_dir, p
         (FeatureSet, body): the features and the frozen body they came from (its weights go into each run).
     """
     key = key or feature_key(cfg, items, views)
-    path = Path(cache_dir) / f"{key}.npz"
+    folder = _cache_path(cache_dir, key)
     body, body_hash = frozen_body(cfg)
-    fs = _load(path)
+    fs = _load(folder)
+    old = Path(cache_dir) / f"{key}.npz"
+    if fs is None and old.is_file():  # an older fastcls's cache: convert it once
+        fs = _load_v1(old)
+        if fs is not None and fs.body_hash == body_hash:
+            _save(fs, folder)
+            fs = _load(folder)
+        old.unlink(missing_ok=True)
     if fs is None or fs.body_hash != body_hash:  # a body that is not the cached one (e.g. changed init) recomputes
+        check_disk(cache_dir, _estimate_bytes(items, int(body.num_features), views, cfg.recipe.tta),
+                   f"the cached features of {cfg.arch} ({views} view(s) of {len(items.train)} images)",
+                   "use fewer views or a smaller --sample, or train the full path (--full)")
         fs = compute_features(cfg, items, views, body, progress)
         fs.key, fs.body_hash = key, body_hash
-        _save(fs, path)
+        _save(fs, folder)
+        fs = _load(folder) or fs
     elif fs.bn_stats:
         body.load_state_dict({k: torch.from_numpy(v) for k, v in fs.bn_stats.items()}, strict=False)
     return fs, body
@@ -243,15 +306,27 @@ class _FeatureViews:
     """A dataset of (pooled features, target) over one view of cached features; `view` picks which."""
 
     def __init__(self, feats: np.ndarray, targets: np.ndarray, vocab: list):
-        self.feats, self.targets, self.view = torch.from_numpy(np.asarray(feats)), torch.from_numpy(targets), 0
+        self.feats, self.targets, self._view = feats, torch.from_numpy(np.array(targets)), None
+        self.view = 0
         self.vocab = vocab  # read by the Learner's loss set-up (imbalance plan), as on an image dataset
         self.items = pd.DataFrame({"label": [vocab[i] for i in targets]})
+
+    @property
+    def view(self) -> int:
+        return self._view
+
+    @view.setter
+    def view(self, v: int):
+        """Read view `v` of the (memory-mapped) features into memory: one view at a time, in its stored dtype."""
+        if v != self._view:
+            self._view, self.current = v, None  # the old view is released before the new one is read
+            self.current = torch.from_numpy(np.array(self.feats[v]))
 
     def __len__(self):
         return self.feats.shape[1]
 
     def __getitem__(self, i):
-        return self.feats[self.view, i], self.targets[i]
+        return self.current[i].float(), self.targets[i]
 
 
 def _view_cycle():
@@ -272,8 +347,8 @@ def _head_probs(rest: nn.Module, feats: np.ndarray, act, device, chunk: int = 81
     out = []
     with torch.no_grad():
         for v in feats:
-            x = torch.from_numpy(np.ascontiguousarray(v))
-            out.append(torch.cat([act(rest(x[i:i + chunk].to(device))).float().cpu() for i in range(0, len(x), chunk)]))
+            out.append(torch.cat([act(rest(torch.from_numpy(np.asarray(v[i:i + chunk], dtype=np.float32)).to(device)))
+                                  .float().cpu() for i in range(0, len(v), chunk)]))
     return torch.stack(out).numpy()
 
 

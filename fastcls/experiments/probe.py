@@ -78,7 +78,7 @@ def probe_run(cfg: RunConfig, store: RunStore, clf: str = "logreg", views: int =
     prep = prepare(dataclasses.replace(cfg, recipe=cfg.recipe.override(imbalance="none")), items, store)
     cfg, items = prep.cfg, prep.items
     fs, _ = cached_features(cfg, items, views, store.cache_dir(FEATURES), progress)
-    X = fs.train.reshape(-1, fs.train.shape[-1])
+    X = np.asarray(fs.train, dtype=np.float32).reshape(-1, fs.train.shape[-1])
     y = np.tile(fs.train_targets, fs.train.shape[0])
     model.fit(X, y)
     C = len(fs.vocab)

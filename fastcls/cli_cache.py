@@ -1,0 +1,30 @@
+"""CLI command for the pre-resized image cache (`fastcls cache`); `fastcls.cli` registers it on its app."""
+
+__all__ = ["cache_cmd"]
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .cli_options import Data, RecipeDirs, Size
+
+out = Console(width=None if sys.stdout.isatty() else 200)
+
+
+def cache_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fastcls recipes`).")],
+              data: Data = None, size: Size = None, recipes: RecipeDirs = None,
+              cache_budget: Annotated[Optional[str], typer.Option(
+                  "--cache-budget", help="Disk the cache may use, e.g. 20G: raw arrays when they fit, else lossless "
+                  "PNG (default: the recipe's cache_budget, else the free space).")] = None):
+    """Fill the pre-resized image cache: decode, crop and resize every train and test image once, at --size."""
+    from .budget import human_bytes
+    from .data import read_items
+    from .data.cache import fill_cache
+    from .recipe import get_recipe
+    r = get_recipe(recipe, recipes or ())
+    r = r.override(**{k: v for k, v in (("size", size), ("cache_budget", cache_budget)) if v is not None})
+    st = fill_cache(r, read_items(r, data))
+    out.print(f"{st.total} images at {st.size} px (crop {r.crop}, {st.format}): {st.written} written, {st.hits} "
+              f"already cached. {st.folder} holds {human_bytes(st.bytes)}.", highlight=False)
