@@ -13,7 +13,7 @@ __all__ = ["RunsDir", "RecipeDirs", "Quiet", "Data", "Size", "Ps", "Epochs", "Fr
            "ChannelsLast", "Compile", "Folds", "Fold", "Runs", "StudentArch", "DropPath", "Executor", "Address",
            "GpusPerTrial", "CpusPerTrial", "Distributed", "Out", "LayerDecay", "BnStats",
            "ArchOpt", "Wd", "Patience", "ValidPct", "RunDropPath", "Normalize", "Aug", "Sets", "SplitSeed",
-           "MixUpOpt", "CutMixOpt", "MixOffEpoch", "EmaOpt", "Opt", "Momentum", "Sched", "Warmup", "RECIPE_FLAGS", "recipe_flags"]
+           "MixUpOpt", "CutMixOpt", "MixOffEpoch", "EmaOpt", "Opt", "Momentum", "Sched", "Warmup", "TtaViews", "RECIPE_FLAGS", "recipe_flags"]
 
 # -- shared options --------------------------------------------------------------------------------------
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Run store folder (holds index.sqlite and one folder per run).",
@@ -141,11 +141,14 @@ Sched = Annotated[Optional[str], typer.Option("--sched", help="LR schedule of ea
                                               "the recipe's).")]
 Warmup = Annotated[Optional[float], typer.Option("--warmup", help="Epochs of linear warm-up from lr/25 at the start of "
                                                  "each stage (one-cycle: its rising part).")]
+TtaViews = Annotated[Optional[str], typer.Option("--tta-views", help="Deterministic TTA views stored beside the "
+                                                 "plain prediction, comma-separated: flip (mirror), crop5 (4 corners "
+                                                 "+ centre), scale (zoomed in and out); before the --tta random ones.")]
 
 RECIPE_FLAGS = {"wd": Wd, "patience": Patience, "valid_pct": ValidPct, "drop_path": RunDropPath, "normalize": Normalize,
                 "aug": Aug, "sets": Sets, "split_seed": SplitSeed, "mixup": MixUpOpt, "cutmix": CutMixOpt,
                 "mix_off_epoch": MixOffEpoch, "ema": EmaOpt,
-                "opt": Opt, "momentum": Momentum, "sched": Sched, "warmup": Warmup}
+                "opt": Opt, "momentum": Momentum, "sched": Sched, "warmup": Warmup, "tta_views": TtaViews}
 
 
 def recipe_flags(fn):

@@ -114,6 +114,8 @@ class RunConfig:
         if isinstance(aug, bool):  # the Recipe field itself (aug on/off), not a preset name
             overrides, aug = {**overrides, "aug": aug}, None
         named = {k: v for k, v in overrides.items() if v is not None}
+        named.update(parse_sets(r, [f"{k}={v}" for k, v in named.items()  # e.g. tta_views="flip,crop5" as typed
+                                    if isinstance(v, str) and isinstance(getattr(r, k, None), tuple)]))
         set_values = parse_sets(r, sets)
         for k in set(named) & set(set_values):
             if named[k] != set_values[k]:

@@ -6,7 +6,7 @@ folder wins on a name clash, so a user's own `recipes/tshirts.py` replaces the b
 """
 
 __all__ = ["Recipe", "RecipeEntry", "builtin_recipe_dir", "crop_overrides", "find_recipes", "get_recipe", "load_recipe_file",
-           "parse_trim", "AUG_PRESETS", "aug_overrides", "parse_sets"]
+           "parse_trim", "AUG_PRESETS", "aug_overrides", "parse_sets", "TTA_VIEW_NAMES"]
 
 import dataclasses
 import importlib.util
@@ -21,6 +21,8 @@ from .errors import FastclsError, suggest
 
 Layout = Literal["folder", "csv", "npz", "digits", "custom"]
 Crop = Literal["none", "center", "trim"]
+# deterministic TTA views by name (fastcls.predict.named_views): how many views each stores
+TTA_VIEW_NAMES = {"flip": 1, "crop5": 5, "scale": 2}
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,9 @@ class Recipe:
     calibrate: bool = False  # temperature scaling fitted on valid (log likelihood), applied to the stored predictions
     patience: Optional[int] = None  # early stopping on the monitored metric (None: off)
     tta: int = 4  # augmented views stored next to the plain prediction
+    # deterministic TTA views by name, stored after the plain view and before the `tta` random ones: 'flip' (the
+    # mirror image), 'crop5' (4 corners + centre, 87.5% of the side, resized back), 'scale' (zoomed in x1.25, out x0.8)
+    tta_views: tuple = ()
     # -- submission
     sub_id_col: str = "id"
     sub_label_col: str = "label"
@@ -151,7 +156,10 @@ class Recipe:
                   ("momentum", self.momentum is None or 0 <= self.momentum < 1, "in [0, 1) (or None)"),
                   ("warmup", self.warmup >= 0, ">= 0 epochs"), ("lr_step", self.lr_step >= 1, ">= 1 epoch"),
                   ("lr_gamma", self.lr_gamma is None or 0 < self.lr_gamma <= 1, "in (0, 1] (or None)"),
-                  ("lr_patience", self.lr_patience >= 1, ">= 1 epoch")]
+                  ("lr_patience", self.lr_patience >= 1, ">= 1 epoch"),
+                  ("tta_views", all(v in TTA_VIEW_NAMES for v in self.tta_views) and
+                   len(set(self.tta_views)) == len(self.tta_views),
+                   f"distinct names among {', '.join(TTA_VIEW_NAMES)} (e.g. flip,crop5)")]
         for key, ok, want in checks:
             if not ok:
                 raise FastclsError(f"Recipe {self.name!r}: setting {key!r} must be {want}, got {getattr(self, key)!r}.")

@@ -35,11 +35,10 @@ from torch.optim.swa_utils import update_bn
 from .. import data as fdata
 from ..archs import build_body, get_arch, make_head, resolve_weights, split_head
 from ..errors import FastclsError
-from ..predict import pooled_features
+from ..predict import encode_labels, pooled_features, view_count
 from ..files import write_atomic
 from ..train import Predictions, RunResult, learner, store_run, train
 from ..config import RunConfig
-from ..predict import encode_labels
 
 FEATURE_FORMAT = 1
 BN_IMAGES = 512  # training images (at most) that re-estimate the body's batch-norm statistics
@@ -143,7 +142,7 @@ def compute_features(cfg: RunConfig, items: fdata.Items, views: int, body: nn.Mo
     d = fdata.dls(recipe, items, seed=cfg.seed, sample=cfg.sample, stats=cfg.norm_stats)
     if progress != "none":
         print(f"Computing {cfg.arch} features: {views} augmented view(s) of {len(d.train_ds)} training images, "
-              f"{1 + recipe.tta} view(s) of valid and test", flush=True)
+              f"{view_count(recipe)} view(s) of valid and test", flush=True)
     pool, _ = split_head(make_head(cfg.arch, body.num_features, len(d.vocab), 0.0))
     if any(True for _ in pool.parameters()):
         raise FastclsError(f"The head of {cfg.arch} has parameters before its Flatten, so its input cannot be cached "
@@ -156,9 +155,9 @@ def compute_features(cfg: RunConfig, items: fdata.Items, views: int, body: nn.Mo
             update_bn(itertools.islice(d.train, max(1, BN_IMAGES // FEATURE_BS)), body, device=device)
     set_seed(cfg.seed)
     train_x, train_y = pooled_features(body, pool, d.train, views - 1)
-    valid_x, valid_y = pooled_features(body, pool, d.valid, recipe.tta)
+    valid_x, valid_y = pooled_features(body, pool, d.valid, recipe.tta, recipe.tta_views)
     tdl = fdata.test_dl(d, items)
-    test_x = pooled_features(body, pool, tdl, recipe.tta)[0] if tdl is not None else None
+    test_x = pooled_features(body, pool, tdl, recipe.tta, recipe.tta_views)[0] if tdl is not None else None
     test = items.test if test_x is not None else None
     test_y = encode_labels(test["label"], d.vocab) if test is not None and "label" in test else None
     body.cpu()

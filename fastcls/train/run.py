@@ -32,7 +32,7 @@ from ..errors import FastclsError
 from ..posthoc import PostHoc, fit_posthoc
 from ..imbalance import parse_imbalance
 from ..metrics import expected_calibration_error, get_metric
-from ..predict import encode_labels, predict_views, tta_blend
+from ..predict import encode_labels, predict_views, tta_blend, view_count
 from ..recipe import Recipe
 from ..runs import RunData, RunStore
 
@@ -234,8 +234,8 @@ def _train_and_store(cfg: RunConfig, store: RunStore, rid: str, learn: Learner, 
     tdl = fdata.test_dl(d, items)
 
     def predict():
-        return (*predict_views(learn, d.valid, recipe.tta),
-                predict_views(learn, tdl, recipe.tta)[0] if tdl is not None else None)
+        return (*predict_views(learn, d.valid, recipe.tta, recipe.tta_views),
+                predict_views(learn, tdl, recipe.tta, recipe.tta_views)[0] if tdl is not None else None)
     ema_metrics, ema_meta = {}, {}
     if learn.run_ema is not None and learn.run_ema.weights is not None:  # raw and averaged model: keep the better
         (valid_probs, valid_targets, test_probs), ema_metrics, ema_meta = choose(learn, learn.run_ema, recipe, predict)
@@ -394,7 +394,7 @@ def _bytes_needed(learn: Learner, d, items: fdata.Items, recipe: Recipe) -> int:
     while it is replaced, and the stored probabilities; plus a margin."""
     weights = sum(v.numel() * v.element_size() for v in learn.model.state_dict().values())
     n_items = len(d.valid_ds) + (len(items.test) if items.test is not None else 0)
-    probs = 4 * (1 + recipe.tta) * n_items * len(d.vocab)
+    probs = 4 * view_count(recipe) * n_items * len(d.vocab)
     return weights * (1 + 2 * 4) + probs + 16 * 2**20
 
 
