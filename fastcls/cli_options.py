@@ -13,7 +13,7 @@ __all__ = ["RunsDir", "RecipeDirs", "Quiet", "Data", "Size", "Ps", "Epochs", "Fr
            "ChannelsLast", "Compile", "Folds", "Fold", "Runs", "StudentArch", "DropPath", "Executor", "Address",
            "GpusPerTrial", "CpusPerTrial", "Distributed", "Out", "LayerDecay", "BnStats",
            "ArchOpt", "Wd", "Patience", "ValidPct", "RunDropPath", "Normalize", "Aug", "Sets", "SplitSeed",
-           "MixUpOpt", "CutMixOpt", "MixOffEpoch", "EmaOpt", "Opt", "Momentum", "Sched", "Warmup", "TtaViews", "RECIPE_FLAGS", "recipe_flags"]
+           "MixUpOpt", "CutMixOpt", "MixOffEpoch", "EmaOpt", "Opt", "Momentum", "Sched", "Warmup", "TtaViews", "Accum", "RECIPE_FLAGS", "recipe_flags"]
 
 # -- shared options --------------------------------------------------------------------------------------
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Run store folder (holds index.sqlite and one folder per run).",
@@ -144,11 +144,15 @@ Warmup = Annotated[Optional[float], typer.Option("--warmup", help="Epochs of lin
 TtaViews = Annotated[Optional[str], typer.Option("--tta-views", help="Deterministic TTA views stored beside the "
                                                  "plain prediction, comma-separated: flip (mirror), crop5 (4 corners "
                                                  "+ centre), scale (zoomed in and out); before the --tta random ones.")]
+Accum = Annotated[Optional[int], typer.Option("--accum", help="Gradient accumulation: one optimizer step per N "
+                                              "micro-batches of --bs items (effective batch bs x N; default: the "
+                                              "recipe's, 1).")]
 
 RECIPE_FLAGS = {"wd": Wd, "patience": Patience, "valid_pct": ValidPct, "drop_path": RunDropPath, "normalize": Normalize,
                 "aug": Aug, "sets": Sets, "split_seed": SplitSeed, "mixup": MixUpOpt, "cutmix": CutMixOpt,
                 "mix_off_epoch": MixOffEpoch, "ema": EmaOpt,
-                "opt": Opt, "momentum": Momentum, "sched": Sched, "warmup": Warmup, "tta_views": TtaViews}
+                "opt": Opt, "momentum": Momentum, "sched": Sched, "warmup": Warmup, "tta_views": TtaViews,
+                "accum": Accum}
 
 
 def recipe_flags(fn):

@@ -133,6 +133,9 @@ class Recipe:
     lr_gamma: Optional[float] = None  # step / plateau: lr factor (default 0.1); exp: per epoch (default 0.95)
     lr_step: int = 10  # step: epochs between two lr cuts
     lr_patience: int = 2  # plateau: epochs without improvement of the monitored metric before a cut
+    # gradient accumulation: `bs` is the micro-batch (what memory holds), one optimizer step per `accum` micro-batches,
+    # so the effective batch is bs * accum (fastcls.train.schedules.Accumulate)
+    accum: int = 1
 
     def __post_init__(self):
         checks = [("size", self.size is None or self.size > 0, "a positive number of pixels (or None: inferred)"),
@@ -157,6 +160,7 @@ class Recipe:
                   ("warmup", self.warmup >= 0, ">= 0 epochs"), ("lr_step", self.lr_step >= 1, ">= 1 epoch"),
                   ("lr_gamma", self.lr_gamma is None or 0 < self.lr_gamma <= 1, "in (0, 1] (or None)"),
                   ("lr_patience", self.lr_patience >= 1, ">= 1 epoch"),
+                  ("accum", self.accum >= 1, ">= 1 micro-batch per step"),
                   ("tta_views", all(v in TTA_VIEW_NAMES for v in self.tta_views) and
                    len(set(self.tta_views)) == len(self.tta_views),
                    f"distinct names among {', '.join(TTA_VIEW_NAMES)} (e.g. flip,crop5)")]

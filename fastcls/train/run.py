@@ -27,7 +27,7 @@ from .checkpoint import Checkpointer, RunInterrupted, interrupt_signals, read_ch
 from .learner import imbalance_plan, learner, metric_names, schedule
 from .mixing import check_mixing, mixing
 from .ema import Ema, choose
-from .schedules import check_schedule, fit_stage, plateau
+from .schedules import accumulation, check_schedule, fit_stage, plateau
 from ..errors import FastclsError
 from ..posthoc import PostHoc, fit_posthoc
 from ..imbalance import parse_imbalance
@@ -126,6 +126,9 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, c
     mix = mixing(recipe) if stages is None else None
     if mix is not None:
         cbs.append(mix)
+    acc = accumulation(recipe)
+    if acc is not None:
+        cbs.append(acc)
     set_seed(cfg.seed)
     stages = schedule(cfg, len(learn.splitter(learn.model))) if stages is None else stages
     for i, (stage, n_epochs, lr, unfreeze) in enumerate(stages):
