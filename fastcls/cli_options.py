@@ -22,7 +22,20 @@ RecipeDirs = Annotated[Optional[list[Path]], typer.Option("--recipes", help="Ext
                                                           "wins over built-in and ./recipes on a name clash.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing while training; only the final table.")]
 Data = Annotated[Optional[Path], typer.Option("--data", help="Data folder (default: the recipe's own).")]
-Size = Annotated[Optional[int], typer.Option("--size", help="Image size in pixels (default: the recipe's).")]
+def _sizes(text: str):
+    """--size as typed: one size (int), or several for progressive resizing (a tuple)."""
+    from .errors import FastclsError
+    from .recipe import parse_sizes
+    try:
+        vals = parse_sizes(text)
+    except FastclsError as e:
+        raise typer.BadParameter(str(e)) from None
+    return vals[0] if len(vals) == 1 else vals
+
+
+Size = Annotated[Optional[int], typer.Option("--size", parser=_sizes, help="Image size in pixels (default: the "
+                                             "recipe's); train: several, comma-separated, resize progressively "
+                                             "(128,224: the epochs split between them, the last is the final size).")]
 Ps = Annotated[Optional[float], typer.Option("--ps", help="Head dropout probability (default: the recipe's).")]
 Epochs = Annotated[Optional[int], typer.Option("--epochs", help="Epochs of the unfrozen stage.")]
 FreezeEpochs = Annotated[Optional[int], typer.Option("--freeze-epochs", help="Epochs of the frozen stage (head only; "

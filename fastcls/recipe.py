@@ -6,7 +6,7 @@ folder wins on a name clash, so a user's own `recipes/tshirts.py` replaces the b
 """
 
 __all__ = ["Recipe", "RecipeEntry", "builtin_recipe_dir", "crop_overrides", "find_recipes", "get_recipe", "load_recipe_file",
-           "parse_trim", "AUG_PRESETS", "aug_overrides", "parse_sets", "TTA_VIEW_NAMES"]
+           "parse_trim", "AUG_PRESETS", "aug_overrides", "parse_sets", "TTA_VIEW_NAMES", "parse_sizes"]
 
 import dataclasses
 import importlib.util
@@ -60,6 +60,9 @@ class Recipe:
     group_col: Optional[str] = None
     # -- images
     size: Optional[int] = 224  # None: inferred from the images (fastcls.data.resolve_recipe)
+    # progressive resizing (fastcls.train.resize): smaller sizes trained at before `size`, the run's epochs split
+    # evenly between (*progressive_sizes, size); validation, TTA and the stored predictions are at `size`
+    progressive_sizes: tuple = ()
     crop: Crop = "none"
     trim: tuple = (0, 0, 0, 0)  # top, bottom, left, right: pixels (int) or fractions of the original (float < 1)
     aug: bool = True
@@ -160,6 +163,8 @@ class Recipe:
                   ("warmup", self.warmup >= 0, ">= 0 epochs"), ("lr_step", self.lr_step >= 1, ">= 1 epoch"),
                   ("lr_gamma", self.lr_gamma is None or 0 < self.lr_gamma <= 1, "in (0, 1] (or None)"),
                   ("lr_patience", self.lr_patience >= 1, ">= 1 epoch"),
+                  ("progressive_sizes", all(isinstance(v, int) and v > 0 for v in self.progressive_sizes),
+                   "positive numbers of pixels, e.g. 128,160 (the final one is `size`)"),
                   ("accum", self.accum >= 1, ">= 1 micro-batch per step"),
                   ("tta_views", all(v in TTA_VIEW_NAMES for v in self.tta_views) and
                    len(set(self.tta_views)) == len(self.tta_views),
@@ -313,6 +318,20 @@ def parse_trim(text: str) -> tuple:
     if len(vals) != 4 or any(v < 0 for v in vals):
         raise FastclsError(f"--trim takes 4 margins >= 0 as top,bottom,left,right in pixels (e.g. 400,100,50,50) or as "
                            f"fractions of the original image (e.g. 0.2,0.05,0.05,0.05); got {text!r}.")
+    return vals
+
+
+def parse_sizes(text) -> tuple:
+    """'224' -> (224,); '128,224' (progressive resizing: the last is the final size) -> (128, 224); an int or a
+    sequence of ints passes through as a tuple."""
+    parts = [text] if isinstance(text, int) else list(text) if isinstance(text, (list, tuple)) else str(text).split(",")
+    try:
+        vals = tuple(int(str(p).strip()) for p in parts)
+    except ValueError:
+        vals = ()
+    if not vals or any(v <= 0 for v in vals):
+        raise FastclsError(f"--size takes an image size in pixels (224), or several comma-separated for progressive "
+                           f"resizing, the final one last (128,224); got {text!r}.")
     return vals
 
 

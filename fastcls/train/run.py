@@ -27,6 +27,7 @@ from .checkpoint import Checkpointer, RunInterrupted, interrupt_signals, read_ch
 from .learner import imbalance_plan, learner, metric_names, schedule
 from .mixing import check_mixing, mixing
 from .ema import Ema, choose
+from .resize import ProgressiveResize, check_progressive, epoch_sizes, size_loaders
 from .schedules import accumulation, check_schedule, fit_stage, plateau
 from ..errors import FastclsError
 from ..posthoc import PostHoc, fit_posthoc
@@ -74,6 +75,7 @@ def prepare(cfg: RunConfig, items: Optional[fdata.Items] = None, store: Optional
     strategies = parse_imbalance(cfg.recipe.imbalance)
     check_mixing(cfg.recipe, strategies)
     check_schedule(cfg.recipe)
+    check_progressive(cfg)
     if store is not None:
         store.check_writable()
     items = items if items is not None else fdata.read_items(cfg.recipe, cfg.data)
@@ -83,7 +85,8 @@ def prepare(cfg: RunConfig, items: Optional[fdata.Items] = None, store: Optional
 
 
 def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, cbs: tuple = (),
-          checkpoint: Optional[Checkpointer] = None) -> tuple[pd.DataFrame, Optional[int]]:
+          checkpoint: Optional[Checkpointer] = None,
+          sized: Optional[dict] = None) -> tuple[pd.DataFrame, Optional[int]]:
     """Frozen stage, then the unfrozen stage with discriminative LRs, each with the recipe's optimizer and lr
     schedule (`fastcls.train.schedules`); the best epoch's weights are kept.
 
@@ -96,6 +99,8 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, c
         cbs: extra callbacks for every stage.
         checkpoint: saves the training state after every epoch; when it holds a checkpoint, training continues
             from there (fastai's `start_epoch`) instead of starting over.
+        sized: {size: DataLoaders} of the recipe's `progressive_sizes` (`fastcls.train.resize.size_loaders`): each
+            epoch trains at its size (`epoch_sizes`), validation stays on `learn.dls` (the final size).
 
     Returns:
         The per-epoch history and the index of the best epoch.
@@ -130,10 +135,18 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, c
     if acc is not None:
         cbs.append(acc)
     set_seed(cfg.seed)
-    stages = schedule(cfg, len(learn.splitter(learn.model))) if stages is None else stages
+    resize = None
+    if sized and stages is None:  # (not on the fast path's cached features)
+        stages = schedule(cfg, len(learn.splitter(learn.model)))
+        resize = ProgressiveResize(sized, epoch_sizes(recipe, sum(n for _, n, _, _ in stages)), learn.dls)
+        cbs.append(resize)
+    elif stages is None:
+        stages = schedule(cfg, len(learn.splitter(learn.model)))
     for i, (stage, n_epochs, lr, unfreeze) in enumerate(stages):
         if unfreeze:
             learn.unfreeze()
+        if resize is not None:
+            resize.first = sum(n for _, n, _, _ in stages[:i])
         if mix is not None:  # the last stage's last `mix_off_epoch` epochs train on plain batches
             last = i == len(stages) - 1 and recipe.mix_off_epoch
             mix.off_from = n_epochs - recipe.mix_off_epoch if last else None
@@ -188,6 +201,7 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
     prep = prepare(cfg, items, store)
     cfg, items, recipe = prep.cfg, prep.items, prep.cfg.recipe
     d = prep.dls()
+    sized = size_loaders(prep.dls, recipe)  # progressive resizing: the smaller sizes' loaders
     resume = read_checkpoint(store.checkpoint_path(run_id)) if run_id else None
     learn = learner(d, cfg, load_weights=resume is None, plan=imbalance_plan(recipe, d, prep.imbalance))
     store.check_writable(_bytes_needed(learn, d, items, recipe))
@@ -200,7 +214,7 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
     try:
         with interrupt_signals():
             return _train_and_store(cfg, store, rid, learn, d, items, ckpt, progress, t0 - prior, sweep, kind, extra,
-                                    cbs)
+                                    cbs, sized)
     except KeyboardInterrupt as e:
         if store.is_done(rid):  # Ctrl-C in the last instant of saving: the run is complete
             raise
@@ -230,10 +244,12 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
 
 def _train_and_store(cfg: RunConfig, store: RunStore, rid: str, learn: Learner, d, items: fdata.Items,
                      ckpt: Checkpointer, progress: str, t0: float, sweep: Optional[str], kind: str = "train",
-                     extra: Optional[dict] = None, cbs: tuple = ()) -> RunResult:
+                     extra: Optional[dict] = None, cbs: tuple = (), sized: Optional[dict] = None) -> RunResult:
     recipe = cfg.recipe
     with fdist.distrib(learn):
-        history, best_epoch = train(learn, cfg, progress, checkpoint=ckpt, cbs=cbs)
+        history, best_epoch = train(learn, cfg, progress, checkpoint=ckpt, cbs=cbs, sized=sized)
+    if sized:
+        extra = {**(extra or {}), "epoch_sizes": epoch_sizes(recipe, sum(n for _, n, _, _ in schedule(cfg)))}
     tdl = fdata.test_dl(d, items)
 
     def predict():
