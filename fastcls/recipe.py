@@ -98,6 +98,7 @@ class Recipe:
     wd: Optional[float] = None
     label_smoothing: float = 0.0
     imbalance: str = "none"  # fastcls.imbalance strategies, comma-combined: "none", "focal,oversample,logit-adjust"
+    drw_start: float = 0.8  # imbalance 'drw': the class weights switch on after this fraction of the last stage
     tune_thresholds: bool = False  # per-class offsets fitted on valid for macro-F1, applied to the stored predictions
     calibrate: bool = False  # temperature scaling fitted on valid (log likelihood), applied to the stored predictions
     patience: Optional[int] = None  # early stopping on the monitored metric (None: off)
@@ -165,6 +166,7 @@ class Recipe:
                   ("lr_patience", self.lr_patience >= 1, ">= 1 epoch"),
                   ("progressive_sizes", all(isinstance(v, int) and v > 0 for v in self.progressive_sizes),
                    "positive numbers of pixels, e.g. 128,160 (the final one is `size`)"),
+                  ("drw_start", 0 <= self.drw_start < 1, "in [0, 1)"),
                   ("accum", self.accum >= 1, ">= 1 micro-batch per step"),
                   ("tta_views", all(v in TTA_VIEW_NAMES for v in self.tta_views) and
                    len(set(self.tta_views)) == len(self.tta_views),

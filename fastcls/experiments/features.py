@@ -45,7 +45,7 @@ BN_IMAGES = 512  # training images (at most) that re-estimate the body's batch-n
 FEATURE_BS = 64  # extraction batch size: fixed, so the cache does not depend on the head's training batch size
 # recipe settings that only affect the head's training or the report: sweeping them reuses the same features
 HEAD_ONLY = frozenset({"description", "metric", "archs", "epochs", "freeze_epochs", "lr", "ps", "ps_grid", "bs", "wd",
-                       "layer_decay",
+                       "layer_decay", "accum", "drw_start", "progressive_sizes",
                        "label_smoothing", "imbalance", "patience", "sub_id_col", "sub_label_col", "sub_id",
                        "sub_template"})
 

@@ -31,7 +31,7 @@ from .resize import ProgressiveResize, check_progressive, epoch_sizes, size_load
 from .schedules import accumulation, check_schedule, fit_stage, plateau
 from ..errors import FastclsError
 from ..posthoc import PostHoc, fit_posthoc
-from ..imbalance import parse_imbalance
+from ..imbalance import DeferredReweight, parse_imbalance
 from ..metrics import expected_calibration_error, get_metric
 from ..predict import encode_labels, predict_views, tta_blend, view_count
 from ..recipe import Recipe
@@ -121,6 +121,8 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, c
         es = EarlyStop(monitor=monitor, comp=better, patience=recipe.patience, reset_on_fit=False)
         cbs.append(es)
     ema = Ema(recipe.ema) if recipe.ema and stages is None else None  # for the last stage only
+    plan = getattr(learn, "imbalance", None)
+    drw = DeferredReweight(plan.drw, recipe.drw_start) if plan is not None and plan.drw is not None else None
     learn.run_ema = ema  # (not `learn.ema`: fastai names an added callback `ema` on the learner and deletes it after)
     cut = plateau(recipe, monitor)
     if cut is not None:
@@ -156,8 +158,8 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, c
             checkpoint.stage = i
             start = checkpoint.start_epoch(i, n_epochs)
         if start < n_epochs:  # a resumed run skips the stages and epochs it had finished
-            last = ema is not None and i == len(stages) - 1
-            fit_stage(learn, recipe, n_epochs, lr, cbs + [ema] if last else cbs, start)
+            last = [c for c in (ema, drw) if c is not None] if i == len(stages) - 1 else []
+            fit_stage(learn, recipe, n_epochs, lr, cbs + last, start)
     if checkpoint is not None and checkpoint.pending:  # every epoch was done before: only the state is left to load
         checkpoint.restore(learn)
     keep.restore(learn.model)
