@@ -68,7 +68,7 @@ Fast = Annotated[Optional[bool], typer.Option("--fast/--full", help="--fast trai
 Views = Annotated[Optional[int], typer.Option("--views", help="Augmented views of the training set cached for --fast "
                                               "(default: one per frozen epoch).")]
 Imbalance = Annotated[Optional[str], typer.Option("--imbalance", help="Class-imbalance handling, comma-combinable: none, "
-                                                  "weights, focal, oversample, logit-adjust (default: the recipe's).")]
+                                                  "weights, focal, ldam, soft-f1, drw, oversample, logit-adjust (default: the recipe's).")]
 LabelSmoothing = Annotated[Optional[float], typer.Option("--label-smoothing", help="Label smoothing epsilon in [0, 1) "
                                                          "(default: the recipe's).")]
 TuneThresholds = Annotated[Optional[bool], typer.Option("--tune-thresholds/--no-tune-thresholds", help="Fit per-class "
