@@ -331,7 +331,12 @@ class DeferredReweight(Callback):
 
     def before_epoch(self):
         on = self.epoch >= int(self.start * self.n_epoch)
-        self.learn.loss_func.func.weight = self.weight if on else None
+        func = getattr(self.learn.loss_func, "func", None)
+        if not hasattr(func, "weight"):
+            loss = type(func or self.learn.loss_func).__name__
+            raise FastclsError(f"--imbalance drw re-weights the run's loss, but this loss ({loss}) has no class "
+                               "weights; drop 'drw' here.")
+        func.weight = self.weight if on else None
 
 
 def loss_func(strategies, counts=None, label_smoothing: float = 0.0, gamma: float = 2.0,

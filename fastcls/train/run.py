@@ -139,11 +139,9 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, c
     set_seed(cfg.seed)
     resize = None
     if sized and stages is None:  # (not on the fast path's cached features)
-        stages = schedule(cfg, len(learn.splitter(learn.model)))
-        resize = ProgressiveResize(sized, epoch_sizes(recipe, sum(n for _, n, _, _ in stages)), learn.dls)
+        resize = ProgressiveResize(sized, epoch_sizes(recipe, sum(n for _, n, _, _ in schedule(cfg))), learn.dls)
         cbs.append(resize)
-    elif stages is None:
-        stages = schedule(cfg, len(learn.splitter(learn.model)))
+    stages = schedule(cfg, len(learn.splitter(learn.model))) if stages is None else stages
     for i, (stage, n_epochs, lr, unfreeze) in enumerate(stages):
         if unfreeze:
             learn.unfreeze()
