@@ -13,7 +13,7 @@ __all__ = ["RunsDir", "RecipeDirs", "Quiet", "Data", "Size", "Ps", "Epochs", "Fr
            "ChannelsLast", "Compile", "Folds", "Fold", "Runs", "StudentArch", "DropPath", "Executor", "Address",
            "GpusPerTrial", "CpusPerTrial", "Distributed", "Out", "LayerDecay", "BnStats",
            "ArchOpt", "Wd", "Patience", "ValidPct", "RunDropPath", "Normalize", "Aug", "Sets", "SplitSeed",
-           "MixUpOpt", "CutMixOpt", "MixOffEpoch", "EmaOpt", "Opt", "Momentum", "Sched", "Warmup", "RECIPE_FLAGS", "recipe_flags", "Track"]
+           "MixUpOpt", "CutMixOpt", "MixOffEpoch", "EmaOpt", "Opt", "Momentum", "Sched", "Warmup", "TtaViews", "Accum", "RECIPE_FLAGS", "recipe_flags", "Track"]
 
 # -- shared options --------------------------------------------------------------------------------------
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Run store folder (holds index.sqlite and one folder per run).",
@@ -22,7 +22,20 @@ RecipeDirs = Annotated[Optional[list[Path]], typer.Option("--recipes", help="Ext
                                                           "wins over built-in and ./recipes on a name clash.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing while training; only the final table.")]
 Data = Annotated[Optional[Path], typer.Option("--data", help="Data folder (default: the recipe's own).")]
-Size = Annotated[Optional[int], typer.Option("--size", help="Image size in pixels (default: the recipe's).")]
+def _sizes(text: str):
+    """--size as typed: one size (int), or several for progressive resizing (a tuple)."""
+    from .errors import FastclsError
+    from .recipe import parse_sizes
+    try:
+        vals = parse_sizes(text)
+    except FastclsError as e:
+        raise typer.BadParameter(str(e)) from None
+    return vals[0] if len(vals) == 1 else vals
+
+
+Size = Annotated[Optional[int], typer.Option("--size", parser=_sizes, help="Image size in pixels (default: the "
+                                             "recipe's); train: several, comma-separated, resize progressively "
+                                             "(128,224: the epochs split between them, the last is the final size).")]
 Ps = Annotated[Optional[float], typer.Option("--ps", help="Head dropout probability (default: the recipe's).")]
 Epochs = Annotated[Optional[int], typer.Option("--epochs", help="Epochs of the unfrozen stage.")]
 FreezeEpochs = Annotated[Optional[int], typer.Option("--freeze-epochs", help="Epochs of the frozen stage (head only; "
@@ -55,7 +68,7 @@ Fast = Annotated[Optional[bool], typer.Option("--fast/--full", help="--fast trai
 Views = Annotated[Optional[int], typer.Option("--views", help="Augmented views of the training set cached for --fast "
                                               "(default: one per frozen epoch).")]
 Imbalance = Annotated[Optional[str], typer.Option("--imbalance", help="Class-imbalance handling, comma-combinable: none, "
-                                                  "weights, focal, oversample, logit-adjust (default: the recipe's).")]
+                                                  "weights, focal, ldam, soft-f1, drw, oversample, logit-adjust (default: the recipe's).")]
 LabelSmoothing = Annotated[Optional[float], typer.Option("--label-smoothing", help="Label smoothing epsilon in [0, 1) "
                                                          "(default: the recipe's).")]
 TuneThresholds = Annotated[Optional[bool], typer.Option("--tune-thresholds/--no-tune-thresholds", help="Fit per-class "
@@ -141,11 +154,18 @@ Sched = Annotated[Optional[str], typer.Option("--sched", help="LR schedule of ea
                                               "the recipe's).")]
 Warmup = Annotated[Optional[float], typer.Option("--warmup", help="Epochs of linear warm-up from lr/25 at the start of "
                                                  "each stage (one-cycle: its rising part).")]
+TtaViews = Annotated[Optional[str], typer.Option("--tta-views", help="Deterministic TTA views stored beside the "
+                                                 "plain prediction, comma-separated: flip (mirror), crop5 (4 corners "
+                                                 "+ centre), scale (zoomed in and out); before the --tta random ones.")]
+Accum = Annotated[Optional[int], typer.Option("--accum", help="Gradient accumulation: one optimizer step per N "
+                                              "micro-batches of --bs items (effective batch bs x N; default: the "
+                                              "recipe's, 1).")]
 
 RECIPE_FLAGS = {"wd": Wd, "patience": Patience, "valid_pct": ValidPct, "drop_path": RunDropPath, "normalize": Normalize,
                 "aug": Aug, "sets": Sets, "split_seed": SplitSeed, "mixup": MixUpOpt, "cutmix": CutMixOpt,
                 "mix_off_epoch": MixOffEpoch, "ema": EmaOpt,
-                "opt": Opt, "momentum": Momentum, "sched": Sched, "warmup": Warmup}
+                "opt": Opt, "momentum": Momentum, "sched": Sched, "warmup": Warmup, "tta_views": TtaViews,
+                "accum": Accum}
 
 
 Track = Annotated[Optional[str], typer.Option("--track", help="Log every run this command stores to an experiment "

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from .errors import FastclsError
-from .recipe import Recipe, aug_overrides, crop_overrides, get_recipe, parse_sets
+from .recipe import Recipe, aug_overrides, crop_overrides, get_recipe, parse_sets, parse_sizes
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,7 @@ class RunConfig:
         Args:
             recipe: a recipe name (see `fastcls.recipe.find_recipes`); `recipes` are extra recipe folders.
             arch: an architecture name (curated entry or any timm model); checked here. None: the recipe's first.
+            size: an int, or several ((128, 224) or '128,224'): progressive resizing, the last the final size.
             crop, trim: `--crop` / `--trim` as typed (`--trim` alone implies the trim crop; see `crop_overrides`).
             sets: `--set field=value` strings, any recipe setting (`fastcls.recipe.parse_sets`); a named option
                 given too must agree with it.
@@ -113,7 +114,12 @@ class RunConfig:
         r = get_recipe(recipe, recipes or ())
         if isinstance(aug, bool):  # the Recipe field itself (aug on/off), not a preset name
             overrides, aug = {**overrides, "aug": aug}, None
+        if isinstance(overrides.get("size"), (str, tuple, list)):  # --size 128,224: progressive resizing
+            *smaller, final = parse_sizes(overrides["size"])
+            overrides = {**overrides, "size": final, "progressive_sizes": tuple(smaller)}
         named = {k: v for k, v in overrides.items() if v is not None}
+        named.update(parse_sets(r, [f"{k}={v}" for k, v in named.items()  # e.g. tta_views="flip,crop5" as typed
+                                    if isinstance(v, str) and isinstance(getattr(r, k, None), tuple)]))
         set_values = parse_sets(r, sets)
         for k in set(named) & set(set_values):
             if named[k] != set_values[k]:

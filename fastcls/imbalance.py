@@ -15,6 +15,12 @@ Strategies (combine with commas):
 - ``none``: plain cross-entropy. Cannot be combined with anything.
 - ``weights``: class-weighted loss, inverse frequency (see `class_weights`).
 - ``focal``: focal loss (Lin et al. 2017); with ``weights`` the class weights are its alpha.
+- ``ldam``: the label-distribution-aware margin loss (Cao et al. 2019): cross-entropy on logits whose true class is
+  lowered by a margin ``m_c ~ n_c ** -1/4`` (the rarest class 0.5), see `ldam_margins`, `LDAMLoss`.
+- ``drw``: deferred re-weighting (Cao et al. 2019): the loss (cross-entropy, focal or LDAM) is weighted by the
+  inverse effective number of items per class (`drw_weights`) from `Recipe.drw_start` of the last stage on
+  (`DeferredReweight`); before that it is unweighted.
+- ``soft-f1``: one minus the batch's macro soft F1 (`SoftF1Loss`): F1 from probabilities instead of hard counts.
 - ``oversample``: per-item sampling weights so each class is drawn equally often in expectation.
   Not combinable with ``weights``: both undo the same skew, and together they over-correct (the effective
   class weight becomes 1/n^2). Use one, or ``weights`` with a smaller `power`.
@@ -33,6 +39,13 @@ __all__ = [
     "ImbalancePlan",
     "WeightedFocalLoss",
     "WeightedFocalLossFlat",
+    "LDAMLoss",
+    "LDAMLossFlat",
+    "SoftF1Loss",
+    "SoftF1LossFlat",
+    "DeferredReweight",
+    "ldam_margins",
+    "drw_weights",
     "class_counts",
     "class_weights",
     "loss_func",
@@ -48,15 +61,24 @@ from typing import Iterable, Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fastai.callback.core import Callback
 from fastai.losses import BaseLoss, CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from torch import nn
 
 from .errors import FastclsError, suggest
 
-STRATEGIES = ("none", "weights", "focal", "oversample", "logit-adjust")
+STRATEGIES = ("none", "weights", "focal", "ldam", "soft-f1", "drw", "oversample", "logit-adjust")
 _CONFLICTS = [
     ({"weights", "oversample"}, "both rebalance the classes and together over-correct (effective weight 1/n^2); "
                                 "use one of them, or 'weights' with a smaller power"),
+    ({"focal", "ldam"}, "both are the training loss; give one"),
+    ({"focal", "soft-f1"}, "both are the training loss; give one"),
+    ({"ldam", "soft-f1"}, "both are the training loss; give one"),
+    ({"weights", "drw"}, "'drw' is the class weighting switched on late in training, 'weights' the one on from the "
+                         "start; give one"),
+    ({"drw", "oversample"}, "both rebalance the classes and together over-correct; use one of them"),
+    ({"soft-f1", "weights"}, "the macro soft F1 already weighs every class alike; it takes no class weights"),
+    ({"soft-f1", "drw"}, "the macro soft F1 already weighs every class alike; it takes no class weights"),
 ]
 
 
@@ -133,6 +155,14 @@ def class_counts(labels, n_classes: int) -> np.ndarray:
     return np.bincount(y, minlength=n_classes).astype(np.int64)
 
 
+def _present(counts) -> np.ndarray:
+    """Counts as floats, a class without items counted like the rarest present class (finite margins, weights)."""
+    c = to_numpy(counts).astype(np.float64).reshape(-1)
+    if c.size == 0 or (c < 0).any() or c.sum() <= 0:
+        raise FastclsError(f"Class counts must be non-negative with at least one item, got {c.tolist()}.")
+    return np.where(c > 0, c, c[c > 0].min())
+
+
 def class_weights(counts, power: float = 1.0) -> torch.Tensor:
     """Inverse-frequency class weights, ``(1 / count) ** power``, normalised to mean 1 over the classes.
 
@@ -146,12 +176,21 @@ def class_weights(counts, power: float = 1.0) -> torch.Tensor:
     Returns:
         A float32 tensor of length ``len(counts)``.
     """
-    c = to_numpy(counts).astype(np.float64).reshape(-1)
-    if c.size == 0 or (c < 0).any() or c.sum() <= 0:
-        raise FastclsError(f"class_weights needs non-negative counts with at least one item, got {c.tolist()}.")
-    c = np.where(c > 0, c, c[c > 0].min())
-    w = c ** -float(power)
+    w = _present(counts) ** -float(power)
     return torch.tensor(w / w.mean(), dtype=torch.float32)
+
+
+def ldam_margins(counts, max_m: float = 0.5) -> torch.Tensor:
+    """LDAM's per-class margins ``m_c = C / n_c ** (1/4)``, C such that the rarest class's is `max_m`."""
+    m = _present(counts) ** -0.25
+    return torch.tensor(m * (max_m / m.max()), dtype=torch.float32)
+
+
+def drw_weights(counts, beta: float = 0.9999) -> torch.Tensor:
+    """Deferred re-weighting's class weights: the inverse effective number ``(1 - beta) / (1 - beta ** n_c)`` of each
+    class (Cui et al. 2019), normalised to sum to the number of classes (as the LDAM-DRW code does)."""
+    w = (1 - beta) / (1 - beta ** _present(counts))
+    return torch.tensor(w * (len(w) / w.sum()), dtype=torch.float32)
 
 
 def oversample_weights(labels) -> np.ndarray:
@@ -233,6 +272,73 @@ class WeightedFocalLossFlat(BaseLoss):
         return x.argmax(dim=self.axis)
 
 
+class LDAMLoss(WeightedFocalLoss):
+    """LDAM: `WeightedFocalLoss` (gamma 0: weighted, label-smoothed cross-entropy) of the logits with the true class's
+    logit lowered by its margin, ``x_y - m_y``. No scale `s`: fastai's head gives plain (not cosine) logits. The
+    margins are only used in training; predictions are the softmax of the logits themselves."""
+
+    def __init__(self, margins, weight: Optional[torch.Tensor] = None, eps: float = 0.0, reduction: str = "mean"):
+        super().__init__(gamma=0.0, weight=weight, eps=eps, reduction=reduction)
+        self.register_buffer("margins", torch.as_tensor(margins, dtype=torch.float32))
+
+    def forward(self, inp: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
+        targ = targ.long()
+        shift = F.one_hot(targ, inp.shape[-1]).float() * self.margins.to(inp.device)[targ][:, None]
+        return super().forward(inp.float() - shift, targ)
+
+
+class LDAMLossFlat(WeightedFocalLossFlat):
+    """`LDAMLoss` as a fastai flat loss (softmax activation, argmax decodes)."""
+
+    def __init__(self, margins, weight=None, eps: float = 0.0, reduction: str = "mean", axis: int = -1):
+        BaseLoss.__init__(self, LDAMLoss, margins, weight=weight, eps=eps, reduction=reduction, axis=axis)
+
+
+class SoftF1Loss(nn.Module):
+    """One minus the macro soft F1 of a batch: per class ``2 tp / (2 tp + fp + fn)`` with the counts taken from the
+    softmax probabilities (tp = sum of p_c over the items of class c, fp over the others, fn = sum of 1 - p_c over
+    the class's items), averaged over the classes. A batch-level loss: no per-item reduction."""
+
+    y_int = True
+
+    def __init__(self, eps: float = 1e-7, reduction: str = "mean"):
+        super().__init__()
+        self.eps = eps
+        if reduction != "mean":
+            raise FastclsError("The soft-F1 loss is one number per batch; it has no per-item losses (reduction "
+                               f"{reduction!r}).")
+
+    def forward(self, inp: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
+        p = F.softmax(inp.float(), dim=-1)
+        y = F.one_hot(targ.long(), p.shape[-1]).to(p.dtype)
+        tp, fp, fn = (p * y).sum(0), (p * (1 - y)).sum(0), ((1 - p) * y).sum(0)
+        return 1 - (2 * tp / (2 * tp + fp + fn + self.eps)).mean()
+
+
+class SoftF1LossFlat(WeightedFocalLossFlat):
+    """`SoftF1Loss` as a fastai flat loss (softmax activation, argmax decodes)."""
+
+    def __init__(self, axis: int = -1):
+        BaseLoss.__init__(self, SoftF1Loss, axis=axis)
+
+
+class DeferredReweight(Callback):
+    """DRW: the loss's class weights are `weight` from epoch ``int(start * n_epoch)`` of the fit on, none before
+    (`train` adds it to the last stage). Set from the epoch alone, so a resumed fit sets them as the first did."""
+
+    def __init__(self, weight: torch.Tensor, start: float):
+        self.weight, self.start = weight, start
+
+    def before_epoch(self):
+        on = self.epoch >= int(self.start * self.n_epoch)
+        func = getattr(self.learn.loss_func, "func", None)
+        if not hasattr(func, "weight"):
+            loss = type(func or self.learn.loss_func).__name__
+            raise FastclsError(f"--imbalance drw re-weights the run's loss, but this loss ({loss}) has no class "
+                               "weights; drop 'drw' here.")
+        func.weight = self.weight if on else None
+
+
 def loss_func(strategies, counts=None, label_smoothing: float = 0.0, gamma: float = 2.0,
               power: float = 1.0) -> BaseLoss:
     """The fastai flat loss for a set of strategies.
@@ -240,7 +346,11 @@ def loss_func(strategies, counts=None, label_smoothing: float = 0.0, gamma: floa
     - no ``focal``, no smoothing: fastai `CrossEntropyLossFlat` (class-weighted with ``weights``);
     - no ``focal``, smoothing: fastai `LabelSmoothingCrossEntropyFlat` (its ``weight`` applies to the NLL part;
       the uniform smoothing part is unweighted, as in fastai);
-    - ``focal``: `WeightedFocalLossFlat` (class weights as alpha with ``weights``; smoothing applied to targets).
+    - ``focal``: `WeightedFocalLossFlat` (class weights as alpha with ``weights``; smoothing applied to targets);
+    - ``ldam``: `LDAMLossFlat` (margins from `counts`; class weights and smoothing as for focal);
+    - ``drw`` without focal/ldam: `WeightedFocalLossFlat` with gamma 0 (cross-entropy), whose weights
+      `DeferredReweight` switches on late;
+    - ``soft-f1``: `SoftF1LossFlat` (no class weights, no smoothing).
 
     ``oversample`` and ``logit-adjust`` do not change the loss.
 
@@ -260,12 +370,20 @@ def loss_func(strategies, counts=None, label_smoothing: float = 0.0, gamma: floa
     if float(gamma) < 0:
         raise FastclsError(f"Focal gamma must be >= 0, got {gamma}.")
     weight = None
+    if {"weights", "ldam"} & set(strategies) and counts is None:
+        raise FastclsError(f"The {'weights' if 'weights' in strategies else 'ldam'} imbalance strategy needs the "
+                           "training class counts.")
     if "weights" in strategies:
-        if counts is None:
-            raise FastclsError("The 'weights' imbalance strategy needs the training class counts.")
         weight = class_weights(counts, power)
-    if "focal" in strategies:
-        return WeightedFocalLossFlat(gamma=gamma, weight=weight, eps=label_smoothing)
+    if "soft-f1" in strategies:
+        if label_smoothing:
+            raise FastclsError("The soft-F1 loss (--imbalance soft-f1) scores hard targets; it takes no label "
+                               f"smoothing (got {label_smoothing}). Drop --label-smoothing.")
+        return SoftF1LossFlat()
+    if "ldam" in strategies:
+        return LDAMLossFlat(ldam_margins(counts), weight=weight, eps=label_smoothing)
+    if "focal" in strategies or "drw" in strategies:  # drw: gamma 0 is cross-entropy, with weights to switch on
+        return WeightedFocalLossFlat(gamma=gamma if "focal" in strategies else 0.0, weight=weight, eps=label_smoothing)
     if label_smoothing:
         loss = LabelSmoothingCrossEntropyFlat(eps=float(label_smoothing), weight=weight)
         if weight is not None:
@@ -288,6 +406,7 @@ class ImbalancePlan:
             shuffled batches.
         logit_adjust: whether to apply post-hoc logit adjustment (`tune_tau` on validation, then `logit_adjust`).
         counts: training items per class.
+        drw: the deferred re-weighting's class weights (`drw_weights`), or None without 'drw'.
     """
 
     strategies: tuple
@@ -295,6 +414,7 @@ class ImbalancePlan:
     sample_weights: Optional[np.ndarray]
     logit_adjust: bool
     counts: np.ndarray
+    drw: Optional[torch.Tensor] = None
 
     @property
     def prior(self) -> np.ndarray:
@@ -327,4 +447,5 @@ def plan(strategies, train_labels, n_classes: int, label_smoothing: float = 0.0,
         sample_weights=oversample_weights(train_labels) if "oversample" in strategies else None,
         logit_adjust="logit-adjust" in strategies,
         counts=counts,
+        drw=drw_weights(counts) if "drw" in strategies else None,
     )

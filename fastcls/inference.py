@@ -47,7 +47,8 @@ def _net(run, path: Optional[Path] = None) -> dict:
     stats = run.meta.get("normalize_stats") if "normalize_stats" in run.meta else \
         RunConfig.from_dict(cfg, lenient=True).norm_stats
     return {"id": run.id, "config": cfg, "stats": stats, "weights": str(weights),
-            "sha256": run.meta.get("weights_sha256"), "tta": int(cfg.get("tta") or 0)}
+            "sha256": run.meta.get("weights_sha256"), "tta": int(cfg.get("tta") or 0),
+            "tta_views": list(cfg.get("tta_views") or [])}
 
 
 def _member(store: RunStore, run, beta) -> dict:
@@ -238,7 +239,8 @@ def _net_views(net: dict, items: fdata.Items, vocab: list, bs: Optional[int], de
     dls = block.dataloaders(items.test.reset_index(drop=True), bs=bs or r.bs, num_workers=0, device=device)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat())
     accelerate(learn, None, None, False)
-    return predict_views(learn, dls.valid, net["tta"] if tta else 0)[0]
+    names = tuple(net.get("tta_views") or ()) if tta else ()
+    return predict_views(learn, dls.valid, net["tta"] if tta else 0, names)[0]
 
 
 def _member_probs(member: dict, items, vocab, bs, device, tta: bool):

@@ -1,29 +1,91 @@
-"""Predictions as stacked views: view 0 is the plain prediction, views 1..n are augmented (TTA) passes.
+"""Predictions as stacked views: view 0 is the plain prediction, then the named deterministic views (`named_views`:
+flip, crop5, scale, in the recipe's `tta_views` order), then the random augmented (TTA) passes.
 
 `pooled_features` gives a frozen body's pooled activations in the same views; the sweeps' fast path caches them
 on disk and trains heads on them (`fastcls.features`).
 """
 
-__all__ = ["predict_views", "tta_blend", "lerp_blend", "pooled_features", "encode_labels"]
+__all__ = ["predict_views", "tta_blend", "lerp_blend", "pooled_features", "encode_labels", "named_views", "view_count",
+           "CROP_FRAC", "SCALE_ZOOMS"]
 
 from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback
+
+from .recipe import TTA_VIEW_NAMES
 
 _CHUNK = 16384  # rows per block: keeps the temporaries of a blend small and cache-friendly
+CROP_FRAC = 0.875  # crop5: each crop's side, as a fraction of the image's (torchvision's 224 of 256)
+SCALE_ZOOMS = (1.25, 0.8)  # scale: zoomed in (the centre 1/1.25 of the side) and out (shrunk, reflection-padded)
 
 
-def predict_views(learn, dl, n_tta: int = 4):
-    """Probabilities of `dl` as an array (1 + n_tta, N, C) and the targets (or None for unlabeled items).
+def _resize(x: torch.Tensor, hw: tuple, antialias: bool = False) -> torch.Tensor:
+    return F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=antialias)
 
-    The augmented views use the training transforms, as fastai's `Learner.tta` does, but every view is kept so any
-    blend (fastai's `beta`, max, or a learned one) can be recomputed from the run store later.
+
+def named_views(name: str, x: torch.Tensor) -> list:
+    """The deterministic TTA views `name` of a batch `x` (B, C, H, W), each of the same size as `x`.
+
+    'flip': the mirror image (left-right). 'crop5': the 4 corner crops and the centre crop (top-left, top-right,
+    bottom-left, bottom-right, centre) of side `CROP_FRAC` of the image's, each resized back (bilinear). 'scale': the
+    centre 1/1.25 of the image resized back (zoomed in x1.25), and the whole image shrunk to 0.8 of its side
+    (antialiased) and reflection-padded back (zoomed out). Flips, crops, bilinear resizing and padding commute with
+    per-channel normalisation, so the views of a normalised batch are those of the images.
+    """
+    x = x.as_subclass(torch.Tensor)  # fastai's tensor subclasses are dropped
+    h, w = x.shape[-2:]
+    if name == "flip":
+        return [x.flip(-1)]
+    if name == "crop5":
+        ch, cw = round(h * CROP_FRAC), round(w * CROP_FRAC)
+        boxes = [(0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw), ((h - ch) // 2, (w - cw) // 2)]
+        return [_resize(x[..., t:t + ch, l:l + cw], (h, w)) for t, l in boxes]
+    if name == "scale":
+        zin, zout = SCALE_ZOOMS
+        ch, cw = round(h / zin), round(w / zin)
+        t, l = (h - ch) // 2, (w - cw) // 2
+        sh, sw = round(h * zout), round(w * zout)
+        small = _resize(x, (sh, sw), antialias=True)
+        pt, pl = (h - sh) // 2, (w - sw) // 2
+        return [_resize(x[..., t:t + ch, l:l + cw], (h, w)),
+                F.pad(small, (pl, w - sw - pl, pt, h - sh - pt), mode="reflect")]
+    raise ValueError(f"unknown TTA view {name!r}; known: {', '.join(TTA_VIEW_NAMES)}")
+
+
+def view_count(recipe) -> int:
+    """How many views a run of `recipe` stores: the plain one, its named views and its `tta` random ones."""
+    return 1 + sum(TTA_VIEW_NAMES[n] for n in recipe.tta_views) + recipe.tta
+
+
+class _View(Callback):
+    """Replaces each batch's input by its `k`-th view `name` (`named_views`) while `get_preds` runs."""
+
+    order = 90
+
+    def __init__(self, view: str, k: int):
+        self.view, self.k = view, k  # (fastai's Callback.name is a read-only property)
+
+    def before_batch(self):
+        self.learn.xb = (named_views(self.view, self.xb[0])[self.k], *self.xb[1:])
+
+
+def predict_views(learn, dl, n_tta: int = 4, names: tuple = ()):
+    """Probabilities of `dl` as an array (1 + named + n_tta, N, C) and the targets (or None for unlabeled items).
+
+    `names`: the deterministic views (`named_views`), stored after the plain view in this order. The augmented views
+    use the training transforms, as fastai's `Learner.tta` does, but every view is kept so any blend (fastai's
+    `beta`, max, or a learned one) can be recomputed from the run store later.
     """
     dl = dl.new(shuffle=False, drop_last=False)
     with learn.no_bar():
         probs, targs = learn.get_preds(dl=dl)
         views = [probs]
+        for name in names:
+            for k in range(TTA_VIEW_NAMES[name]):
+                views.append(learn.get_preds(dl=dl, cbs=[_View(name, k)])[0])
         with dl.dataset.set_split_idx(0):
             for _ in range(n_tta):
                 views.append(learn.get_preds(dl=dl)[0])
@@ -31,11 +93,12 @@ def predict_views(learn, dl, n_tta: int = 4):
     return torch.stack(views).float().numpy(), targets
 
 
-def pooled_features(body: torch.nn.Module, pool: torch.nn.Module, dl, n_aug: int = 0):
-    """The body's pooled activations `pool(body(x))` of every item of `dl`: ((1 + n_aug, N, F) float32, targets).
+def pooled_features(body: torch.nn.Module, pool: torch.nn.Module, dl, n_aug: int = 0, names: tuple = ()):
+    """The body's pooled activations `pool(body(x))` of every item of `dl`: ((1 + named + n_aug, N, F) float32,
+    targets), in `predict_views`' order.
 
-    View 0 uses the loader's own transforms (plain on valid/test, augmented on train), views 1.. the training
-    (augmenting) batch transforms. Each batch is decoded once and its views come from applying the batch transforms
+    View 0 uses the loader's own transforms (plain on valid/test, augmented on train), then the named views of view
+    0 (`named_views`), then the training (augmenting) batch transforms. Each batch is decoded once and its views come from applying the batch transforms
     again, which holds because the item transforms (crop, squish resize) are deterministic. The body runs in eval
     mode (frozen batch-norm statistics), as fastai 0.7's `precompute=True` did.
     """
@@ -44,16 +107,23 @@ def pooled_features(body: torch.nn.Module, pool: torch.nn.Module, dl, n_aug: int
     dl = dl.new(shuffle=False, drop_last=False)
     tfms, dl.after_batch = dl.after_batch, noop  # the loader yields decoded, untransformed batches
     split, old = getattr(dl.dataset, "split_idx", None), getattr(tfms, "split_idx", None)
-    views, targs = [[] for _ in range(1 + n_aug)], []
+    n_named = sum(TTA_VIEW_NAMES[n] for n in names)
+    views, targs = [[] for _ in range(1 + n_named + n_aug)], []
     was_training = body.training
     body.eval()
     try:
         with torch.no_grad():
             for b in dl:
                 for v, out in enumerate(views):
+                    if 0 < v <= n_named:
+                        continue
                     tfms.split_idx = split if v == 0 else 0
-                    x = tfms(b)[0].as_subclass(torch.Tensor)  # fastai's tensor subclasses are dropped
-                    out.append(pool(body(x.to(device))).float().cpu())
+                    x = tfms(b)[0].as_subclass(torch.Tensor).to(device)  # fastai's tensor subclasses are dropped
+                    out.append(pool(body(x)).float().cpu())
+                    if v == 0:
+                        named = [y for n in names for y in named_views(n, x)]
+                        for k, y in enumerate(named, 1):
+                            views[k].append(pool(body(y)).float().cpu())
                 if len(b) > 1:
                     targs.append(b[1].as_subclass(torch.Tensor).cpu())
     finally:

@@ -6,7 +6,7 @@ folder wins on a name clash, so a user's own `recipes/tshirts.py` replaces the b
 """
 
 __all__ = ["Recipe", "RecipeEntry", "builtin_recipe_dir", "crop_overrides", "find_recipes", "get_recipe", "load_recipe_file",
-           "parse_trim", "AUG_PRESETS", "aug_overrides", "parse_sets"]
+           "parse_trim", "AUG_PRESETS", "aug_overrides", "parse_sets", "TTA_VIEW_NAMES", "parse_sizes"]
 
 import dataclasses
 import importlib.util
@@ -22,6 +22,8 @@ from .errors import FastclsError, suggest
 
 Layout = Literal["folder", "csv", "npz", "digits", "custom"]
 Crop = Literal["none", "center", "trim"]
+# deterministic TTA views by name (fastcls.predict.named_views): how many views each stores
+TTA_VIEW_NAMES = {"flip": 1, "crop5": 5, "scale": 2}
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ class Recipe:
     group_col: Optional[str] = None
     # -- images
     size: Optional[int] = 224  # None: inferred from the images (fastcls.data.resolve_recipe)
+    # progressive resizing (fastcls.train.resize): smaller sizes trained at before `size`, the run's epochs split
+    # evenly between (*progressive_sizes, size); validation, TTA and the stored predictions are at `size`
+    progressive_sizes: tuple = ()
     crop: Crop = "none"
     trim: tuple = (0, 0, 0, 0)  # top, bottom, left, right: pixels (int) or fractions of the original (float < 1)
     aug: bool = True
@@ -96,10 +101,14 @@ class Recipe:
     wd: Optional[float] = None
     label_smoothing: float = 0.0
     imbalance: str = "none"  # fastcls.imbalance strategies, comma-combined: "none", "focal,oversample,logit-adjust"
+    drw_start: float = 0.8  # imbalance 'drw': the class weights switch on after this fraction of the last stage
     tune_thresholds: bool = False  # per-class offsets fitted on valid for macro-F1, applied to the stored predictions
     calibrate: bool = False  # temperature scaling fitted on valid (log likelihood), applied to the stored predictions
     patience: Optional[int] = None  # early stopping on the monitored metric (None: off)
     tta: int = 4  # augmented views stored next to the plain prediction
+    # deterministic TTA views by name, stored after the plain view and before the `tta` random ones: 'flip' (the
+    # mirror image), 'crop5' (4 corners + centre, 87.5% of the side, resized back), 'scale' (zoomed in x1.25, out x0.8)
+    tta_views: tuple = ()
     # -- submission
     sub_id_col: str = "id"
     sub_label_col: str = "label"
@@ -131,6 +140,9 @@ class Recipe:
     lr_gamma: Optional[float] = None  # step / plateau: lr factor (default 0.1); exp: per epoch (default 0.95)
     lr_step: int = 10  # step: epochs between two lr cuts
     lr_patience: int = 2  # plateau: epochs without improvement of the monitored metric before a cut
+    # gradient accumulation: `bs` is the micro-batch (what memory holds), one optimizer step per `accum` micro-batches,
+    # so the effective batch is bs * accum (fastcls.train.schedules.Accumulate)
+    accum: int = 1
 
     def __post_init__(self):
         checks = [("size", self.size is None or self.size > 0, "a positive number of pixels (or None: inferred)"),
@@ -156,7 +168,14 @@ class Recipe:
                   ("lr_gamma", self.lr_gamma is None or 0 < self.lr_gamma <= 1, "in (0, 1] (or None)"),
                   ("lr_patience", self.lr_patience >= 1, ">= 1 epoch"),
                   ("cache_budget", self.cache_budget is None or _is_size(self.cache_budget),
-                   "a size such as '20G' or '500M' (or None: the free disk space)")]
+                   "a size such as '20G' or '500M' (or None: the free disk space)"),
+                  ("progressive_sizes", all(isinstance(v, int) and v > 0 for v in self.progressive_sizes),
+                   "positive numbers of pixels, e.g. 128,160 (the final one is `size`)"),
+                  ("drw_start", 0 <= self.drw_start < 1, "in [0, 1)"),
+                  ("accum", self.accum >= 1, ">= 1 micro-batch per step"),
+                  ("tta_views", all(v in TTA_VIEW_NAMES for v in self.tta_views) and
+                   len(set(self.tta_views)) == len(self.tta_views),
+                   f"distinct names among {', '.join(TTA_VIEW_NAMES)} (e.g. flip,crop5)")]
         for key, ok, want in checks:
             if not ok:
                 raise FastclsError(f"Recipe {self.name!r}: setting {key!r} must be {want}, got {getattr(self, key)!r}.")
@@ -314,6 +333,20 @@ def parse_trim(text: str) -> tuple:
     if len(vals) != 4 or any(v < 0 for v in vals):
         raise FastclsError(f"--trim takes 4 margins >= 0 as top,bottom,left,right in pixels (e.g. 400,100,50,50) or as "
                            f"fractions of the original image (e.g. 0.2,0.05,0.05,0.05); got {text!r}.")
+    return vals
+
+
+def parse_sizes(text) -> tuple:
+    """'224' -> (224,); '128,224' (progressive resizing: the last is the final size) -> (128, 224); an int or a
+    sequence of ints passes through as a tuple."""
+    parts = [text] if isinstance(text, int) else list(text) if isinstance(text, (list, tuple)) else str(text).split(",")
+    try:
+        vals = tuple(int(str(p).strip()) for p in parts)
+    except ValueError:
+        vals = ()
+    if not vals or any(v <= 0 for v in vals):
+        raise FastclsError(f"--size takes an image size in pixels (224), or several comma-separated for progressive "
+                           f"resizing, the final one last (128,224); got {text!r}.")
     return vals
 
 

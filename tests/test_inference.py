@@ -33,7 +33,8 @@ def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     for args in (["--name", "a"], ["--name", "b", "--size", "24", "--ps", "0.1"], ["--name", "t", "--tta", "2"],
                  ["--name", "k", "--folds", "2"], ["--name", "p", "--tune-thresholds", "--imbalance", "logit-adjust"],
-                 ["--name", "m", "--set", "sub_format=topk", "--set", "sub_k=3"]):
+                 ["--name", "m", "--set", "sub_format=topk", "--set", "sub_k=3"],
+                 ["--name", "v", "--tta-views", "flip,crop5,scale"]):
         res = CliRunner().invoke(app, ["train", "digits", "simple_cnn", *PLAIN, *args, "--runs-dir", str(root)])
         assert res.exit_code == 0, res.output
     return RunStore(root)
@@ -67,6 +68,21 @@ def test_run_reproduces_stored_views(store):
     assert res.ids == list(run.test_ids)
     plain = predict(store, "a")
     np.testing.assert_allclose(plain.probs, _stored(store, "a")[0], atol=1e-4)
+
+
+def test_named_views_are_stored_and_reproduced_exactly(store):
+    """--tta-views flip,crop5,scale: 1 + 1 + 5 + 2 deterministic views stored, each reproduced by predict; the blend
+    is the one `fastcls submit` writes."""
+    run = store.load("v")
+    assert run.config["tta_views"] == ["flip", "crop5", "scale"]
+    assert run.test_probs.shape == run.valid_probs.shape[:1] + (297, 10) == (9, 297, 10)
+    res = predict(store, "v")
+    views = res.members[run.id]
+    np.testing.assert_allclose(views, run.test_probs, atol=1e-4)
+    for k in range(1, 9):  # each view is its own picture
+        assert np.abs(views[k] - views[0]).max() > 1e-4, k
+    np.testing.assert_allclose(res.probs, 0.25 * views[0] + 0.75 * views[1:].mean(0), atol=1e-6)
+    np.testing.assert_allclose(predict(store, "v", tta=False).probs, run.test_probs[0], atol=1e-4)
 
 
 def test_posthoc_steps_are_applied(store):

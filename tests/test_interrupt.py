@@ -40,6 +40,10 @@ CONFIGS = {
                                                 sched="plateau", sets=["lr_patience=2", "lr_gamma=0.5"]),
     # ranger: fastai's Lookahead keeps a step count and slow weights beside RAdam's state
     "ranger": lambda w: RunConfig.from_options("digits", "simple_cnn", **{**TINY3, "epochs": 2}, opt="ranger"),
+    # progressive resizing: the smaller size's loaders share the shuffling generators the checkpoint saves
+    "progressive": lambda w: RunConfig.from_options("digits", "simple_cnn", **{**TINY3, "size": "16,20"}),
+    # gradient accumulation: 10 micro-batches per epoch, steps after 3, 6, 9; the 10th is dropped
+    "accum": lambda w: RunConfig.from_options("digits", "simple_cnn", **TINY3, accum=3),
 }
 
 
@@ -76,6 +80,8 @@ def _interrupt(cfg, store, point, monkeypatch):
     ("ema", "after-epoch-1"),     # the average halfway: restored from the checkpoint
     ("plateau", "after-epoch-1"),  # the plateau callback's wait counter restored (patience 2)
     ("ranger", "after-epoch-0"),  # 10 steps done: the next slow-weight sync (every 6) needs the saved count
+    ("progressive", "after-epoch-0"),  # interrupted at 16 px: resumes at 16 px, then 20 px
+    ("accum", "after-epoch-0"),
 ])
 def test_resume_gives_the_uninterrupted_result(store, reference, body_weights, config, point, monkeypatch):
     ref = reference(config)

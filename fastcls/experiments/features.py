@@ -37,12 +37,11 @@ from torch.optim.swa_utils import update_bn
 from .. import data as fdata
 from ..archs import build_body, get_arch, make_head, resolve_weights, split_head
 from ..errors import FastclsError
-from ..predict import pooled_features
+from ..predict import encode_labels, pooled_features, view_count
 from ..budget import check_disk
 from ..files import read_json, write_atomic, write_json, write_npy
 from ..train import Predictions, RunResult, learner, store_run, train
 from ..config import RunConfig
-from ..predict import encode_labels
 
 FEATURE_FORMAT = 2  # 1: one float32 .npz per key (read once and converted)
 _KEY_VERSION = 1  # what the features are, not how they are stored: format 2 kept the keys of format 1
@@ -51,7 +50,7 @@ BN_IMAGES = 512  # training images (at most) that re-estimate the body's batch-n
 FEATURE_BS = 64  # extraction batch size: fixed, so the cache does not depend on the head's training batch size
 # recipe settings that only affect the head's training or the report: sweeping them reuses the same features
 HEAD_ONLY = frozenset({"description", "metric", "archs", "epochs", "freeze_epochs", "lr", "ps", "ps_grid", "bs", "wd",
-                       "layer_decay",
+                       "layer_decay", "accum", "drw_start", "progressive_sizes",
                        "label_smoothing", "imbalance", "patience", "sub_id_col", "sub_label_col", "sub_id",
                        "sub_template", "cache_budget"})
 
@@ -148,7 +147,7 @@ def compute_features(cfg: RunConfig, items: fdata.Items, views: int, body: nn.Mo
     d = fdata.dls(recipe, items, seed=cfg.seed, sample=cfg.sample, stats=cfg.norm_stats)
     if progress != "none":
         print(f"Computing {cfg.arch} features: {views} augmented view(s) of {len(d.train_ds)} training images, "
-              f"{1 + recipe.tta} view(s) of valid and test", flush=True)
+              f"{view_count(recipe)} view(s) of valid and test", flush=True)
     pool, _ = split_head(make_head(cfg.arch, body.num_features, len(d.vocab), 0.0))
     if any(True for _ in pool.parameters()):
         raise FastclsError(f"The head of {cfg.arch} has parameters before its Flatten, so its input cannot be cached "
@@ -161,9 +160,9 @@ def compute_features(cfg: RunConfig, items: fdata.Items, views: int, body: nn.Mo
             update_bn(itertools.islice(d.train, max(1, BN_IMAGES // FEATURE_BS)), body, device=device)
     set_seed(cfg.seed)
     train_x, train_y = pooled_features(body, pool, d.train, views - 1)
-    valid_x, valid_y = pooled_features(body, pool, d.valid, recipe.tta)
+    valid_x, valid_y = pooled_features(body, pool, d.valid, recipe.tta, recipe.tta_views)
     tdl = fdata.test_dl(d, items)
-    test_x = pooled_features(body, pool, tdl, recipe.tta)[0] if tdl is not None else None
+    test_x = pooled_features(body, pool, tdl, recipe.tta, recipe.tta_views)[0] if tdl is not None else None
     test = items.test if test_x is not None else None
     test_y = encode_labels(test["label"], d.vocab) if test is not None and "label" in test else None
     body.cpu()

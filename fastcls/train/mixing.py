@@ -78,6 +78,14 @@ def check_mixing(recipe: Recipe, strategies: tuple):
     if mixes and recipe.epochs and recipe.mix_off_epoch > recipe.epochs:
         raise FastclsError(f"{name}: --mix-off-epoch {recipe.mix_off_epoch} is more than the {recipe.epochs} epochs "
                            "of the last stage it counts from; give at most --epochs.")
+    if mixes and "soft-f1" in strategies:
+        raise FastclsError(f"{name}: mixing (--{'mixup' if recipe.mixup > 0 else 'cutmix'}) cannot wrap the soft-F1 "
+                           "loss (--imbalance soft-f1): fastai's MixUp/CutMix blend per-item losses, and the soft F1 "
+                           "is one number per batch. Drop the mixing or use another loss.")
+    if mixes and "drw" in strategies:
+        raise FastclsError(f"{name}: mixing (--{'mixup' if recipe.mixup > 0 else 'cutmix'}) cannot wrap the deferred "
+                           "re-weighting (--imbalance drw), for the reason it cannot wrap 'weights': fastai's "
+                           "MixUp/CutMix average the per-item losses plainly, dropping the weighted mean. Drop one.")
     if mixes and "weights" in strategies:
         raise FastclsError(f"{name}: mixing (--{'mixup' if recipe.mixup > 0 else 'cutmix'}) cannot wrap the "
                            "class-weighted loss (--imbalance weights): fastai's MixUp/CutMix average the per-item "

@@ -27,12 +27,13 @@ from .checkpoint import Checkpointer, RunInterrupted, interrupt_signals, read_ch
 from .learner import imbalance_plan, learner, metric_names, schedule
 from .mixing import check_mixing, mixing
 from .ema import Ema, choose
-from .schedules import check_schedule, fit_stage, plateau
+from .resize import ProgressiveResize, check_progressive, epoch_sizes, size_loaders
+from .schedules import accumulation, check_schedule, fit_stage, plateau
 from ..errors import FastclsError
 from ..posthoc import PostHoc, fit_posthoc
-from ..imbalance import parse_imbalance
+from ..imbalance import DeferredReweight, parse_imbalance
 from ..metrics import expected_calibration_error, get_metric
-from ..predict import encode_labels, predict_views, tta_blend
+from ..predict import encode_labels, predict_views, tta_blend, view_count
 from ..recipe import Recipe
 from ..runs import RunData, RunStore
 
@@ -89,6 +90,7 @@ def prepare(cfg: RunConfig, items: Optional[fdata.Items] = None, store: Optional
     strategies = parse_imbalance(cfg.recipe.imbalance)
     check_mixing(cfg.recipe, strategies)
     check_schedule(cfg.recipe)
+    check_progressive(cfg)
     if store is not None:
         store.check_writable()
     items = items if items is not None else fdata.read_items(cfg.recipe, cfg.data)
@@ -98,7 +100,8 @@ def prepare(cfg: RunConfig, items: Optional[fdata.Items] = None, store: Optional
 
 
 def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, cbs: tuple = (),
-          checkpoint: Optional[Checkpointer] = None) -> tuple[pd.DataFrame, Optional[int]]:
+          checkpoint: Optional[Checkpointer] = None,
+          sized: Optional[dict] = None) -> tuple[pd.DataFrame, Optional[int]]:
     """Frozen stage, then the unfrozen stage with discriminative LRs, each with the recipe's optimizer and lr
     schedule (`fastcls.train.schedules`); the best epoch's weights are kept.
 
@@ -111,6 +114,8 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, c
         cbs: extra callbacks for every stage.
         checkpoint: saves the training state after every epoch; when it holds a checkpoint, training continues
             from there (fastai's `start_epoch`) instead of starting over.
+        sized: {size: DataLoaders} of the recipe's `progressive_sizes` (`fastcls.train.resize.size_loaders`): each
+            epoch trains at its size (`epoch_sizes`), validation stays on `learn.dls` (the final size).
 
     Returns:
         The per-epoch history and the index of the best epoch.
@@ -131,6 +136,8 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, c
         es = EarlyStop(monitor=monitor, comp=better, patience=recipe.patience, reset_on_fit=False)
         cbs.append(es)
     ema = Ema(recipe.ema) if recipe.ema and stages is None else None  # for the last stage only
+    plan = getattr(learn, "imbalance", None)
+    drw = DeferredReweight(plan.drw, recipe.drw_start) if plan is not None and plan.drw is not None else None
     learn.run_ema = ema  # (not `learn.ema`: fastai names an added callback `ema` on the learner and deletes it after)
     cut = plateau(recipe, monitor)
     if cut is not None:
@@ -141,11 +148,20 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, c
     mix = mixing(recipe) if stages is None else None
     if mix is not None:
         cbs.append(mix)
+    acc = accumulation(recipe)
+    if acc is not None:
+        cbs.append(acc)
     set_seed(cfg.seed)
+    resize = None
+    if sized and stages is None:  # (not on the fast path's cached features)
+        resize = ProgressiveResize(sized, epoch_sizes(recipe, sum(n for _, n, _, _ in schedule(cfg))), learn.dls)
+        cbs.append(resize)
     stages = schedule(cfg, len(learn.splitter(learn.model))) if stages is None else stages
     for i, (stage, n_epochs, lr, unfreeze) in enumerate(stages):
         if unfreeze:
             learn.unfreeze()
+        if resize is not None:
+            resize.first = sum(n for _, n, _, _ in stages[:i])
         if mix is not None:  # the last stage's last `mix_off_epoch` epochs train on plain batches
             last = i == len(stages) - 1 and recipe.mix_off_epoch
             mix.off_from = n_epochs - recipe.mix_off_epoch if last else None
@@ -155,8 +171,8 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, c
             checkpoint.stage = i
             start = checkpoint.start_epoch(i, n_epochs)
         if start < n_epochs:  # a resumed run skips the stages and epochs it had finished
-            last = ema is not None and i == len(stages) - 1
-            fit_stage(learn, recipe, n_epochs, lr, cbs + [ema] if last else cbs, start)
+            last = [c for c in (ema, drw) if c is not None] if i == len(stages) - 1 else []
+            fit_stage(learn, recipe, n_epochs, lr, cbs + last, start)
     if checkpoint is not None and checkpoint.pending:  # every epoch was done before: only the state is left to load
         checkpoint.restore(learn)
     keep.restore(learn.model)
@@ -200,6 +216,7 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
     prep = prepare(cfg, items, store)
     cfg, items, recipe = prep.cfg, prep.items, prep.cfg.recipe
     d = prep.dls()
+    sized = size_loaders(prep.dls, recipe)  # progressive resizing: the smaller sizes' loaders
     resume = read_checkpoint(store.checkpoint_path(run_id)) if run_id else None
     learn = learner(d, cfg, load_weights=resume is None, plan=imbalance_plan(recipe, d, prep.imbalance))
     store.check_writable(_bytes_needed(learn, d, items, recipe))
@@ -212,7 +229,7 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
     try:
         with interrupt_signals():
             return _train_and_store(cfg, store, rid, learn, d, items, ckpt, progress, t0 - prior, sweep, kind, extra,
-                                    cbs)
+                                    cbs, sized)
     except KeyboardInterrupt as e:
         if store.is_done(rid):  # Ctrl-C in the last instant of saving: the run is complete
             raise
@@ -242,15 +259,17 @@ def fit_run(cfg: RunConfig, store: RunStore, progress: str = "auto", items: Opti
 
 def _train_and_store(cfg: RunConfig, store: RunStore, rid: str, learn: Learner, d, items: fdata.Items,
                      ckpt: Checkpointer, progress: str, t0: float, sweep: Optional[str], kind: str = "train",
-                     extra: Optional[dict] = None, cbs: tuple = ()) -> RunResult:
+                     extra: Optional[dict] = None, cbs: tuple = (), sized: Optional[dict] = None) -> RunResult:
     recipe = cfg.recipe
     with fdist.distrib(learn):
-        history, best_epoch = train(learn, cfg, progress, checkpoint=ckpt, cbs=cbs)
+        history, best_epoch = train(learn, cfg, progress, checkpoint=ckpt, cbs=cbs, sized=sized)
+    if sized:
+        extra = {**(extra or {}), "epoch_sizes": epoch_sizes(recipe, sum(n for _, n, _, _ in schedule(cfg)))}
     tdl = fdata.test_dl(d, items)
 
     def predict():
-        return (*predict_views(learn, d.valid, recipe.tta),
-                predict_views(learn, tdl, recipe.tta)[0] if tdl is not None else None)
+        return (*predict_views(learn, d.valid, recipe.tta, recipe.tta_views),
+                predict_views(learn, tdl, recipe.tta, recipe.tta_views)[0] if tdl is not None else None)
     ema_metrics, ema_meta = {}, {}
     if learn.run_ema is not None and learn.run_ema.weights is not None:  # raw and averaged model: keep the better
         (valid_probs, valid_targets, test_probs), ema_metrics, ema_meta = choose(learn, learn.run_ema, recipe, predict)
@@ -409,7 +428,7 @@ def _bytes_needed(learn: Learner, d, items: fdata.Items, recipe: Recipe) -> int:
     while it is replaced, and the stored probabilities; plus a margin."""
     weights = sum(v.numel() * v.element_size() for v in learn.model.state_dict().values())
     n_items = len(d.valid_ds) + (len(items.test) if items.test is not None else 0)
-    probs = 4 * (1 + recipe.tta) * n_items * len(d.vocab)
+    probs = 4 * view_count(recipe) * n_items * len(d.vocab)
     return weights * (1 + 2 * 4) + probs + 16 * 2**20
 
 

@@ -5,14 +5,17 @@ the default's. Every schedule is fastai's `ParamScheduler` over the stage's fit 
 default, or fastai's `ReduceLROnPlateau`); discriminative learning rates (``slice(lo, hi)``) scale every group alike.
 """
 
-__all__ = ["SCHEDULES", "OPTIMIZERS", "opt_func", "fit_stage", "lr_curve", "plateau", "Plateau", "check_schedule"]
+__all__ = ["SCHEDULES", "OPTIMIZERS", "opt_func", "fit_stage", "lr_curve", "plateau", "Plateau", "check_schedule",
+           "Accumulate", "accumulation"]
 
 import functools
 import math
 
 import numpy as np
 from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, combine_scheds
+from fastai.callback.core import CancelBatchException
 from fastai.callback.tracker import ReduceLROnPlateau
+from fastai.callback.training import GradientAccumulation
 from fastai.optimizer import SGD, Adam, Lamb, Optimizer, average_grad, ranger, weight_decay
 from fastcore.basics import listify
 
@@ -92,6 +95,35 @@ class Plateau(ReduceLROnPlateau):
 
     def load_state_dict(self, state: dict):
         self.best, self.wait = state["best"], state["wait"]
+
+
+class Accumulate(GradientAccumulation):
+    """fastai's `GradientAccumulation` counted in micro-batches: one optimizer step per `n_acc` micro-batches, each
+    micro-batch's loss scaled by 1 / n_acc, so n equal micro-batches step exactly like one batch n times larger.
+
+    Every epoch starts a fresh accumulation (its last micro-batches that do not fill a step are dropped, as fastai's
+    `drop_last` drops a partial batch), so an epoch's steps do not depend on the one before and a resumed run stays
+    exact. The lr schedules advance per micro-batch; EMA and the step-counting optimizers per step.
+    """
+
+    def before_train(self):
+        self.count = 0
+        self.learn.opt.zero_grad()
+
+    def after_loss(self):
+        self.learn.loss_grad /= self.n_acc
+
+    def before_step(self):
+        self.learn.loss_grad *= self.n_acc  # the recorded loss is the micro-batch's own
+        self.count += 1
+        if self.count < self.n_acc:
+            raise CancelBatchException()  # no step, no zero_grad: the gradients add up
+        self.count = 0
+
+
+def accumulation(recipe: Recipe):
+    """The run's `Accumulate` callback for `recipe.accum` > 1 micro-batches per step, or None."""
+    return Accumulate(recipe.accum) if recipe.accum > 1 else None
 
 
 def plateau(recipe: Recipe, monitor: str):
