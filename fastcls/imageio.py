@@ -5,7 +5,7 @@ item row, and a run's item pipeline as numpy (`preprocess`).
 uses them directly, so both see the same pixels.
 """
 
-__all__ = ["to_rgb", "load_image", "trim_box", "center_box", "row_image", "preprocess"]
+__all__ = ["to_rgb", "load_image", "trim_box", "center_box", "row_image", "preprocess", "normalise", "batches"]
 
 import warnings
 from typing import Optional
@@ -76,10 +76,9 @@ def row_image(x, arrays: Optional[dict] = None, src=None, blank: frozenset = fro
     return load_image(x)
 
 
-def preprocess(img: Image.Image, size: int, crop: str = "none", trim=(0, 0, 0, 0), stats=None) -> np.ndarray:
-    """A run's plain item pipeline as numpy: crop on the original, squish-resize (bilinear) to size x size, 0..1
-    float32, normalised by `stats` (mean, std; None: not normalised). Returns (3, size, size) float32, the same values
-    as the fastai pipeline (`fastcls.data.item_tfms`, IntToFloatTensor, `NormalizeInplace`) on the CPU."""
+def preprocess(img: Image.Image, size: int, crop: str = "none", trim=(0, 0, 0, 0)) -> np.ndarray:
+    """A run's item transforms as numpy: crop on the original, squish-resize (bilinear) to size x size. Returns
+    (3, size, size) uint8, the same pixels as `fastcls.data.item_tfms` gives."""
     if crop == "trim":
         box = trim_box(trim, *img.size)
         if box is None:
@@ -88,9 +87,22 @@ def preprocess(img: Image.Image, size: int, crop: str = "none", trim=(0, 0, 0, 0
         img = img.crop(box)
     elif crop == "center":
         img = img.crop(center_box(*img.size))
-    x = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8).transpose(2, 0, 1)
+    return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8).transpose(2, 0, 1)
+
+
+def normalise(x: np.ndarray, stats=None) -> np.ndarray:
+    """uint8 images (..., 3, H, W) -> 0..1 float32 normalised by `stats` (mean, std; None: not normalised), the same
+    float32 operations as fastai's IntToFloatTensor and `NormalizeInplace` (on the CPU fastai also warps a valid batch
+    by the identity when the run has affine augmentations, which moves values by ~1e-7)."""
     x = x.astype(np.float32) / np.float32(255)
     if stats is not None:
         mean, std = (np.asarray(s, dtype=np.float32).reshape(3, 1, 1) for s in stats)
         x = (x - mean) / std
     return x
+
+
+def batches(n: int, image, bs: int, size: int, crop: str = "none", trim=(0, 0, 0, 0)):
+    """The `n` images (`image(i)` -> RGB PIL image) through `preprocess`, as (B, 3, size, size) uint8 batches of up to
+    `bs` images, in order."""
+    for lo in range(0, n, bs):
+        yield np.stack([preprocess(image(i), size, crop, trim) for i in range(lo, min(n, lo + bs))])

@@ -230,29 +230,67 @@ def _load_model(net: dict, n_classes: int, verify: bool = True):
     return cfg, model.eval()
 
 
-def _onnx_views(net: dict, items: fdata.Items, bs: Optional[int], tick) -> np.ndarray:
-    """(1, N, C) probabilities of one model with onnxruntime (`fastcls.onnx_runtime`): the plain view only."""
+def _image_getter(items: fdata.Items):
+    """(number of test items, image(i) -> the RGB PIL image of test item i), as training reads them."""
     from .imageio import row_image
-    from .onnx_runtime import net_views
     xs = items.test["x"].tolist()
     srcs = items.test["src"].tolist() if "src" in items.test else [None] * len(xs)
+    return len(xs), lambda i: row_image(xs[i], items.arrays, srcs[i], items.blank)
+
+
+def _onnx_views(net: dict, items: fdata.Items, bs: Optional[int], tick) -> np.ndarray:
+    """(1, N, C) probabilities of one model with onnxruntime (`fastcls.onnx_runtime`): the plain view only."""
+    from .onnx_runtime import net_views
     bs = bs or RunConfig.from_dict(net["config"], lenient=True).recipe.bs
-    return net_views(net, len(xs), lambda i: row_image(xs[i], items.arrays, srcs[i], items.blank), bs, tick)
+    return net_views(net, *_image_getter(items), bs, tick)
+
+
+def _torch_plain(net: dict, cfg: RunConfig, model, items: fdata.Items, bs: Optional[int], device, tick):
+    """(N, C) probabilities of the plain view with torch: the images through `fastcls.imageio.batches` (the item
+    transforms' pixels, without fastai's per-item dispatch and copies), the run's batch transforms as on its valid set
+    (fastai's, so the values are the stored ones bit for bit), the model in inference mode, with mixed precision and
+    channels-last on a GPU as in training (`fastcls.hardware.resolve_accel`)."""
+    import torch
+    from fastai.data.transforms import IntToFloatTensor
+    from fastai.vision.core import TensorImage
+    from fasttransform import Pipeline
+    from .hardware import resolve_accel
+    from .imageio import batches
+    r, dev = cfg.recipe, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    acc = resolve_accel(dev.type == "cuda")
+    fmt = torch.channels_last if acc["channels_last"] else torch.contiguous_format
+    model = model.to(dev, memory_format=fmt)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16 if acc["amp"] == "bf16" else torch.float16,
+                         enabled=bool(acc["amp"]))
+    stats = tuple(net["stats"]) if net.get("stats") is not None else None
+    tfms = Pipeline([IntToFloatTensor(), *fdata.batch_tfms(r, stats)], split_idx=1)
+    out = []
+    with torch.inference_mode(), amp:
+        for b in batches(*_image_getter(items), bs or r.bs, r.size, r.crop, r.trim):
+            x = tfms(TensorImage(torch.from_numpy(b).to(dev))).as_subclass(torch.Tensor)
+            out.append(model(x.contiguous(memory_format=fmt)).float().softmax(1).cpu())
+            if tick is not None:
+                tick(len(b))
+    return torch.cat(out).numpy()
 
 
 def _net_views(net: dict, items: fdata.Items, vocab: list, bs: Optional[int], device, tta: bool,
                runtime: str = "torch", tick=None):
     """(views, N, C) probabilities of one model on the items: the run's item pipeline, normalisation and TTA, with
-    torch (fastai's pipeline) or onnxruntime (`_onnx_views`); `tick(k)` after each batch of k images."""
+    torch or onnxruntime (`_onnx_views`); `tick(k)` after each batch of k images. The plain view runs in a plain
+    loop (`_torch_plain`), the random TTA views through fastai's pipeline with the run's training transforms."""
     if runtime == "onnx":
         return _onnx_views(net, items, bs, tick)
+    cfg, model = _load_model(net, len(vocab))
+    plain = _torch_plain(net, cfg, model, items, bs, device, tick)[None]
+    if not tta or not net["tta"]:
+        return plain
     from fastai.callback.core import Callback
     from fastai.data.block import DataBlock
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     from fastai.vision.data import ImageBlock
     from .hardware import accelerate
-    cfg, model = _load_model(net, len(vocab))
     r = cfg.recipe
     stats = tuple(net["stats"]) if net.get("stats") is not None else None
     n = len(items.test)
@@ -269,7 +307,7 @@ def _net_views(net: dict, items: fdata.Items, vocab: list, bs: Optional[int], de
                 tick(len(self.learn.xb[0]))
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=[Tick()])
     accelerate(learn, None, None, False)
-    return predict_views(learn, dls.valid, net["tta"] if tta else 0)[0]
+    return np.concatenate([plain, predict_views(learn, dls.valid, net["tta"], plain=False)[0]])
 
 
 def _member_probs(member: dict, items, vocab, bs, device, tta: bool, runtime: str = "torch", tick=None):

@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import FastclsError
 from .files import file_sha256
-from .imageio import preprocess
+from .imageio import batches, normalise
 
 OPSET = 17
 INSTALL = "pip install 'fastcls[onnx]' (or: pip install onnx onnxruntime)"
@@ -62,9 +62,8 @@ def net_views(net: dict, n: int, image: Callable, bs: int = 64, tick: Optional[C
     spec, stats = net["onnx"], net.get("stats")
     name = sess.get_inputs()[0].name
     out = []
-    for lo in range(0, n, bs):
-        x = np.stack([preprocess(image(i), spec["size"], spec.get("crop") or "none", spec.get("trim") or (0, 0, 0, 0),
-                                 stats) for i in range(lo, min(n, lo + bs))])
+    for b in batches(n, image, bs, spec["size"], spec.get("crop") or "none", spec.get("trim") or (0, 0, 0, 0)):
+        x = normalise(b, stats)
         out.append(sess.run(None, {name: x})[0].astype(np.float32))
         if tick is not None:
             tick(len(x))

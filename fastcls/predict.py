@@ -14,16 +14,17 @@ import torch
 _CHUNK = 16384  # rows per block: keeps the temporaries of a blend small and cache-friendly
 
 
-def predict_views(learn, dl, n_tta: int = 4):
-    """Probabilities of `dl` as an array (1 + n_tta, N, C) and the targets (or None for unlabeled items).
+def predict_views(learn, dl, n_tta: int = 4, plain: bool = True):
+    """Probabilities of `dl` as an array (1 + n_tta, N, C) and the targets (or None for unlabeled items); with
+    `plain=False` only the n_tta augmented views (n_tta, N, C) and None.
 
     The augmented views use the training transforms, as fastai's `Learner.tta` does, but every view is kept so any
     blend (fastai's `beta`, max, or a learned one) can be recomputed from the run store later.
     """
     dl = dl.new(shuffle=False, drop_last=False)
     with learn.no_bar():
-        probs, targs = learn.get_preds(dl=dl)
-        views = [probs]
+        probs, targs = learn.get_preds(dl=dl) if plain else (None, None)
+        views = [probs] if plain else []
         with dl.dataset.set_split_idx(0):
             for _ in range(n_tta):
                 views.append(learn.get_preds(dl=dl)[0])

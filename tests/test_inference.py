@@ -283,28 +283,28 @@ def test_export_with_wheel(store, tmp_path, cli, monkeypatch):
     assert not (tmp_path / "b2").exists() and not list(tmp_path.glob(".b2*"))
 
 
-def test_progress_bar_on_a_terminal_only(store, images, tmp_path):
-    """On a terminal (a pty) predict shows a progress bar counting the images; with --quiet it does not."""
-    import pty
-    bundle = export(store, "a", tmp_path / "bundle")
+def test_progress_bar_on_a_terminal_only(store, tmp_path, cli, monkeypatch):
+    """On a terminal predict shows a progress bar counting the images (TTA views too); not with progress=False (the
+    CLI's --quiet) and not when stderr is not a terminal."""
+    import io
+    import fastcls.inference as inf
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
     outs = []
-    for extra in ([], ["--quiet"]):
-        master, slave = pty.openpty()
-        p = subprocess.Popen([sys.executable, "-m", "fastcls", "predict", str(bundle), "--data", str(images),
-                              "--bs", "64", *extra], env=child_env(TERM="xterm", COLUMNS="100"), stdout=slave,
-                             stderr=slave, stdin=subprocess.DEVNULL)
-        os.close(slave)
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        assert p.wait(timeout=300) == 0
-        os.close(master)
-        outs.append(b"".join(chunks).decode(errors="replace"))
-    assert "predicting" in outs[0] and "297/297" in outs[0], outs[0]
-    assert "predicting" not in outs[1] and "Predicted 297 images" in outs[1]
+    for show in (None, False):
+        monkeypatch.setattr(sys, "stderr", Terminal())
+        predict(store, "t", progress=show)
+        outs.append(sys.stderr.getvalue())
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
+    predict(store, "t")
+    outs.append(sys.stderr.getvalue())
+    monkeypatch.undo()
+    assert "predicting" in outs[0] and "891/891" in outs[0], outs[0]  # 297 images x (plain + 2 TTA views)
+    assert outs[1] == outs[2] == ""
+    real, shown = inf._progress, []
+    monkeypatch.setattr(inf, "_progress", lambda total, show: shown.append(show) or real(total, show))
+    assert cli("predict", "a", "--runs-dir", store.root, "--quiet").exit_code == 0
+    assert cli("predict", "a", "--runs-dir", store.root).exit_code == 0
+    assert shown == [False, None]
