@@ -19,6 +19,8 @@ import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import chain
 from pathlib import Path
 from typing import Optional, Union
 
@@ -41,6 +43,7 @@ FORMAT_VERSION = 1
 RUNTIMES = ("torch", "onnx")
 MANIFEST = "manifest.json"
 SUBMIT_BETA = 0.25  # a single run's TTA blend, as `fastcls submit` writes it
+DECODED_BYTES = 1 << 30  # models of the same size share their decoded, resized images up to this many bytes
 
 
 # -- the plan: from the store or from a bundle -----------------------------------------------------------------------
@@ -210,6 +213,17 @@ def _check_inputs(items: fdata.Items, on_bad: str) -> fdata.Items:
 
 
 # -- running the models ----------------------------------------------------------------------------------------------
+def _built_on_meta(build):
+    """`build()` on torch's meta device (shapes only, no weight initialisation), or None when the arch's constructor
+    needs real tensors (then it is built normally)."""
+    import torch
+    try:
+        with torch.device("meta"):
+            return build()
+    except Exception:  # e.g. `.tolist()` / `.item()` on a meta tensor in a model's __init__
+        return None
+
+
 def _load_model(net: dict, n_classes: int, verify: bool = True):
     """The net's model rebuilt from its config and safetensors weights (checksum verified when recorded)."""
     from safetensors.torch import load_file
@@ -221,9 +235,15 @@ def _load_model(net: dict, n_classes: int, verify: bool = True):
                            "was stored: it was altered or damaged. Nothing was written; export the run again.")
     cfg = RunConfig.from_dict(net["config"], lenient=True)
     r = cfg.recipe
-    model = build_model(cfg.arch, n_classes, ps=r.ps, pretrained=False, drop_path=r.drop_path)
+    build = partial(build_model, cfg.arch, n_classes, ps=r.ps, pretrained=False, drop_path=r.drop_path)
     try:
-        model.load_state_dict(load_file(str(weights)))
+        state, model = load_file(str(weights)), _built_on_meta(build)
+        if model is not None:  # every tensor comes from the file: no random initialisation to pay for
+            model.load_state_dict(state, assign=True)
+            model = None if any(t.is_meta for t in chain(model.parameters(), model.buffers())) else model
+        if model is None:
+            model = build()
+            model.load_state_dict(state)
     except (RuntimeError, OSError, ValueError) as e:
         raise FastclsError(f"Weights file {weights} (run {net['id']}) does not fit {cfg.arch}: "
                            f"{str(e).splitlines()[0]}") from None
@@ -245,11 +265,13 @@ def _onnx_views(net: dict, items: fdata.Items, bs: Optional[int], tick) -> np.nd
     return net_views(net, *_image_getter(items), bs, tick)
 
 
-def _torch_plain(net: dict, cfg: RunConfig, model, items: fdata.Items, bs: Optional[int], device, tick):
+def _torch_plain(net: dict, cfg: RunConfig, model, items: fdata.Items, bs: Optional[int], device, tick,
+                 decoded: Optional[dict] = None):
     """(N, C) probabilities of the plain view with torch: the images through `fastcls.imageio.batches` (the item
     transforms' pixels, without fastai's per-item dispatch and copies), the run's batch transforms as on its valid set
     (fastai's, so the values are the stored ones bit for bit), the model in inference mode, with mixed precision and
-    channels-last on a GPU as in training (`fastcls.hardware.resolve_accel`)."""
+    channels-last on a GPU as in training (`fastcls.hardware.resolve_accel`). `decoded`: uint8 batches kept per
+    (size, crop, trim, bs) for the next model of an ensemble (up to `DECODED_BYTES`)."""
     import torch
     from fastai.data.transforms import IntToFloatTensor
     from fastai.vision.core import TensorImage
@@ -264,25 +286,32 @@ def _torch_plain(net: dict, cfg: RunConfig, model, items: fdata.Items, bs: Optio
                          enabled=bool(acc["amp"]))
     stats = tuple(net["stats"]) if net.get("stats") is not None else None
     tfms = Pipeline([IntToFloatTensor(), *fdata.batch_tfms(r, stats)], split_idx=1)
-    out = []
+    key = (r.size, r.crop, tuple(r.trim), bs or r.bs)
+    keep = decoded is not None and len(items.test) * 3 * r.size ** 2 <= DECODED_BYTES
+    source = (decoded.get(key) if keep else None) or batches(*_image_getter(items), key[3], *key[:3])
+    out, kept = [], []
     with torch.inference_mode(), amp:
-        for b in batches(*_image_getter(items), bs or r.bs, r.size, r.crop, r.trim):
+        for b in source:
+            if keep:
+                kept.append(b)
             x = tfms(TensorImage(torch.from_numpy(b).to(dev))).as_subclass(torch.Tensor)
             out.append(model(x.contiguous(memory_format=fmt)).float().softmax(1).cpu())
             if tick is not None:
                 tick(len(b))
+    if keep:
+        decoded[key] = kept
     return torch.cat(out).numpy()
 
 
 def _net_views(net: dict, items: fdata.Items, vocab: list, bs: Optional[int], device, tta: bool,
-               runtime: str = "torch", tick=None):
+               runtime: str = "torch", tick=None, decoded: Optional[dict] = None):
     """(views, N, C) probabilities of one model on the items: the run's item pipeline, normalisation and TTA, with
     torch or onnxruntime (`_onnx_views`); `tick(k)` after each batch of k images. The plain view runs in a plain
     loop (`_torch_plain`), the random TTA views through fastai's pipeline with the run's training transforms."""
     if runtime == "onnx":
         return _onnx_views(net, items, bs, tick)
     cfg, model = _load_model(net, len(vocab))
-    plain = _torch_plain(net, cfg, model, items, bs, device, tick)[None]
+    plain = _torch_plain(net, cfg, model, items, bs, device, tick, decoded)[None]
     if not tta or not net["tta"]:
         return plain
     from fastai.callback.core import Callback
@@ -310,11 +339,12 @@ def _net_views(net: dict, items: fdata.Items, vocab: list, bs: Optional[int], de
     return np.concatenate([plain, predict_views(learn, dls.valid, net["tta"], plain=False)[0]])
 
 
-def _member_probs(member: dict, items, vocab, bs, device, tta: bool, runtime: str = "torch", tick=None):
+def _member_probs(member: dict, items, vocab, bs, device, tta: bool, runtime: str = "torch", tick=None,
+                  decoded: Optional[dict] = None):
     """A member's (views, blended probabilities): fold models' views averaged, post-hoc steps, TTA blend."""
     views = None
     for net in member["nets"]:
-        v = _net_views(net, items, vocab, bs, device, tta, runtime, tick).astype(np.float64)
+        v = _net_views(net, items, vocab, bs, device, tta, runtime, tick, decoded).astype(np.float64)
         views = v if views is None else views[:min(len(views), len(v))] + v[:min(len(views), len(v))]
     views = (views / len(member["nets"])).astype(np.float32)
     post = PostHoc.from_dict(member.get("posthoc"))
@@ -399,9 +429,10 @@ def predict(source: Union[RunStore, str, Path], ref: Optional[str] = None, data=
     per_member, blends = {}, []
     nets = [n for m in man["members"] for n in m["nets"]]
     bar, tick = _progress(len(items.test) * sum(1 + (n["tta"] if tta else 0) for n in nets), progress)
+    decoded = {} if len(nets) > 1 else None  # decoded images shared by the models (`_torch_plain`)
     with bar:
         for m in man["members"]:
-            per_member[m["id"]], b = _member_probs(m, items, vocab, bs, device, tta, runtime, tick)
+            per_member[m["id"]], b = _member_probs(m, items, vocab, bs, device, tta, runtime, tick, decoded)
             blends.append(b)
     probs = blends[0] if man["combine"] is None else _combiner(man["combine"], arrays, len(vocab)).apply(blends)
     ids = [str(i) for i in items.test["id"]]
