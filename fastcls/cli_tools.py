@@ -40,7 +40,7 @@ def register(app: typer.Typer, cli, out, table):
                       on_bad_image=on_bad_image, runtime=runtime, progress=False if quiet else None)
         out.print(f"Predicted {len(res.ids)} images with {len(res.members)} member(s)"
                   + (f"; wrote {out_file}" if out_file else "") + (f" and {probs}" if probs else "")
-                  + (f"; {len(res.bad)} unreadable image(s) predicted from a blank image" if res.bad else "") + ".",
+                  + (f"; {len(res.bad)} unreadable image(s) given the others' prior" if res.bad else "") + ".",
                   highlight=False)
 
     @app.command("export")

@@ -192,8 +192,8 @@ def read_inputs(recipe, data=None) -> fdata.Items:
 
 
 def _check_inputs(items: fdata.Items, on_bad: str) -> fdata.Items:
-    """Every image decoded once (training's check and verdict cache): 'fail' names the bad files, 'skip' predicts
-    them from a blank image (their rows stay) and lists them in `items.bad`."""
+    """Every image decoded once (training's check and verdict cache): 'fail' names the bad files, 'skip' keeps their
+    rows (run on a blank image, then given the others' prior by `predict`) and lists them in `items.bad`."""
     if on_bad not in ("fail", "skip"):
         raise FastclsError(f"--on-bad-image must be 'fail' or 'skip', got {on_bad!r}.")
     if items.arrays:
@@ -206,9 +206,9 @@ def _check_inputs(items: fdata.Items, on_bad: str) -> fdata.Items:
     lines = "\n".join(f"  {b['path']}: {b['reason']}" for b in listed[:20])
     if on_bad == "fail":
         raise FastclsError(f"{len(listed)} of {len(items.test)} images cannot be read; nothing was written:\n{lines}\n"
-                           "Fix or delete them, or pass --on-bad-image skip to predict them from a blank image.")
-    print(f"fastcls: warning: {len(listed)} unreadable image(s) predicted from a blank image:\n{lines}",
-          file=sys.stderr)
+                           "Fix or delete them, or pass --on-bad-image skip to give them the other images' prior.")
+    print(f"fastcls: warning: {len(listed)} unreadable image(s) get the other images' prior (their mean "
+          f"probabilities):\n{lines}", file=sys.stderr)
     return dataclasses.replace(items, bad=listed, blank=frozenset(b["path"] for b in listed))
 
 
@@ -382,7 +382,7 @@ class Prediction:
     probs: np.ndarray  # (N, C), columns in `vocab` order
     vocab: list
     members: dict = field(repr=False, default_factory=dict)  # member id -> (views, N, C) after its post-hoc steps
-    bad: list = field(default_factory=list)  # unreadable images predicted from a blank image
+    bad: list = field(default_factory=list)  # unreadable images, given the others' prior (mean probabilities)
     submission: Optional[pd.DataFrame] = field(repr=False, default=None)
 
 
@@ -435,6 +435,10 @@ def predict(source: Union[RunStore, str, Path], ref: Optional[str] = None, data=
             per_member[m["id"]], b = _member_probs(m, items, vocab, bs, device, tta, runtime, tick, decoded)
             blends.append(b)
     probs = blends[0] if man["combine"] is None else _combiner(man["combine"], arrays, len(vocab)).apply(blends)
+    if items.blank:  # an unreadable image gets the others' prior: the mean of their probabilities
+        bad = items.test["x"].isin(items.blank).to_numpy()
+        probs = np.array(probs, dtype=np.float32)
+        probs[bad] = probs[~bad].mean(0) if (~bad).any() else np.float32(1 / len(vocab))
     ids = [str(i) for i in items.test["id"]]
     sub = None
     if out is not None:

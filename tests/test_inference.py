@@ -164,6 +164,8 @@ def test_unreadable_images(store, images, tmp_path, cli):
     res = predict(store, "a", data=folder, on_bad_image="skip", out=tmp_path / "sub.csv")
     assert [b["id"] for b in res.bad] == ["broken.png"] and "broken.png" in res.ids
     assert len(pd.read_csv(tmp_path / "sub.csv")) == 298
+    i = res.ids.index("broken.png")
+    np.testing.assert_allclose(res.probs[i], np.delete(res.probs, i, 0).mean(0), atol=1e-6)  # the others' prior
 
 
 def test_missing_store_weights(store, tmp_path):
