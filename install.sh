@@ -18,3 +18,5 @@ if python -c "import ipykernel" 2>/dev/null; then
   python -m ipykernel install --sys-prefix --name fastcls --display-name "Python (fastcls)" >/dev/null
 fi
 python -c "import torch, torchvision, fastai, timm; print('installed: torch', torch.__version__, '| torchvision', torchvision.__version__, '| fastai', fastai.__version__, '| timm', timm.__version__)"
+# the dev extra includes the onnx extra (fastcls export --onnx, fastcls predict --runtime onnx)
+python -c "import onnx, onnxruntime; print('installed: onnx', onnx.__version__, '| onnxruntime', onnxruntime.__version__)"

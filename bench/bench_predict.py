@@ -1,15 +1,19 @@
-"""Images per second of `fastcls predict` (one run; a 3-member ensemble) against a plain timm-style inference loop over
-the same images, model and size; the ratio per member (goal: at least 0.9x).
+"""Images per second of `fastcls predict` (one run; a 3-member ensemble; one exported run with the ONNX runtime)
+against a plain timm-style inference loop over the same images, model and size; the ratio per member (goal: at least
+0.9x). Prints the table and writes `bench/results/predict.json`.
 
     OMP_NUM_THREADS=1 python bench/bench_predict.py [--arch resnet18] [--size 128] [--n 200] [--threads 1] [--reps 3]
 
 The runs are stored with untrained weights (throughput does not depend on them) and no TTA views; the images are the
 shared imagenette-mini validation JPEGs (224 px). Both sides decode every JPEG with PIL, squish-resize it, normalise
 and run the same `nn.Sequential(body, head)` model in eval mode, batch by batch, in this process. `fastcls predict`
-adds its image check (cached verdicts after the first call), model rebuild and weight checksum per member.
+adds its image check (cached verdicts after the first call), model rebuild and weight checksum per member. The ONNX
+row predicts with `fastcls export --onnx`'s model through onnxruntime (`--runtime onnx`; numpy preprocessing;
+onnxruntime's intra-op threads = OMP_NUM_THREADS).
 """
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -24,7 +28,7 @@ from PIL import Image  # noqa: E402
 from fastcls.archs import build_model  # noqa: E402
 from fastcls.config import RunConfig  # noqa: E402
 from fastcls.data import IMAGE_EXTS  # noqa: E402
-from fastcls.inference import predict  # noqa: E402
+from fastcls.inference import export, predict  # noqa: E402
 from fastcls.runs import RunData, RunStore  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette-mini"
@@ -68,6 +72,7 @@ def main():
     ap.add_argument("--bs", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "predict.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     folder = SHARED / "val"
@@ -83,8 +88,11 @@ def main():
         from fastcls.ensemble import ensemble
         ens = ensemble(store, ids, method="mean", n_boot=0).run_id
         stats = RunConfig.from_dict(store.load(ids[0]).config).norm_stats
+        bundle = export(store, ids[0], Path(tmp) / "bundle", onnx=True)
         predict(store, ids[0], data=data, bs=a.bs)  # warm-up: imports, the image check's verdict cache
-        rows = {"plain loop": [], "fastcls predict, 1 run": [], "fastcls predict, 3-member ensemble": []}
+        predict(bundle, data=data, bs=a.bs, runtime="onnx")
+        rows = {"plain loop": [], "fastcls predict, 1 run": [], "fastcls predict, 3-member ensemble": [],
+                "fastcls predict --runtime onnx, 1 run": []}
         for _ in range(a.reps):  # interleaved repetitions: a shared CPU's load drifts
             rows["plain loop"].append(plain_loop(files, a.arch, a.size, a.bs, stats))
             t = time.perf_counter()
@@ -93,13 +101,22 @@ def main():
             t = time.perf_counter()
             predict(store, ens, data=data, bs=a.bs)
             rows["fastcls predict, 3-member ensemble"].append((time.perf_counter() - t) / 3)
-    print(f"{len(files)} imagenette-mini JPEGs, {a.arch} at {a.size} px, bs {a.bs}, {a.threads} thread(s), "
-          f"median of {a.reps} (ensemble: seconds per member)")
+            t = time.perf_counter()
+            predict(bundle, data=data, bs=a.bs, runtime="onnx")
+            rows["fastcls predict --runtime onnx, 1 run"].append(time.perf_counter() - t)
+    setting = (f"{len(files)} imagenette-mini JPEGs, {a.arch} at {a.size} px, bs {a.bs}, {a.threads} thread(s), "
+               f"median of {a.reps} (ensemble: seconds per member)")
+    print(setting)
     base = np.median(rows["plain loop"])
+    table = []
     for name, secs in rows.items():
         med = float(np.median(secs))
-        print(f"  {name:38s} {len(files) / med:7.1f} images/s per member   {base / med:5.2f}x the plain loop   "
+        table.append({"what": name, "images_per_s": round(len(files) / med, 1), "vs_plain": round(base / med, 3),
+                      "seconds": [round(s, 3) for s in secs]})
+        print(f"  {name:40s} {len(files) / med:7.1f} images/s per member   {base / med:5.2f}x the plain loop   "
               f"(range {min(secs):.2f}-{max(secs):.2f} s)")
+    a.out.write_text(json.dumps({"setting": setting, "command": "OMP_NUM_THREADS=1 python bench/bench_predict.py "
+                                 + " ".join(sys.argv[1:]), "rows": table}, indent=1))
 
 
 if __name__ == "__main__":

@@ -72,8 +72,9 @@ class _View(Callback):
         self.learn.xb = (named_views(self.view, self.xb[0])[self.k], *self.xb[1:])
 
 
-def predict_views(learn, dl, n_tta: int = 4, names: tuple = ()):
-    """Probabilities of `dl` as an array (1 + named + n_tta, N, C) and the targets (or None for unlabeled items).
+def predict_views(learn, dl, n_tta: int = 4, names: tuple = (), plain: bool = True):
+    """Probabilities of `dl` as an array (1 + named + n_tta, N, C) and the targets (or None for unlabeled items); with
+    `plain=False` only the named and augmented views (named + n_tta, N, C) and None.
 
     `names`: the deterministic views (`named_views`), stored after the plain view in this order. The augmented views
     use the training transforms, as fastai's `Learner.tta` does, but every view is kept so any blend (fastai's
@@ -81,8 +82,8 @@ def predict_views(learn, dl, n_tta: int = 4, names: tuple = ()):
     """
     dl = dl.new(shuffle=False, drop_last=False)
     with learn.no_bar():
-        probs, targs = learn.get_preds(dl=dl)
-        views = [probs]
+        probs, targs = learn.get_preds(dl=dl) if plain else (None, None)
+        views = [probs] if plain else []
         for name in names:
             for k in range(TTA_VIEW_NAMES[name]):
                 views.append(learn.get_preds(dl=dl, cbs=[_View(name, k)])[0])

@@ -199,6 +199,8 @@ def test_unreadable_images(store, images, tmp_path, cli):
     res = predict(store, "a", data=folder, on_bad_image="skip", out=tmp_path / "sub.csv")
     assert [b["id"] for b in res.bad] == ["broken.png"] and "broken.png" in res.ids
     assert len(pd.read_csv(tmp_path / "sub.csv")) == 298
+    i = res.ids.index("broken.png")
+    np.testing.assert_allclose(res.probs[i], np.delete(res.probs, i, 0).mean(0), atol=1e-6)  # the others' prior
 
 
 def test_missing_store_weights(store, tmp_path):
@@ -212,3 +214,134 @@ def test_missing_store_weights(store, tmp_path):
     finally:
         shutil.move(moved, run.weights_path)
     assert os.path.exists(run.weights_path)
+
+
+# -- ONNX runtime, wheel, progress bar -------------------------------------------------------------------------------
+def _dynamic_batch(path):
+    import onnx
+    m = onnx.load(str(path))
+    dim = m.graph.input[0].type.tensor_type.shape.dim[0]
+    return dim.dim_param, max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def test_onnx_export_predicts_as_torch(store, images, tmp_path, cli):
+    """Every ONNX model has a dynamic batch axis and opset >= 17; an exported stacked ensemble (a run with post-hoc
+    steps + a run of another size) and a cv run (two fold models) predict the same with onnxruntime as with torch, on
+    files and on the recipe's arrays."""
+    pytest.importorskip("onnxruntime")
+    ens = ensemble(store, ["p", "b"], method="stack", n_boot=0, folds=3)
+    res = cli("export", ens.run_id, "--out", tmp_path / "bundle", "--onnx", "--runs-dir", store.root)
+    assert res.exit_code == 0, res.output
+    cv = export(store, store.load("k").id, tmp_path / "cv", onnx=True)
+    files = [b / n["onnx"]["file"] for b in (tmp_path / "bundle", cv)
+             for m in json.loads((b / "manifest.json").read_text())["members"] for n in m["nets"]]
+    assert len(files) == 4
+    for f in files:
+        param, opset = _dynamic_batch(f)
+        assert param and opset >= 17
+    for bundle, data in ((tmp_path / "bundle", images), (tmp_path / "bundle", None), (cv, images)):
+        want = predict(bundle, data=data)
+        got = predict(bundle, data=data, runtime="onnx")
+        assert got.ids == want.ids
+        for m in want.members:
+            np.testing.assert_allclose(got.members[m], want.members[m], atol=1e-4)
+        np.testing.assert_allclose(got.probs, want.probs, atol=1e-4)
+    args = ["predict", tmp_path / "bundle", "--data", images, "--out"]
+    assert cli(*args, tmp_path / "torch.csv").exit_code == 0
+    assert cli(*args, tmp_path / "onnx.csv", "--runtime", "onnx").exit_code == 0
+    assert (tmp_path / "onnx.csv").read_text() == (tmp_path / "torch.csv").read_text()
+
+
+def test_onnx_predictor_needs_neither_torch_fastai_nor_timm(store, images, tmp_path):
+    """`fastcls.onnx_runtime` runs an exported model in a process where importing torch, fastai or timm fails."""
+    pytest.importorskip("onnxruntime")
+    bundle = export(store, "a", tmp_path / "bundle", onnx=True)
+    want = predict(bundle, data=images)
+    code = ("import sys, json, numpy as np\n"
+            "sys.modules.update(torch=None, fastai=None, timm=None)\n"
+            "from fastcls.imageio import load_image\n"
+            "from fastcls.onnx_runtime import net_views\n"
+            f"b, files = sys.argv[1], {[str(images / i) for i in want.ids]!r}\n"
+            "net = json.load(open(b + '/manifest.json'))['members'][0]['nets'][0]\n"
+            "net['onnx']['file'] = b + '/' + net['onnx']['file']\n"
+            "np.save(sys.argv[2], net_views(net, len(files), lambda i: load_image(files[i]), bs=50))\n"
+            "assert not any(m in sys.modules and sys.modules[m] for m in ('torch', 'fastai', 'timm'))\n")
+    p = subprocess.run([sys.executable, "-c", code, str(bundle), str(tmp_path / "v.npy")], env=child_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "v.npy")[0], want.probs, atol=1e-4)
+
+
+def test_onnx_refusals(store, images, tmp_path, cli, monkeypatch):
+    """TTA views, a bundle without ONNX files, an altered ONNX file, onnxruntime not installed: exit 2, nothing
+    written."""
+    pytest.importorskip("onnxruntime")
+    bundle = export(store, "t", tmp_path / "tta", onnx=True)
+    sub = tmp_path / "sub.csv"
+    res = cli("predict", bundle, "--data", images, "--out", sub, "--runtime", "onnx")
+    assert res.exit_code == 2 and "random TTA views" in res.output and "--no-tta" in res.output and not sub.exists()
+    got = predict(bundle, data=images, runtime="onnx", tta=False).probs
+    np.testing.assert_allclose(got, predict(bundle, data=images, tta=False).probs, atol=1e-4)
+    plain = export(store, "a", tmp_path / "plain")
+    res = cli("predict", plain, "--data", images, "--out", sub, "--runtime", "onnx")
+    assert res.exit_code == 2 and "export --onnx" in res.output and not sub.exists()
+    res = cli("predict", plain, "--data", images, "--out", sub, "--runtime", "tensorrt")
+    assert res.exit_code == 2 and "--runtime must be one of torch, onnx" in res.output
+    man = json.loads((bundle / "manifest.json").read_text())
+    f = bundle / man["members"][0]["nets"][0]["onnx"]["file"]
+    f.write_bytes(f.read_bytes()[:-1] + bytes([f.read_bytes()[-1] ^ 1]))
+    res = cli("predict", bundle, "--data", images, "--out", sub, "--runtime", "onnx", "--no-tta")
+    assert res.exit_code == 2 and "does not match the checksum" in res.output and f.name in res.output
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    res = cli("predict", bundle, "--data", images, "--out", sub, "--runtime", "onnx", "--no-tta")
+    assert res.exit_code == 2 and "pip install 'fastcls[onnx]'" in res.output and "Traceback" not in res.output
+    res = cli("export", "a", "--out", tmp_path / "no-ort", "--onnx", "--runs-dir", store.root)
+    assert res.exit_code == 2 and "onnxruntime" in res.output and not (tmp_path / "no-ort").exists()
+    assert not sub.exists() and not list(tmp_path.glob(".no-ort*"))
+
+
+def test_export_with_wheel(store, tmp_path, cli, monkeypatch):
+    """The folder holds this fastcls's wheel (a zip with the package and METADATA of this version); a failed build
+    leaves no folder."""
+    import zipfile
+    import fastcls
+    res = cli("export", "a", "--out", tmp_path / "bundle", "--with-wheel", "--runs-dir", store.root)
+    assert res.exit_code == 0, res.output
+    wheels = list((tmp_path / "bundle").glob("*.whl"))
+    assert [w.name for w in wheels] == [f"fastcls-{fastcls.__version__}-py3-none-any.whl"]
+    with zipfile.ZipFile(wheels[0]) as z:
+        assert z.testzip() is None and "fastcls/__init__.py" in z.namelist() and "fastcls/inference.py" in z.namelist()
+        meta = z.read(f"fastcls-{fastcls.__version__}.dist-info/METADATA").decode()
+    assert "Name: fastcls\n" in meta and f"Version: {fastcls.__version__}\n" in meta
+    import fastcls.inference as inf
+    monkeypatch.setattr(inf.sys, "executable", "/bin/false")  # pip cannot run
+    res = cli("export", "a", "--out", tmp_path / "b2", "--with-wheel", "--runs-dir", store.root)
+    assert res.exit_code == 2 and "--with-wheel" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "b2").exists() and not list(tmp_path.glob(".b2*"))
+
+
+def test_progress_bar_on_a_terminal_only(store, tmp_path, cli, monkeypatch):
+    """On a terminal predict shows a progress bar counting the images (TTA views too); not with progress=False (the
+    CLI's --quiet) and not when stderr is not a terminal."""
+    import io
+    import fastcls.inference as inf
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    outs = []
+    for show in (None, False):
+        monkeypatch.setattr(sys, "stderr", Terminal())
+        predict(store, "t", progress=show)
+        outs.append(sys.stderr.getvalue())
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
+    predict(store, "t")
+    outs.append(sys.stderr.getvalue())
+    monkeypatch.undo()
+    assert "predicting" in outs[0] and "891/891" in outs[0], outs[0]  # 297 images x (plain + 2 TTA views)
+    assert outs[1] == outs[2] == ""
+    real, shown = inf._progress, []
+    monkeypatch.setattr(inf, "_progress", lambda total, show: shown.append(show) or real(total, show))
+    assert cli("predict", "a", "--runs-dir", store.root, "--quiet").exit_code == 0
+    assert cli("predict", "a", "--runs-dir", store.root).exit_code == 0
+    assert shown == [False, None]

@@ -1,56 +1,22 @@
-"""Images: decoding (`load_image`, `to_rgb`), crops on the original (`TrimCrop`, `CenterSquare`), the row ->
-image getter, the item transforms, and the image settings a recipe leaves to the data or the command line."""
+"""Images: decoding (`load_image`, `to_rgb`, from `fastcls.imageio`), crops on the original (`TrimCrop`,
+`CenterSquare`), the row -> image getter, the item transforms, and the image settings a recipe leaves to the data or
+the command line."""
 
 __all__ = ["to_rgb", "load_image", "TrimCrop", "CenterSquare", "ImageGetter", "item_tfms", "infer_size",
            "resolve_recipe"]
 
-import warnings
 from typing import Optional
 
 import numpy as np
 from fastai.vision.augment import Resize, ResizeMethod
 from fastai.vision.core import PILImage
 from fasttransform import Transform
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ..errors import FastclsError
+from ..imageio import center_box, load_image, row_image, to_rgb, trim_box  # noqa: F401 (re-exported)
 from ..recipe import Recipe
 from .items import Items
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB from any PIL mode: 16-bit and float grayscale scaled (not clipped), transparency over white."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode.startswith("I") or mode == "F":
-        a = np.asarray(img, dtype=np.float64)
-        if mode.startswith("I;16") or (mode == "I" and a.max() > 255):
-            a = a / 65535.0  # 16-bit samples: PIL's own convert('RGB') would clip them to white
-        elif mode == "F" and a.max() > 1.0:
-            a = a / 255.0
-        else:
-            a = a / (1.0 if mode == "F" else 255.0)
-        return Image.fromarray(np.clip(a * 255 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return img.convert("RGB")  # L, 1, P, CMYK (Adobe-inverted CMYK JPEGs are handled by PIL), YCbCr, LAB, HSV
-
-
-def load_image(path, draft: Optional[tuple] = None) -> Image.Image:
-    """An RGB image from a file, upright (EXIF orientation applied), converted with `to_rgb`.
-
-    Images over PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`) are refused with an error.
-    `draft=(w, h)` lets JPEGs decode at a reduced scale (fast checks).
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            if draft is not None:
-                img.draft("RGB", draft)
-            img.load()
-            return to_rgb(ImageOps.exif_transpose(img))
 
 
 class TrimCrop(Transform):
@@ -63,9 +29,7 @@ class TrimCrop(Transform):
 
     def box_for(self, w: int, h: int) -> Optional[tuple]:
         """The (left, upper, right, lower) crop box on a w x h original, or None when the margins leave nothing."""
-        t, b, l, r = (v * (h if i < 2 else w) if isinstance(v, float) and v < 1 else v for i, v in enumerate(self.box))
-        box = (int(l), int(t), int(w - r), int(h - b))
-        return None if box[2] <= box[0] or box[3] <= box[1] else box
+        return trim_box(self.box, w, h)
 
     def encodes(self, img: PILImage):
         box = self.box_for(*img.size)
@@ -82,9 +46,7 @@ class CenterSquare(Transform):
 
     def box_for(self, w: int, h: int) -> tuple:
         """The (left, upper, right, lower) crop box on a w x h original."""
-        s = min(w, h)
-        l, t = (w - s) // 2, (h - s) // 2
-        return l, t, l + s, t + s
+        return center_box(w, h)
 
     def encodes(self, img: PILImage):
         return img.crop(self.box_for(*img.size))
@@ -97,11 +59,7 @@ class ImageGetter:
         self.arrays, self.blank = arrays or {}, blank
 
     def __call__(self, row) -> PILImage:
-        if self.arrays:
-            return PILImage(Image.fromarray(np.asarray(self.arrays[row["src"]][int(row["x"])])).convert("RGB"))
-        if row["x"] in self.blank:
-            return PILImage(Image.new("RGB", (32, 32), (128, 128, 128)))
-        return PILImage(load_image(row["x"]))
+        return PILImage(row_image(row["x"], self.arrays, row.get("src"), self.blank))
 
 
 def item_tfms(recipe: Recipe) -> list:
