@@ -111,9 +111,9 @@ Out = Annotated[Optional[Path], typer.Option("--out", help="PNG file to write (d
 LayerDecay = Annotated[Optional[float], typer.Option("--layer-decay", help="Layer-wise LR decay for the unfrozen stage, "
                                                     "e.g. 0.8: one group per body stage, each 0.8x the next one's "
                                                     "lr (default: discriminative LRs lr/100..lr).")]
-BnStats = Annotated[Optional[str], typer.Option("--bn-stats", help="Fast path: 'keep' the frozen body's batch-norm "
-                                                "statistics as loaded, or 'reestimate' them on training images "
-                                                "(default 'auto': keep for a pretrained body).")]
+BnStats = Annotated[Optional[str], typer.Option("--bn-stats", help="'keep' the body's batch-norm statistics as "
+                                                "loaded (training and fast path), or 'reestimate' them on training "
+                                                "images (default 'auto': keep for a pretrained body).")]
 
 # the training toolkit: every recipe setting from the command line (named flags for the common ones, --set for all)
 ArchOpt = Annotated[Optional[str], typer.Argument(help="Architecture (see `fastcls archs`; default: the recipe's "

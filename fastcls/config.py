@@ -56,6 +56,12 @@ class RunConfig:
         return bool(self.weights) or (self.recipe.pretrained and get_arch(self.arch).timm_name is not None)
 
     @property
+    def keep_bn_stats(self) -> bool:
+        """Whether the body's batch-norm statistics stay as loaded (`Recipe.bn_stats`: 'keep'; 'auto' for a pretrained
+        body), in training and on the sweeps' fast path, or follow the training data ('reestimate')."""
+        return self.recipe.bn_stats == "keep" or (self.recipe.bn_stats == "auto" and self.pretrained_body)
+
+    @property
     def norm_stats_of_model(self) -> Optional[tuple]:
         """The (mean, std) the arch's pretrained weights expect (its timm `pretrained_cfg`), or None."""
         from .archs import arch_stats

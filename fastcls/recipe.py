@@ -94,8 +94,9 @@ class Recipe:
     # layer-wise LR decay for the unfrozen stage (timm style): one group per body stage, each `layer_decay` times the
     # next one's lr; None: fastai's discriminative LRs, slice(lr / 100, lr) over the arch's groups
     layer_decay: Optional[float] = None
-    # the fast path's frozen body: 'keep' its batch-norm statistics as loaded (fastai 0.7's precompute), 'reestimate'
-    # them on augmented training images; 'auto': keep for a pretrained body, re-estimate for a random one
+    # the body's batch-norm statistics: 'keep' them as loaded, in training (BatchNorm layers of the body in eval mode;
+    # their weights still train) and on the fast path (fastai 0.7's precompute); 'reestimate' lets them follow the
+    # training batches (plain fastai) and re-estimates them on the fast path; 'auto': keep for a pretrained body
     bn_stats: Literal["auto", "keep", "reestimate"] = "auto"
     bs: int = 64
     wd: Optional[float] = None

@@ -110,6 +110,28 @@ def test_fast_path_keeps_a_pretrained_body_bit_identical(body_file):
         assert same == kept, bn_stats
 
 
+def _bn_buffers(module: nn.Module) -> dict:
+    return {k: v.clone() for k, v in module.state_dict().items() if "running" in k}
+
+
+def test_training_keeps_a_pretrained_bodys_batchnorm_statistics(body_file):
+    """Frozen and unfrozen stages leave the body's running statistics as loaded ('auto' on a pretrained body, or
+    'keep'), while its BatchNorm weights and the head's own BatchNorm statistics still train; 'reestimate' lets the
+    statistics follow the batches, as plain fastai does."""
+    for bn_stats, kept in (("auto", True), ("keep", True), ("reestimate", False)):
+        learn, cfg = _learner(body_file, freeze_epochs=1, epochs=1, sample=48, bn_stats=bn_stats)
+        body, head = learn.model[0], learn.model[1]
+        before, head_before = _bn_buffers(body), _bn_buffers(head)
+        weights = {k: v.detach().clone() for k, v in body.named_parameters() if _is_bn(k, body)}
+        train(learn, cfg, progress="none")
+        after = _bn_buffers(body)
+        assert len(before) > 10 and all(torch.equal(after[k], v) for k, v in before.items()) == kept, bn_stats
+        if not kept:
+            assert all(not torch.equal(after[k], v) for k, v in before.items()), bn_stats
+        assert any(not torch.equal(v, head_before[k]) for k, v in _bn_buffers(head).items()), bn_stats
+        assert any(not torch.equal(v, weights[k]) for k, v in body.named_parameters() if k in weights), bn_stats
+
+
 def test_fast_path_reestimates_a_random_body(tmp_path):
     from fastcls.experiments.features import reestimate_bn
     assert reestimate_bn(RunConfig.from_options("digits", ARCH, pretrained=False))

@@ -134,7 +134,7 @@ def frozen_body(cfg: RunConfig) -> tuple[nn.Module, str]:
 
 def reestimate_bn(cfg: RunConfig) -> bool:
     """Whether the fast path re-estimates the frozen body's batch-norm statistics (`Recipe.bn_stats`)."""
-    return cfg.recipe.bn_stats == "reestimate" or (cfg.recipe.bn_stats == "auto" and not cfg.pretrained_body)
+    return not cfg.keep_bn_stats
 
 
 def compute_features(cfg: RunConfig, items: fdata.Items, views: int, body: nn.Module,

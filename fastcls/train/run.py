@@ -22,7 +22,7 @@ from .. import data as fdata
 from . import distributed as fdist
 from ..config import RunConfig
 from ..archs import get_arch
-from .callbacks import EarlyStop, EpochLine, KeepBest
+from .callbacks import EarlyStop, EpochLine, KeepBest, KeepBnStats
 from .checkpoint import Checkpointer, RunInterrupted, interrupt_signals, read_checkpoint
 from .learner import imbalance_plan, learner, metric_names, schedule
 from .mixing import check_mixing, mixing
@@ -131,6 +131,8 @@ def train(learn: Learner, cfg: RunConfig, progress: str = "auto", stages=None, c
     keep = KeepBest(monitor, comp=better)
     lines = EpochLine(echo=progress == "line")
     cbs = [keep, lines, *cbs]
+    if stages is None and cfg.keep_bn_stats:  # a full model (the fast path's heads read cached features)
+        cbs.append(KeepBnStats())
     es = None
     if recipe.patience:
         es = EarlyStop(monitor=monitor, comp=better, patience=recipe.patience, reset_on_fit=False)
