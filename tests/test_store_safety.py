@@ -155,6 +155,10 @@ def test_a_name_already_taken_is_refused_before_training(digits_store, tmp_path,
     assert "Nothing was trained; choose another --name" in msg
     res = cli("ensemble", rid, rid, "--name", "tiny-digits", "--runs-dir", runs)
     assert res.exit_code == 2 and f"--name 'tiny-digits' is taken: run {rid}" in " ".join(res.output.split())
+    for cmd in (["probe", "digits", "simple_cnn"], ["distill", rid, "--arch", "simple_cnn"]):  # they store runs too
+        res = cli(*cmd, "--name", "tiny-digits", "--runs-dir", runs)
+        msg = " ".join(res.output.split())
+        assert res.exit_code == 2 and f"--name 'tiny-digits' is taken: run {rid}" in msg, (cmd, msg)
     RunStore(runs).set_status(rid, "interrupted", note="test")
     res = cli("train", "digits", "simple_cnn", *TINY, "--name", "tiny-digits", "--runs-dir", runs)
     assert res.exit_code == 2 and f"continue it with `fastcls resume {rid}`" in " ".join(res.output.split())

@@ -26,7 +26,7 @@ from ..errors import FastclsError, suggest
 from .features import cached_features
 from ..runs import RunStore
 from .sweep import FEATURES
-from ..train import Predictions, RunResult, prepare, store_run
+from ..train import Predictions, RunResult, check_new_name, prepare, store_run
 from ..config import RunConfig
 
 CLASSIFIERS = {
@@ -74,6 +74,7 @@ def probe_run(cfg: RunConfig, store: RunStore, clf: str = "logreg", views: int =
     model = make_classifier(clf, cfg.seed)
     if views < 1:
         raise FastclsError(f"--views must be at least 1, got {views}.")
+    check_new_name(store, cfg.name)
     # the classifier has no loss, sampler or logit adjustment: the recipe's imbalance steps do not apply
     prep = prepare(dataclasses.replace(cfg, recipe=cfg.recipe.override(imbalance="none")), items, store)
     cfg, items = prep.cfg, prep.items

@@ -37,7 +37,7 @@ from ..recipe import Recipe
 from ..runs import RunStore, StoredRun
 from ..config import RunConfig
 from ..predict import encode_labels
-from ..train import fit_run, prepare
+from ..train import check_new_name, fit_run, prepare
 
 
 @dataclass
@@ -132,6 +132,8 @@ def pseudo_label(store: RunStore, refs: list, threshold: float = 0.9, rounds: in
         FastclsError: a threshold outside (0, 1] or one that selects no test item, teachers without test
             probabilities or with different vocabularies, rounds < 1.
     """
+    for r in range(1, rounds + 1) if name else ():  # a name given by the user must stay unique (defaults may repeat)
+        check_new_name(store, f"{name}-r{r}")
     if not 0 < threshold <= 1:
         raise FastclsError(f"--threshold must be in (0, 1], got {threshold}.")
     if rounds < 1:
@@ -291,6 +293,8 @@ def distill(store: RunStore, refs: list, arch: str, temperature: float = 2.0, al
         FastclsError: teachers with different vocabularies (or recipes, metrics, validation items), no soft target
             for any training item, a temperature <= 0 or alpha outside [0, 1].
     """
+    if name:  # a name given by the user must stay unique (the default may repeat)
+        check_new_name(store, name)
     if temperature <= 0:
         raise FastclsError(f"--temperature must be > 0, got {temperature}.")
     if not 0 <= alpha <= 1:
