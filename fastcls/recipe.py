@@ -345,7 +345,7 @@ def parse_sizes(text) -> tuple:
         vals = tuple(int(str(p).strip()) for p in parts)
     except ValueError:
         vals = ()
-    if not vals or any(v <= 0 for v in vals):
+    if not vals:  # sizes <= 0 are refused with the other recipe values (Recipe's checks name the field)
         raise FastclsError(f"--size takes an image size in pixels (224), or several comma-separated for progressive "
                            f"resizing, the final one last (128,224); got {text!r}.")
     return vals
