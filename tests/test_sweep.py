@@ -117,7 +117,9 @@ def test_fast_run_weights_are_the_full_model(fast_sweep):
         probs = torch.cat([torch.softmax(model(x.as_subclass(torch.Tensor)), 1)
                            for x, _ in d.valid.new(shuffle=False, drop_last=False)]).numpy()
     assert list(d.valid_ds.items["id"]) == run.valid_ids
-    np.testing.assert_allclose(probs, run.valid_probs[0], atol=1e-5)
+    # the stored probabilities come from the head on the float16 feature cache (about 3 significant digits): the
+    # full model in float32 reproduces them to float16 rounding, not bit for bit (a wrong head is off by ~1e-1)
+    np.testing.assert_allclose(probs, run.valid_probs[0], atol=5e-4)
 
 
 def test_a_second_sweep_reuses_the_cached_features(cli, fast_sweep, monkeypatch):

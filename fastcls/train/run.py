@@ -58,8 +58,8 @@ class Prepared:
 def check_new_name(store: RunStore, name: Optional[str], allow=()) -> None:
     """Refuse a run name `store` already holds (but for runs in `allow`): a name must find one run, or `show`,
     `submit`, `ensemble` would answer "matches 2 runs". Checked before anything trains."""
-    if not name or not (store.root / "index.sqlite").exists():
-        return
+    if not name or not fdist.is_main() or not (store.root / "index.sqlite").exists():
+        return  # (under a launcher only rank 0 stores the run: the other ranks would find rank 0's new run)
     df = store.leaderboard(status=None, sort="newest")
     taken = df[(df["name"] == name) & ~df["id"].isin(list(allow))]
     if len(taken):
