@@ -294,8 +294,9 @@ def ensemble_cmd(runs: Annotated[list[str], typer.Argument(help="Runs to combine
 @_cli
 def submit_cmd(run: RunRef,
                out_file: Annotated[Path, typer.Option("--out", help="Submission CSV to write (replaced atomically).")],
-               tta_beta: Annotated[float, typer.Option("--tta-beta", help="TTA blend: beta * plain + (1 - beta) * "
-                                                       "mean of the augmented views.")] = 0.25,
+               tta_beta: Annotated[Optional[float], typer.Option("--tta-beta", help="TTA blend: beta * plain + (1 - "
+                                                                 "beta) * mean of the augmented views (default: the "
+                                                                 "run's, chosen on valid).")] = None,
                no_tta: Annotated[bool, typer.Option("--no-tta", help="Use the plain prediction only.")] = False,
                data: Annotated[Optional[Path], typer.Option("--data", help="Data folder holding the recipe's "
                                                             "submission template (default: the run's).")] = None,
@@ -303,8 +304,8 @@ def submit_cmd(run: RunRef,
     """Write a stored run's test predictions as the competition's submission CSV (the recipe's exact format)."""
     from .runs import RunStore
     from .submission import submission_for_run
-    df = submission_for_run(RunStore(runs_dir).load(run), out_file, beta=None if no_tta else tta_beta, data=data,
-                            recipe_dirs=recipes or ())
+    beta = None if no_tta else "run" if tta_beta is None else tta_beta
+    df = submission_for_run(RunStore(runs_dir).load(run), out_file, beta=beta, data=data, recipe_dirs=recipes or ())
     out.print(f"Wrote {out_file}: {len(df)} rows, columns {', '.join(map(str, df.columns))}.", highlight=False)
 
 

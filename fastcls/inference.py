@@ -35,7 +35,7 @@ from .ensemble.members import _load_members
 from .errors import FastclsError
 from .files import file_sha256, read_json, write_atomic, write_json
 from .posthoc import PostHoc
-from .predict import predict_views, tta_blend
+from .predict import predict_views, run_tta_beta, tta_blend
 from .runfiles import checked_weights
 from .runs import RunStore
 from .submission import write_submission
@@ -43,7 +43,6 @@ from .submission import write_submission
 FORMAT_VERSION = 1
 RUNTIMES = ("torch", "onnx")
 MANIFEST = "manifest.json"
-SUBMIT_BETA = 0.25  # a single run's TTA blend, as `fastcls submit` writes it
 DECODED_BYTES = 1 << 30  # models of the same size share their decoded, resized images up to this many bytes
 
 
@@ -105,7 +104,7 @@ def manifest(store: RunStore, ref: str) -> tuple[dict, dict]:
             arrays = {f"stack_{k}": v for k, v in _stack_arrays(store, run).items()}
         recipe_cfg = runs[0].config
     else:
-        members, combine, recipe_cfg = [_member(store, run, SUBMIT_BETA)], None, run.config
+        members, combine, recipe_cfg = [_member(store, run, run_tta_beta(run.metrics))], None, run.config
     return {"format": FORMAT_VERSION, "id": run.id, "name": run.name, "kind": run.kind, "vocab": list(run.vocab),
             "recipe": recipe_cfg, "members": members, "combine": combine}, arrays
 

@@ -5,7 +5,7 @@ flip, crop5, scale, in the recipe's `tta_views` order), then the random augmente
 on disk and trains heads on them (`fastcls.features`).
 """
 
-__all__ = ["predict_views", "tta_blend", "lerp_blend", "pooled_features", "encode_labels", "named_views", "view_count",
+__all__ = ["predict_views", "tta_blend", "lerp_blend", "choose_tta_beta", "run_tta_beta", "BETA_GRID", "FASTAI_BETA", "pooled_features", "encode_labels", "named_views", "view_count",
            "CROP_FRAC", "SCALE_ZOOMS"]
 
 from typing import Optional
@@ -15,11 +15,14 @@ import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
 
+from .metrics import get_metric
 from .recipe import TTA_VIEW_NAMES
 
 _CHUNK = 16384  # rows per block: keeps the temporaries of a blend small and cache-friendly
 CROP_FRAC = 0.875  # crop5: each crop's side, as a fraction of the image's (torchvision's 224 of 256)
 SCALE_ZOOMS = (1.25, 0.8)  # scale: zoomed in (the centre 1/1.25 of the side) and out (shrunk, reflection-padded)
+BETA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # TTA blends tried on valid (weight of the plain view)
+FASTAI_BETA = 0.25  # fastai's `Learner.tta` default: the blend of runs stored before a run chose its own
 
 
 def _resize(x: torch.Tensor, hw: tuple, antialias: bool = False) -> torch.Tensor:
@@ -156,6 +159,29 @@ def tta_blend(views, beta: float = 0.25) -> np.ndarray:
         aug += views[v]
     aug /= np.float32(V - 1)
     return lerp_blend(views[0], aug, beta)
+
+
+def choose_tta_beta(views, targets, metric: str, grid=BETA_GRID) -> float:
+    """The TTA blend of `grid` that scores best with `metric` on labelled `views` (V, N, C); among equal scores the
+    one nearest fastai's default (`FASTAI_BETA`), so a tie on a small valid set changes nothing. 1 (the plain view)
+    when there are no TTA views.
+
+    Random augmented views can hurt (e.g. a model trained a few epochs, a small valid set): a blend chosen on valid
+    keeps a run's TTA score from falling below its plain one there. The choice is in-sample on valid (one of 5
+    values); test scores stay held out.
+    """
+    if views.shape[0] == 1:
+        return 1.0
+    m = get_metric(metric)
+    sign = 1 if m.higher_is_better else -1
+    scored = [(sign * m(targets, tta_blend(views, b)), -abs(b - FASTAI_BETA), b) for b in grid]
+    return float(max(scored)[2])
+
+
+def run_tta_beta(metrics: Optional[dict]) -> float:
+    """A stored run's TTA blend: the one it chose on valid (`tta_beta` in its metrics), else fastai's default."""
+    beta = (metrics or {}).get("tta_beta")
+    return FASTAI_BETA if beta is None else float(beta)
 
 
 def lerp_blend(plain, aug, beta):

@@ -18,7 +18,7 @@ __all__ = ["write_submission", "submission_for_run", "submission_ids", "submissi
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -177,14 +177,15 @@ def write_submission(recipe: Recipe, test_ids, probs, vocab, path, data=None) ->
     return df
 
 
-def submission_for_run(run, path, beta: Optional[float] = 0.25, data=None, recipe_dirs=(),
+def submission_for_run(run, path, beta: Union[float, str, None] = "run", data=None, recipe_dirs=(),
                        record: bool = True) -> pd.DataFrame:
     """Write the submission of a stored run's test probabilities.
 
     Args:
         run: a `StoredRun` (`RunStore.load`).
         path: the CSV to write.
-        beta: TTA blend weight of the plain view (`predict.tta_blend`); None: the plain view only.
+        beta: TTA blend weight of the plain view (`predict.tta_blend`); "run": the run's own (chosen on valid, see
+            `predict.run_tta_beta`); None: the plain view only.
         data: the data folder with the recipe's template (default: the run's data folder, else the recipe's).
         recipe_dirs: extra recipe folders, to find the run's recipe by name.
         record: record the file (sha256, run, local score) in the store's `submissions.json` (see `record_lb`).
@@ -192,11 +193,12 @@ def submission_for_run(run, path, beta: Optional[float] = 0.25, data=None, recip
     Returns:
         The written table.
     """
-    from .predict import tta_blend
+    from .predict import run_tta_beta, tta_blend
     probs = run.test_probs
     if probs is None or run.test_ids is None:
         raise FastclsError(f"Run {run.id} has no test probabilities (its data had no test set), so there is nothing to "
                            "submit. Train it on a data folder with the recipe's test images.")
+    beta = run_tta_beta(run.metrics) if beta == "run" else beta
     if beta is not None and not 0 <= beta <= 1:
         raise FastclsError(f"--tta-beta must be in [0, 1], got {beta}.")
     # the recipe file may be gone or renamed: the run's config still has every submission setting

@@ -3,6 +3,7 @@
 names are validated and recorded."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -82,3 +83,69 @@ def test_names_are_validated_recorded_and_counted():
 def test_cli_refuses_an_unknown_view(cli, tmp_path):
     res = cli("train", "digits", "simple_cnn", "--tta-views", "flip,rot90", "--runs-dir", tmp_path / "runs")
     _assert_clean_error(res, "'tta_views' must be distinct names among flip, crop5, scale", runs=tmp_path / "runs")
+
+
+# -- the TTA blend a run chooses on valid ---------------------------------------------------------------------------
+
+def _two_views(plain_right: bool, n: int = 6):
+    """Views (3, n, 2) of targets y: the right view(s) mildly right (0.6), the others confidently wrong (0.9); only
+    beta 1 (plain_right: the plain view is right) or 0 (the two augmented views are) gets every row right."""
+    y = np.arange(n) % 2
+    right, wrong = np.eye(2)[y], np.eye(2)[1 - y]
+    mild, bad = 0.6 * right + 0.4 * wrong, 0.1 * right + 0.9 * wrong
+    plain, aug = (mild, bad) if plain_right else (bad, mild)
+    return np.stack([plain, aug, aug]).astype(np.float32), y
+
+
+def test_the_blend_is_the_best_on_valid_and_ties_keep_fastais():
+    from fastcls.predict import choose_tta_beta
+    views, y = _two_views(plain_right=True)
+    assert choose_tta_beta(views, y, "accuracy") == 1.0  # augmented views that hurt: the plain view
+    views, y = _two_views(plain_right=False)
+    assert choose_tta_beta(views, y, "accuracy") == 0.0
+    assert choose_tta_beta(views, y, "log_loss") == 0.0  # a lower-is-better metric, its direction followed
+    same = np.repeat(views[1:2], 3, axis=0)
+    assert choose_tta_beta(same, y, "accuracy") == 0.25  # all blends equal: fastai's default
+    assert choose_tta_beta(views[:1], y, "accuracy") == 1.0  # no TTA views
+
+
+def test_a_run_records_its_blend_scores_and_submits_with_it(digits_store, cli, tmp_path):
+    from fastcls.metrics import get_metric
+    from fastcls.predict import BETA_GRID, tta_blend
+    from fastcls.runs import RunData, RunStore
+    store = RunStore(digits_store)
+    run = store.load("tiny-digits")
+    beta, name = run.metrics["tta_beta"], run.metrics["metric_name"]
+    vp, vt = np.asarray(run.valid_probs), np.asarray(run.valid_targets)
+    assert beta in BETA_GRID and vp.shape[0] > 1
+    assert run.metrics[f"{name}_tta"] == pytest.approx(get_metric(name)(vt, tta_blend(vp, beta)))
+    # a stored run whose test views disagree: `submit` follows the run's beta unless --tta-beta is given
+    views, _ = _two_views(plain_right=True, n=len(run.test_ids))
+    ten = np.zeros((3, len(run.test_ids), len(run.vocab)), np.float32)
+    ten[:, :, :2] = views
+    for b, want in ((1.0, views[0].argmax(1)), (0.0, views[1].argmax(1))):
+        store.save(RunData(config=run.config, vocab=run.vocab, valid_probs=vp, valid_targets=vt,
+                           valid_ids=run.valid_ids, metrics={**run.metrics, "tta_beta": b}, test_probs=ten,
+                           test_ids=run.test_ids, name=f"beta-{b}"))
+        out = tmp_path / f"sub-{b}.csv"
+        res = cli("submit", f"beta-{b}", "--out", out, "--runs-dir", digits_store)
+        assert res.exit_code == 0, res.output
+        got = pd.read_csv(out).iloc[:, 1].astype(str).tolist()
+        assert got == [str(run.vocab[k]) for k in want]
+    res = cli("submit", "beta-1.0", "--out", tmp_path / "fixed.csv", "--tta-beta", "0", "--runs-dir", digits_store)
+    assert res.exit_code == 0, res.output
+    assert pd.read_csv(tmp_path / "fixed.csv").iloc[:, 1].astype(str).tolist() == \
+        [str(run.vocab[k]) for k in views[1].argmax(1)]
+
+
+def test_a_fixed_blend_is_a_recipe_setting(digits_store):
+    from fastcls.recipe import get_recipe
+    from fastcls.train.run import Predictions, run_metrics
+    views, y = _two_views(plain_right=True)
+    preds = Predictions(vocab=["a", "b"], valid_ids=[str(i) for i in y], valid_probs=views, valid_targets=y)
+    recipe = get_recipe("digits").override(metric="accuracy", monitor=None)
+    assert run_metrics(recipe, preds, None, 10)["accuracy_tta"] == 1.0  # chosen: beta 1
+    m = run_metrics(recipe.override(tta_beta=0.25), preds, None, 10)
+    assert m["tta_beta"] == 0.25 and m["accuracy_tta"] == 0.0
+    with pytest.raises(FastclsError, match="'tta_beta' must be in"):
+        recipe.override(tta_beta=1.5)

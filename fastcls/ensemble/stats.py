@@ -17,11 +17,11 @@ from sklearn.model_selection import KFold, StratifiedKFold
 
 from ..errors import FastclsError
 from ..metrics import COUNT_METRICS, get_metric
+from ..predict import BETA_GRID
 from .combiners import Combiner, _check_method, _fit, _needs_search
 from .scoring import _CHUNK, _LabelScorer, _argmax, _score
 from .search import _candidate_classes, _search_data, _search_many
 
-BETA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 # -- TTA beta ------------------------------------------------------------------------------------------------------

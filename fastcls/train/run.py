@@ -33,7 +33,7 @@ from ..errors import FastclsError
 from ..posthoc import PostHoc, fit_posthoc
 from ..imbalance import DeferredReweight, parse_imbalance
 from ..metrics import expected_calibration_error, get_metric
-from ..predict import encode_labels, predict_views, tta_blend, view_count
+from ..predict import choose_tta_beta, encode_labels, predict_views, tta_blend, view_count
 from ..recipe import Recipe
 from ..runs import RunData, RunStore
 
@@ -305,7 +305,8 @@ class Predictions:
 def run_metrics(recipe: Recipe, preds: Predictions, best_epoch: Optional[int], n_train: int,
                 raw: Optional[Predictions] = None, posthoc: Optional[PostHoc] = None) -> dict:
     """Final metrics of a run from its stored predictions: each of the recipe's metrics (see `_metric_names`) plain
-    and TTA-blended on valid, and on test where the data has test labels; valid loss.
+    and TTA-blended on valid, and on test where the data has test labels; valid loss. The TTA blend is the recipe's
+    `tta_beta`, else the one that scores best on valid (`predict.choose_tta_beta`), recorded as `tta_beta`.
 
     With post-hoc steps (`posthoc`, fitted on valid), `preds` are the adjusted predictions and `raw` the model's own:
     their scores get a `_raw` suffix. Valid scores after a post-hoc step are in-sample (optimistic); test scores are
@@ -319,13 +320,15 @@ def run_metrics(recipe: Recipe, preds: Predictions, best_epoch: Optional[int], n
         metrics["posthoc"] = posthoc.describe()
         if posthoc.tau is not None:
             metrics["logit_adjust_tau"] = posthoc.tau
-    metrics.update(_scores(names, vt, vp))
+    beta = recipe.tta_beta if recipe.tta_beta is not None else choose_tta_beta(vp, vt, recipe.monitor or recipe.metric)
+    metrics["tta_beta"] = beta
+    metrics.update(_scores(names, vt, vp, beta))
     if has_test:
-        metrics.update(_scores(names, preds.test_targets, preds.test_probs, prefix="test_"))
+        metrics.update(_scores(names, preds.test_targets, preds.test_probs, beta, prefix="test_"))
     if raw is not None:
-        metrics.update(_scores(names, vt, raw.valid_probs, suffix="_raw"))
+        metrics.update(_scores(names, vt, raw.valid_probs, beta, suffix="_raw"))
         if has_test:
-            metrics.update(_scores(names, raw.test_targets, raw.test_probs, prefix="test_", suffix="_raw"))
+            metrics.update(_scores(names, raw.test_targets, raw.test_probs, beta, prefix="test_", suffix="_raw"))
     metrics.update(valid_loss=_nll(vp[0], vt), best_epoch=best_epoch, n_train=n_train, n_valid=len(vt))
     metrics["ece"] = expected_calibration_error(vt, vp[0])
     if raw is not None:
@@ -449,9 +452,9 @@ def _quietly(fn, *args, **kwargs):
         print(f"fastcls: could not record the run's status: {e}", file=sys.stderr)
 
 
-def _scores(names, y, views, prefix: str = "", suffix: str = "") -> dict:
-    """Each metric on the plain view and on the TTA blend of stacked `views`."""
-    blend = tta_blend(views)
+def _scores(names, y, views, beta: float, prefix: str = "", suffix: str = "") -> dict:
+    """Each metric on the plain view and on the TTA blend at `beta` of stacked `views`."""
+    blend = tta_blend(views, beta)
     out = {}
     for n in names:
         m = get_metric(n)
