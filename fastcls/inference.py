@@ -43,6 +43,7 @@ from .submission import write_submission
 FORMAT_VERSION = 1
 RUNTIMES = ("torch", "onnx")
 MANIFEST = "manifest.json"
+VERIFIED = "_verified"  # a net whose checksum this process has just checked (never written to a manifest)
 DECODED_BYTES = 1 << 30  # models of the same size share their decoded, resized images up to this many bytes
 
 
@@ -55,7 +56,7 @@ def _net(run, path: Optional[Path] = None) -> dict:
         RunConfig.from_dict(cfg, lenient=True).norm_stats
     return {"id": run.id, "config": cfg, "stats": stats, "weights": str(weights),
             "sha256": run.meta.get("weights_sha256"), "tta": int(cfg.get("tta") or 0),
-            "tta_views": list(cfg.get("tta_views") or [])}
+            "tta_views": list(cfg.get("tta_views") or []), VERIFIED: True}
 
 
 def _member(store: RunStore, run, beta) -> dict:
@@ -126,6 +127,7 @@ def load_bundle(folder) -> tuple[dict, dict]:
     for m in man["members"]:
         for n in m["nets"]:
             n["weights"] = str(folder / n["weights"])
+            n.pop(VERIFIED, None)  # whatever the file says, its copies are checked when read
             if n.get("onnx"):
                 n["onnx"]["file"] = str(folder / n["onnx"]["file"])
     arrays = {}
@@ -228,7 +230,7 @@ def _load_model(net: dict, n_classes: int, verify: bool = True):
     weights = Path(net["weights"])
     if not weights.is_file():
         raise FastclsError(f"Weights file {weights} (run {net['id']}) is missing; nothing was written.")
-    if verify and net.get("sha256") and file_sha256(weights) != net["sha256"]:
+    if verify and net.get("sha256") and not net.get(VERIFIED) and file_sha256(weights) != net["sha256"]:
         raise FastclsError(f"Weights file {weights} (run {net['id']}) does not match the checksum recorded when it "
                            "was stored: it was altered or damaged. Nothing was written; export the run again.")
     cfg = RunConfig.from_dict(net["config"], lenient=True)
@@ -567,6 +569,7 @@ def export(store: Union[RunStore, str, Path], ref: str, out, onnx: bool = False,
                 if onnx:
                     n["onnx"] = _export_onnx({**n, "weights": str(dst), "sha256": digest}, len(man["vocab"]), tmp)
                 n["weights"], n["sha256"] = f"weights/{dst.name}", digest
+                n.pop(VERIFIED, None)  # the bundle's reader checks its copy again
         if arrays:
             with open(tmp / "arrays.npz", "wb") as f:
                 np.savez(f, **arrays)

@@ -181,6 +181,10 @@ def test_bad_bundles_are_refused(store, images, tmp_path, cli):
     res = cli("predict", bundle, "--data", images, "--out", tmp_path / "sub.csv")
     assert res.exit_code == 2 and "does not match the checksum" in res.output and w.name in res.output
     assert not (tmp_path / "sub.csv").exists() and "Traceback" not in res.output
+    man["members"][0]["nets"][0]["_verified"] = True  # a manifest cannot waive the check
+    (bundle / "manifest.json").write_text(json.dumps(man))
+    res = cli("predict", bundle, "--data", images, "--out", tmp_path / "sub.csv")
+    assert res.exit_code == 2 and "does not match the checksum" in res.output
     w.unlink()
     res = cli("predict", bundle, "--data", images, "--out", tmp_path / "sub.csv")
     assert res.exit_code == 2 and "missing" in res.output and not (tmp_path / "sub.csv").exists()
@@ -190,6 +194,18 @@ def test_bad_bundles_are_refused(store, images, tmp_path, cli):
         predict(newer, data=images)
     with pytest.raises(FastclsError, match="not empty"):
         export(store, "a", newer)
+
+
+def test_predict_from_a_store_hashes_each_weights_file_once(store, monkeypatch):
+    """The checksum is checked when the plan is made (before anything is written), not again when the model loads."""
+    import fastcls.inference as inference
+    import fastcls.runfiles as runfiles
+    hashed, real = [], runfiles.file_sha256
+    counting = lambda p: hashed.append(os.path.basename(p)) or real(p)  # noqa: E731
+    monkeypatch.setattr(runfiles, "file_sha256", counting)
+    monkeypatch.setattr(inference, "file_sha256", counting)
+    predict(store, "a", tta=False)
+    assert hashed == ["model.safetensors"]
 
 
 def test_unreadable_images(store, images, tmp_path, cli):
