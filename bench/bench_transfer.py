@@ -48,7 +48,7 @@ def fastcls(*args, env=None) -> str:
     return p.stdout
 
 
-def scores(metric: str, y, views, beta: float = 0.25) -> tuple:
+def scores(metric: str, y, views, beta: float) -> tuple:
     """(plain, TTA) score of stacked probability views against integer targets `y`."""
     from fastcls.metrics import get_metric
     from fastcls.predict import tta_blend
@@ -76,7 +76,9 @@ def run_fastcls(name: str, arch: str, a, env: dict, runs: Path) -> dict:
     out = {"tool": "fastcls", "data": name, "arch": arch, "ps": ps, "seconds": round(time.time() - t0, 1),
            "sweep_seconds": round(t_sweep, 1), "run": r.id,
            "norm": r.config.get("norm_stats")}
-    out["valid"], out["valid_tta"] = scores(metric, np.asarray(r.valid_targets), np.asarray(r.valid_probs))
+    out["tta_beta"] = r.metrics.get("tta_beta")  # the blend the run chose on valid (its test_*_tta uses it too)
+    out["valid"], out["valid_tta"] = scores(metric, np.asarray(r.valid_targets), np.asarray(r.valid_probs),
+                                            out["tta_beta"])
     if r.metrics.get(f"test_{metric}") is not None:
         out["test"], out["test_tta"] = r.metrics[f"test_{metric}"], r.metrics[f"test_{metric}_tta"]
     return out
