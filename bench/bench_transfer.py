@@ -56,6 +56,17 @@ def scores(metric: str, y, views, beta: float) -> tuple:
     return m(y, views[0]), m(y, tta_blend(views, beta))
 
 
+def paired_gain(run, ids, vocab, fastai_tta, y, metric: str) -> list:
+    """fastcls' test TTA score minus fastai's on the same test images (targets `y`, in `ids` order), with a paired
+    bootstrap 95% interval (`fastcls.ensemble.paired_bootstrap`, 1000 resamples): [gain, low, high]."""
+    from fastcls.ensemble import paired_bootstrap
+    from fastcls.predict import run_tta_beta, tta_blend
+    assert list(vocab) == list(run.vocab), "the two tools' class orders differ"
+    rows = {str(i): k for k, i in enumerate(run.test_ids)}
+    ours = tta_blend(np.asarray(run.test_probs), run_tta_beta(run.metrics))[[rows[i] for i in ids]]
+    return [round(float(v), 4) for v in paired_bootstrap(y, ours, fastai_tta, metric)]
+
+
 def run_fastcls(name: str, arch: str, a, env: dict, runs: Path) -> dict:
     """fast-path ps sweep, fine-tune the best ps; the stored run's scores and wall time."""
     from fastcls.runs import RunStore
@@ -117,6 +128,7 @@ def run_fastai(name: str, arch: str, a, weights: Path, valid_ids) -> dict:
         ttap = learn.tta(dl=tdl, n=a.tta)[0].numpy()
         yt = encode_labels(items.test["label"], vocab)
         out["test"], out["test_tta"] = m(yt, plain), m(yt, ttap)
+        out["_test"] = (items.test["id"].astype(str).tolist(), vocab, ttap, yt)  # the paired bootstrap's (not written)
     out["seconds"] = round(time.time() - t0, 1)
     return out
 
@@ -156,6 +168,8 @@ def main():
             print(json.dumps(r), flush=True)
             valid_ids = RunStore(runs).load(r["run"]).valid_ids
             f = run_fastai(name, arch, a, work / "weights" / f"{arch}.safetensors", valid_ids)
+            if "_test" in f:
+                f["test_tta_gain_ci"] = paired_gain(RunStore(runs).load(r["run"]), *f.pop("_test"), metric)
             rows.append(f)
             print(json.dumps(f), flush=True)
         # the fine-tuned runs' ensemble and its submission (fastcls), and the plain mean of fastai's members

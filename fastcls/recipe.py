@@ -112,7 +112,7 @@ class Recipe:
     tta_views: tuple = ()
     # TTA blend (weight of the plain view, fastai's `beta`) of the run's `_tta` scores, `submit` and `predict`; None:
     # the best of 0, 0.25, 0.5, 0.75, 1 on valid (ties: the nearest to fastai's 0.25), recorded as `tta_beta`
-    tta_beta: Optional[float] = None
+    tta_blend: Optional[float] = None
     # -- submission
     sub_id_col: str = "id"
     sub_label_col: str = "label"
@@ -177,7 +177,7 @@ class Recipe:
                    "positive numbers of pixels, e.g. 128,160 (the final one is `size`)"),
                   ("drw_start", 0 <= self.drw_start < 1, "in [0, 1)"),
                   ("accum", self.accum >= 1, ">= 1 micro-batch per step"),
-                  ("tta_beta", self.tta_beta is None or 0 <= self.tta_beta <= 1,
+                  ("tta_blend", self.tta_blend is None or 0 <= self.tta_blend <= 1,
                    "in [0, 1], the weight of the plain view (or None: chosen on valid)"),
                   ("tta_views", all(v in TTA_VIEW_NAMES for v in self.tta_views) and
                    len(set(self.tta_views)) == len(self.tta_views),

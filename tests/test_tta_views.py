@@ -145,7 +145,23 @@ def test_a_fixed_blend_is_a_recipe_setting(digits_store):
     preds = Predictions(vocab=["a", "b"], valid_ids=[str(i) for i in y], valid_probs=views, valid_targets=y)
     recipe = get_recipe("digits").override(metric="accuracy", monitor=None)
     assert run_metrics(recipe, preds, None, 10)["accuracy_tta"] == 1.0  # chosen: beta 1
-    m = run_metrics(recipe.override(tta_beta=0.25), preds, None, 10)
+    m = run_metrics(recipe.override(tta_blend=0.25), preds, None, 10)
     assert m["tta_beta"] == 0.25 and m["accuracy_tta"] == 0.0
-    with pytest.raises(FastclsError, match="'tta_beta' must be in"):
-        recipe.override(tta_beta=1.5)
+    with pytest.raises(FastclsError, match="'tta_blend' must be in"):
+        recipe.override(tta_blend=1.5)
+
+
+def test_an_ensemble_of_runs_that_chose_their_blends(digits_store, cli, tmp_path):
+    """An ensemble's config lists its members' blends (`tta_beta`); that key is not a recipe setting, so reading the
+    ensemble back (show, submit) works."""
+    from fastcls.runs import RunData, RunStore
+    store = RunStore(digits_store)
+    run = store.load("tiny-digits")
+    store.save(RunData(config=run.config, vocab=run.vocab, valid_probs=np.asarray(run.valid_probs)[::-1].copy(),
+                       valid_targets=np.asarray(run.valid_targets), valid_ids=run.valid_ids, metrics=run.metrics,
+                       test_probs=np.asarray(run.test_probs), test_ids=run.test_ids, name="twin"))
+    res = cli("ensemble", "tiny-digits", "twin", "--name", "ens-of-two", "--submission", tmp_path / "sub.csv",
+              "--runs-dir", digits_store)
+    assert res.exit_code == 0, res.output
+    assert cli("show", "ens-of-two", "--runs-dir", digits_store).exit_code == 0
+    assert len(pd.read_csv(tmp_path / "sub.csv")) == len(run.test_ids)

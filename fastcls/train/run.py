@@ -306,7 +306,7 @@ def run_metrics(recipe: Recipe, preds: Predictions, best_epoch: Optional[int], n
                 raw: Optional[Predictions] = None, posthoc: Optional[PostHoc] = None) -> dict:
     """Final metrics of a run from its stored predictions: each of the recipe's metrics (see `_metric_names`) plain
     and TTA-blended on valid, and on test where the data has test labels; valid loss. The TTA blend is the recipe's
-    `tta_beta`, else the one that scores best on valid (`predict.choose_tta_beta`), recorded as `tta_beta`.
+    `tta_blend`, else the one that scores best on valid (`predict.choose_tta_beta`), recorded as `tta_beta`.
 
     With post-hoc steps (`posthoc`, fitted on valid), `preds` are the adjusted predictions and `raw` the model's own:
     their scores get a `_raw` suffix. Valid scores after a post-hoc step are in-sample (optimistic); test scores are
@@ -320,7 +320,8 @@ def run_metrics(recipe: Recipe, preds: Predictions, best_epoch: Optional[int], n
         metrics["posthoc"] = posthoc.describe()
         if posthoc.tau is not None:
             metrics["logit_adjust_tau"] = posthoc.tau
-    beta = recipe.tta_beta if recipe.tta_beta is not None else choose_tta_beta(vp, vt, recipe.monitor or recipe.metric)
+    beta = recipe.tta_blend
+    beta = choose_tta_beta(vp, vt, recipe.monitor or recipe.metric) if beta is None else beta
     metrics["tta_beta"] = beta
     metrics.update(_scores(names, vt, vp, beta))
     if has_test:
