@@ -11,7 +11,6 @@ from functools import partial
 from typing import Callable, Optional
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score, fbeta_score
 
 from .errors import FastclsError, suggest
 
@@ -72,6 +71,7 @@ def _fastai_macro_f1():
 def _balanced_accuracy(y, p):
     with warnings.catch_warnings():  # a small valid split may lack a predicted class: recall is over true classes
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        from sklearn.metrics import balanced_accuracy_score
         return balanced_accuracy_score(y, p)
 
 
@@ -82,7 +82,13 @@ def _fastai_balanced_accuracy():
     return m
 
 
+def _accuracy(y, p):
+    from sklearn.metrics import accuracy_score  # imported when scoring: `fastcls.runs` needs no scikit-learn
+    return accuracy_score(y, p)
+
+
 def _macro_f1(y, p):
+    from sklearn.metrics import f1_score
     return f1_score(y, p, average="macro", zero_division=0)
 
 
@@ -147,11 +153,13 @@ def qwk(y, pred) -> float:
     """Quadratic weighted kappa on ordered class indices (the index order is the recipe's `classes` order)."""
     y, pred = np.asarray(y, dtype=np.int64), np.asarray(pred, dtype=np.int64)
     n = int(max(y.max(initial=0), pred.max(initial=0))) + 1  # index distances, not the positions of present labels
+    from sklearn.metrics import cohen_kappa_score
     return float(cohen_kappa_score(y, pred, weights="quadratic", labels=np.arange(n)))
 
 
 def macro_f_beta(y, pred, beta: float = 1.0) -> float:
     """Macro-averaged F-beta (beta > 1 weighs recall more)."""
+    from sklearn.metrics import fbeta_score
     return float(fbeta_score(y, pred, beta=beta, average="macro", zero_division=0))
 
 
@@ -172,7 +180,7 @@ def expected_calibration_error(y, probs, bins: int = 15) -> float:
 
 
 METRICS: dict[str, Metric] = {
-    "accuracy": Metric("accuracy", accuracy_score, _fastai_accuracy),
+    "accuracy": Metric("accuracy", _accuracy, _fastai_accuracy),
     "macro_f1": Metric("macro_f1", _macro_f1, _fastai_macro_f1),
     # mean per-class recall: on a skewed validation split, the estimate of accuracy on a balanced test set
     "balanced_accuracy": Metric("balanced_accuracy", _balanced_accuracy, _fastai_balanced_accuracy),
