@@ -149,8 +149,9 @@ def main():
     if "test_accuracy" in df:
         table.insert(3, "test_accuracy", g["test_accuracy"].mean())
     if "ema_used" in df:
-        table["ema_used"] = g["ema_used"].apply(lambda v: ",".join(str(x) for x in v if x is not None) or "")
-    table.insert(1, "vs_baseline", table[score] - table.loc["baseline", score])
+        table["ema_used"] = g["ema_used"].apply(lambda v: ",".join(str(x) for x in v if pd.notna(x)))
+    if "baseline" in table.index:
+        table.insert(1, "vs_baseline", table[score] - table.loc["baseline", score])
     pd.set_option("display.width", 200)
     print(f"\n{arch} {'fine-tuned from ' + ds['weights'] if ds['weights'] else 'from scratch'}, {size} px, "
           f"{base.freeze_epochs} frozen + {epochs} epochs, lr {base.lr}, bs {base.bs}, seeds {args.seeds}; "
