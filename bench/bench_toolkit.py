@@ -48,7 +48,7 @@ CONFIGS = {
     "baseline": {},
     "--mixup 0.4": dict(mixup=0.4),
     "--ema 0.99": dict(ema=0.99),
-    "--ema 0.9": dict(ema=0.9),  # ~21 steps per epoch here: 0.99 averages over about the whole run, 0.9 the last ~10
+    "--ema 0.9": dict(ema=0.9),  # ~20 steps per epoch here: 0.99 averages over about the whole run, 0.9 the last ~10
     "--accum 2": dict(accum=2),
     "--size 20,28": dict(progressive_sizes=(20,)),
     "--imbalance ldam,drw": dict(imbalance="ldam,drw"),
