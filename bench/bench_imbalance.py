@@ -53,17 +53,24 @@ CONFIGS = {
 }
 
 
+def _normal_key(key: dict) -> str:
+    # recipe settings that are None (off) are left out, so a recipe field added later with a None default (e.g.
+    # cache_budget) does not orphan the runs cached before it existed
+    return json.dumps({**key, "recipe": {k: v for k, v in key["recipe"].items() if v is not None}}, sort_keys=True,
+                      default=str)
+
+
 def cache_key(recipe, arch, seed) -> str:
     # CPU results depend on the thread count (reduction order), so it is part of what a run is
-    return json.dumps({"recipe": recipe.to_dict(), "arch": arch, "seed": seed, "threads": torch.get_num_threads()},
-                      sort_keys=True, default=str)
+    key = {"recipe": recipe.to_dict(), "arch": arch, "seed": seed, "threads": torch.get_num_threads()}
+    return _normal_key(json.loads(json.dumps(key, default=str)))
 
 
 def load_cache(path: Path) -> dict:
     if not path.exists():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["key"]: r["result"] for r in rows}
+    return {_normal_key(json.loads(r["key"])): r["result"] for r in rows}
 
 
 def run_one(recipe, arch, items, seed, store) -> dict:

@@ -431,14 +431,15 @@ def show_batch_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see 
                                                            "its crop.")] = False,
                    size: Size = None, crop: Crop = None, trim: Trim = None, seed: Seed = 42, sample: Sample = None,
                    runs_dir: RunsDir = Path("runs"), recipes: RecipeDirs = None):
-    """Save a grid of what the network sees: training images after crop, resize and augmentation, with labels."""
-    from .recipe import crop_overrides, get_recipe
-    from .report import plot_batch, save_figure
+    """Save a grid of what the network sees: training images after crop, resize and augmentation, with labels (one
+    grid per size for a progressive --size 128,224: <name>-128px.png, <name>-224px.png)."""
+    from .recipe import crop_overrides, get_recipe, size_overrides
+    from .report import save_batches
     r = get_recipe(recipe, recipes or ())
-    r = r.override(**({"size": size} if size is not None else {}), **crop_overrides(crop, trim))
-    fig = plot_batch(r, data=data, n=n, seed=seed, sample=sample, originals=originals)
-    path = save_figure(fig, out_file or runs_dir / "pictures" / f"{r.name}-batch.png")
-    out.print(f"Wrote {path}", highlight=False)
+    r = r.override(**size_overrides(size), **crop_overrides(crop, trim))
+    for path in save_batches(r, out_file or runs_dir / "pictures" / f"{r.name}-batch.png", data=data, n=n, seed=seed,
+                             sample=sample, originals=originals):
+        out.print(f"Wrote {path}", highlight=False)
 
 
 @app.command("lr-find")

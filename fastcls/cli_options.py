@@ -34,8 +34,9 @@ def _sizes(text: str):
 
 
 Size = Annotated[Optional[int], typer.Option("--size", parser=_sizes, help="Image size in pixels (default: the "
-                                             "recipe's); train: several, comma-separated, resize progressively "
-                                             "(128,224: the epochs split between them, the last is the final size).")]
+                                             "recipe's); several, comma-separated, resize progressively (128,224: "
+                                             "train splits the epochs between them, the last is the final size; "
+                                             "cache and show-batch do each size).")]
 Ps = Annotated[Optional[float], typer.Option("--ps", help="Head dropout probability (default: the recipe's).")]
 Epochs = Annotated[Optional[int], typer.Option("--epochs", help="Epochs of the unfrozen stage.")]
 FreezeEpochs = Annotated[Optional[int], typer.Option("--freeze-epochs", help="Epochs of the frozen stage (head only; "

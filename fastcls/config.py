@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from .errors import FastclsError
-from .recipe import Recipe, aug_overrides, crop_overrides, get_recipe, parse_sets, parse_sizes
+from .recipe import Recipe, aug_overrides, crop_overrides, get_recipe, parse_sets, size_overrides
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,7 @@ class RunConfig:
         if isinstance(aug, bool):  # the Recipe field itself (aug on/off), not a preset name
             overrides, aug = {**overrides, "aug": aug}, None
         if isinstance(overrides.get("size"), (str, tuple, list)):  # --size 128,224: progressive resizing
-            *smaller, final = parse_sizes(overrides["size"])
-            overrides = {**overrides, "size": final, "progressive_sizes": tuple(smaller)}
+            overrides = {**overrides, **size_overrides(overrides["size"])}
         named = {k: v for k, v in overrides.items() if v is not None}
         named.update(parse_sets(r, [f"{k}={v}" for k, v in named.items()  # e.g. tta_views="flip,crop5" as typed
                                     if isinstance(v, str) and isinstance(getattr(r, k, None), tuple)]))

@@ -6,7 +6,8 @@ folder wins on a name clash, so a user's own `recipes/tshirts.py` replaces the b
 """
 
 __all__ = ["Recipe", "RecipeEntry", "builtin_recipe_dir", "crop_overrides", "find_recipes", "get_recipe", "load_recipe_file",
-           "parse_trim", "AUG_PRESETS", "aug_overrides", "parse_sets", "TTA_VIEW_NAMES", "parse_sizes"]
+           "parse_trim", "AUG_PRESETS", "aug_overrides", "parse_sets", "TTA_VIEW_NAMES", "parse_sizes",
+           "size_overrides", "each_size"]
 
 import dataclasses
 import importlib.util
@@ -354,6 +355,22 @@ def parse_sizes(text) -> tuple:
         raise FastclsError(f"--size takes an image size in pixels (224), or several comma-separated for progressive "
                            f"resizing, the final one last (128,224); got {text!r}.")
     return vals
+
+
+def size_overrides(size) -> dict:
+    """`--size` as given -> the recipe overrides: None -> {} (the recipe's); an int -> {'size': 224}; '128,224' or a
+    sequence -> {'size': 224, 'progressive_sizes': (128,)} (progressive resizing: the last is the final size)."""
+    if size is None or isinstance(size, int):
+        return {} if size is None else {"size": size}
+    *smaller, final = parse_sizes(size)
+    return {"size": final, "progressive_sizes": tuple(smaller)}
+
+
+def each_size(recipe: Recipe) -> list:
+    """One recipe per distinct image size a run of `recipe` trains at (its `progressive_sizes`, then `size`), each
+    at that single size: what `fastcls cache` and `fastcls show-batch` do once per size."""
+    sizes = dict.fromkeys((*recipe.progressive_sizes, recipe.size))
+    return [recipe.override(size=s, progressive_sizes=()) for s in sizes] if recipe.progressive_sizes else [recipe]
 
 
 def crop_overrides(crop: Optional[str] = None, trim: Optional[str] = None) -> dict:

@@ -204,6 +204,22 @@ def test_cache_command_fills_the_cache(cli, tmp_path, cache_dir):
     assert res.exit_code == 2 and "arrays in memory" in res.stderr and "nothing to cache" in res.stderr
 
 
+
+def test_cache_command_fills_each_progressive_size(cli, tmp_path, cache_dir):
+    """`cache --size 16,24` caches both sizes a progressive run reads; the single-size commands then find them all."""
+    recipes = _recipe_file(tmp_path / "recipes", make_photos(tmp_path / "data"))
+    res = cli("cache", "photos", "--recipes", recipes, "--size", "16,24")
+    assert res.exit_code == 0, res.output
+    out = res.stdout.replace("\n", " ")
+    assert out.index("15 images at 16 px") < out.index("15 images at 24 px") and out.count("15 written") == 2
+    shapes = sorted(np.load(p).shape[0] for p in cache_dir.rglob("*.npy"))
+    assert shapes == [16] * 15 + [24] * 15
+    for size in (16, 24):
+        res = cli("cache", "photos", "--recipes", recipes, "--size", size)
+        assert res.exit_code == 0 and "0 written, 15 already cached" in res.stdout, res.output
+    res = cli("cache", "photos", "--recipes", recipes, "--size", "0,24")
+    assert res.exit_code == 2 and "progressive_sizes" in res.stderr and "Traceback" not in res.output
+
 def test_train_with_cache_and_hardware_flags_on_cpu(cli, tmp_path, cache_dir):
     root = make_photos(tmp_path / "data")
     recipes = _recipe_file(tmp_path / "recipes", root, tta=1)

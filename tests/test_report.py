@@ -89,6 +89,20 @@ def test_show_batch_grid_of_labelled_network_inputs(cli, tmp_path):
     assert _panels_drawn(arr, 2, 4) == 8, "each original must sit beside its crop"
 
 
+
+def test_show_batch_progressive_size_one_grid_per_size(cli, tmp_path):
+    """`--size 16,24` (progressive resizing) draws the batch at each size a run trains at, one picture each."""
+    out = tmp_path / "batch.png"
+    res = cli("show-batch", "digits", "--n", "4", "--size", "16,24", "--sample", "100", "--out", out)
+    assert res.exit_code == 0, res.output
+    small, large = tmp_path / "batch-16px.png", tmp_path / "batch-24px.png"
+    assert str(small) in res.stdout.replace("\n", "") and str(large) in res.stdout.replace("\n", "")
+    assert not out.exists()
+    a, b = _png(small, _grid_size(4)), _png(large, _grid_size(4))
+    assert not np.array_equal(a, b), "the two sizes must be drawn from differently resized inputs"
+    res = cli("show-batch", "digits", "--size", "16,x", "--out", out)
+    assert res.exit_code == 2 and "--size" in res.output and "Traceback" not in res.output
+
 def test_show_batch_decodes_the_training_pipeline():
     """The pictures are the real training batch, decoded: augmentation changes them, the labels are the items'."""
     from fastcls.data import dls, read_items

@@ -16,7 +16,8 @@ runs) see either nothing or a whole entry. The root is `images/` under `$FASTCLS
 """
 
 __all__ = ["cache_home", "cache_root", "cache_settings", "CachedImageGetter", "PresizedArrays", "PresizedDL",
-           "use_cache", "pre_resized", "fill_cache", "CacheStats", "FORMATS", "cache_format", "CachePlan"]
+           "use_cache", "pre_resized", "fill_cache",
+           "fill_caches", "CacheStats", "FORMATS", "cache_format", "CachePlan"]
 
 import hashlib
 import json
@@ -38,7 +39,7 @@ from PIL import Image
 
 from ..budget import DISK_MARGIN, free_bytes, human_bytes, memory_budget, parse_bytes
 from ..errors import FastclsError
-from ..recipe import Recipe
+from ..recipe import Recipe, each_size
 from .images import ImageGetter, item_tfms, resolve_recipe
 from .items import Items
 
@@ -427,3 +428,10 @@ def fill_cache(recipe: Recipe, items: Items, root: Optional[Path] = None, thread
         hits = sum(ex.map(one, rows))
     disk = sum(p.stat().st_size for p in get.folder.rglob(f"*{get.suffix}"))
     return CacheStats(hits, len(rows) - hits, get.folder, disk, recipe.size, plan.fmt)
+
+
+def fill_caches(recipe: Recipe, items: Items, root: Optional[Path] = None, threads: Optional[int] = None) -> list:
+    """`fill_cache` at each size a run of `recipe` trains at: a progressive recipe (`--size 128,224`) reads its
+    images at every size in turn, so each is cached (in training order); one `CacheStats` per size."""
+    return [fill_cache(r, items, root, threads) for r in each_size(recipe)]
+

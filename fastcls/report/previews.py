@@ -1,7 +1,7 @@
 """What the network sees and how fast it should learn: batch previews (`preview_batch`, `plot_batch`), the LR finder
 (`lr_find`, `plot_lr_find`)."""
 
-__all__ = ["preview_batch", "plot_batch", "LrFind", "lr_find", "find_lr", "plot_lr_find"]
+__all__ = ["preview_batch", "plot_batch", "save_batches", "LrFind", "lr_find", "find_lr", "plot_lr_find"]
 
 import tempfile
 from dataclasses import dataclass, field
@@ -14,7 +14,7 @@ from matplotlib.patches import Rectangle
 
 from ..errors import FastclsError
 from ..plots import ReportFigure, fit_title
-from ..recipe import Recipe
+from ..recipe import Recipe, each_size
 from .plots import grid_figure, short_label, show_image
 
 
@@ -88,6 +88,26 @@ def plot_batch(recipe: Recipe, items=None, data=None, n: int = 16, seed: int = 4
                 f"\n{img.shape[2]}x{img.shape[1]}")
     return fig
 
+
+
+def save_batches(recipe: Recipe, path, data=None, **kw) -> list:
+    """`plot_batch` saved as a PNG at `path`. A progressive recipe (`--size 128,224`) trains at each size in turn, so
+    it gets one picture per size, `<stem>-<size>px<suffix>` beside `path` (in training order).
+
+    Args:
+        recipe: the recipe with its overrides. path: the picture's path. data: the data folder (default: the
+            recipe's). kw: `plot_batch`'s `n`, `seed`, `sample`, `originals`.
+
+    Returns:
+        The paths written.
+    """
+    from ..data import read_items
+    from ..plots import save_figure
+    sized, path = each_size(recipe), Path(path)
+    items = read_items(recipe, data)
+    return [save_figure(plot_batch(r, items=items, **kw),
+                        path if len(sized) == 1 else path.with_name(f"{path.stem}-{r.size}px{path.suffix}"))
+            for r in sized]
 
 # -- learning-rate finder ---------------------------------------------------------------------------------------------
 @dataclass
