@@ -1,6 +1,7 @@
 """Shared fixtures: tiny settings so the suite trains on CPU in seconds, and paths to the shared real data."""
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,9 @@ def digits_store(tmp_path_factory):
     """A run store holding one tiny `digits` run trained through the CLI (shared by read-back tests)."""
     from fastcls.cli import app
     runs = tmp_path_factory.mktemp("runs")
-    res = CliRunner().invoke(app, ["train", "digits", "simple_cnn", *TINY, "--name", "tiny-digits", "--runs-dir", str(runs)])
+    with torch_threads(1):  # as `one_thread` below (a session fixture is set up before a module's one_thread)
+        res = CliRunner().invoke(app, ["train", "digits", "simple_cnn", *TINY, "--name", "tiny-digits",
+                                       "--runs-dir", str(runs)])
     assert res.exit_code == 0, res.output
     return runs
 
@@ -65,11 +68,20 @@ def one_thread():
     """One torch thread for a test module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models step
     ~50x slower with 2 threads on a busy 2-core CPU (OpenMP threads spin-waiting for each other), and gain nothing
     from a second thread on an idle one."""
+    with torch_threads(1):
+        yield
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to n for a block, then restored."""
     import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
+    before = torch.get_num_threads()
     torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

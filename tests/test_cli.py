@@ -11,6 +11,7 @@ from fastcls.cli import app
 
 from .conftest import TINY
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread (conftest) for the trainings below
 RUN_FILES = ["config.json", "metrics.json", "history.csv", "model.safetensors", "valid_probs.npy", "valid_targets.npy",
              "valid_ids.json", "test_probs.npy", "test_ids.json", "vocab.json", "meta.json"]
 

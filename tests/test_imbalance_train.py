@@ -28,6 +28,8 @@ from .conftest import shared_data
 TAIL = {0: 150, 1: 60, 2: 24, 3: 10}  # training items per class
 NAMES = np.array(["d0", "d1", "d2", "d3"])  # sorted like the tail, so vocab index = rarity rank
 N_TEST = 15  # per class, balanced
+# one torch thread (conftest): tiny models step many times slower with 2 threads spinning on a busy 2-core CPU
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY_QD = ["--size", "8", "--epochs", "1", "--bs", "32", "--tta", "1", "--quiet"]
 
 

@@ -19,7 +19,8 @@ from fastcls.submission import neutralise, write_submission
 from .conftest import shared_data
 
 # a 15-person masks fixture has classes of 2-3 images: sklearn's StratifiedGroupKFold warns, as expected
-pytestmark = pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:The least populated class:UserWarning"),
+              pytest.mark.usefixtures("one_thread")]  # one torch thread (conftest): see test_imbalance_train
 
 # tiny training options shared by the recipe runs (the recipes' own archs and sizes are far too big for tests)
 QUICK = ["--size", "16", "--epochs", "1", "--freeze-epochs", "0", "--bs", "16", "--tta", "1", "--no-pretrained",

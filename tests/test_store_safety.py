@@ -15,6 +15,8 @@ from fastcls.runs import RunStore
 
 from .conftest import TINY
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread (conftest) for the trainings below
+
 
 def _copy(digits_store, tmp_path) -> tuple:
     runs = tmp_path / "runs"
