@@ -138,9 +138,13 @@ def reestimate_bn(cfg: RunConfig) -> bool:
 
 
 def compute_features(cfg: RunConfig, items: fdata.Items, views: int, body: nn.Module,
-                     progress: str = "auto") -> FeatureSet:
+                     progress: str = "auto", folder: Optional[Path] = None) -> FeatureSet:
     """Run the frozen `body` over `views` augmented passes of the training items and the plain + TTA views of valid
-    and test; returns the pooled activations (not cached: see `cached_features`)."""
+    and test; returns the pooled activations (float32 in memory; see `cached_features` for the cache).
+
+    With `folder`, the features are written batch by batch as FEATURE_DTYPE into `<folder>/{train,valid,test}.npy`
+    (each through a temporary name, renamed when complete) and come back memory-mapped: memory does not grow with
+    the items. The cache's `meta.json` is not written here, so until `_save` writes it the folder is a miss."""
     from fastai.torch_core import set_seed
     t0 = time.time()
     recipe = cfg.recipe.override(bs=FEATURE_BS)
@@ -159,10 +163,18 @@ def compute_features(cfg: RunConfig, items: fdata.Items, views: int, body: nn.Mo
         with torch.no_grad():
             update_bn(itertools.islice(d.train, max(1, BN_IMAGES // FEATURE_BS)), body, device=device)
     set_seed(cfg.seed)
-    train_x, train_y = pooled_features(body, pool, d.train, views - 1)
-    valid_x, valid_y = pooled_features(body, pool, d.valid, recipe.tta, recipe.tta_views)
+
+    def extract(name, dl, n_aug, names=()):
+        if folder is None:
+            return pooled_features(body, pool, dl, n_aug, names)
+        got = []
+        write_atomic(folder / f"{name}.npy", lambda tmp: got.extend(
+            pooled_features(body, pool, dl, n_aug, names, out=tmp, dtype=FEATURE_DTYPE)))
+        return np.load(folder / f"{name}.npy", mmap_mode="r"), got[1]
+    train_x, train_y = extract("train", d.train, views - 1)
+    valid_x, valid_y = extract("valid", d.valid, recipe.tta, recipe.tta_views)
     tdl = fdata.test_dl(d, items)
-    test_x = pooled_features(body, pool, tdl, recipe.tta, recipe.tta_views)[0] if tdl is not None else None
+    test_x = extract("test", tdl, recipe.tta, recipe.tta_views)[0] if tdl is not None else None
     test = items.test if test_x is not None else None
     test_y = encode_labels(test["label"], d.vocab) if test is not None and "label" in test else None
     body.cpu()
@@ -200,9 +212,11 @@ def _save(fs: FeatureSet, folder: Path):
     arrays = {k: getattr(fs, k) for k in _ARRAYS if getattr(fs, k) is not None}
     shapes = {}
     for k, v in arrays.items():
+        shapes[k] = list(v.shape)
+        if _written(v, folder / f"{k}.npy"):  # streamed there by compute_features
+            continue
         v = np.asarray(v, dtype=FEATURE_DTYPE) if k in _FEATURES else np.asarray(v)
         write_npy(folder / f"{k}.npy", np.ascontiguousarray(v))
-        shapes[k] = list(v.shape)
     bn = fs.bn_stats or {}
     if bn:
         def write_bn(p):
@@ -213,6 +227,12 @@ def _save(fs: FeatureSet, folder: Path):
             "valid_ids": fs.valid_ids, "test_ids": fs.test_ids, "body_hash": fs.body_hash, "stats": fs.stats,
             "seconds": fs.seconds, "dtype": np.dtype(FEATURE_DTYPE).name, "shapes": shapes, "bn": bool(bn)}
     write_json(folder / "meta.json", meta)
+
+
+def _written(a, path: Path) -> bool:
+    """Whether `a` is the FEATURE_DTYPE file `path` itself, memory-mapped (nothing left to write)."""
+    return (isinstance(a, np.memmap) and a.dtype == FEATURE_DTYPE and a.filename is not None
+            and Path(a.filename).resolve() == path.resolve())
 
 
 def _load(folder: Path) -> Optional[FeatureSet]:
@@ -292,7 +312,9 @@ def cached_features(cfg: RunConfig, items: fdata.Items, views: int, cache_dir, p
         check_disk(cache_dir, _estimate_bytes(items, int(body.num_features), views, cfg.recipe.tta),
                    f"the cached features of {cfg.arch} ({views} view(s) of {len(items.train)} images)",
                    "use fewer views or a smaller --sample, or train the full path (--full)")
-        fs = compute_features(cfg, items, views, body, progress)
+        (folder / "meta.json").unlink(missing_ok=True)  # a stale cache is a miss while its arrays are replaced
+        folder.mkdir(parents=True, exist_ok=True)
+        fs = compute_features(cfg, items, views, body, progress, folder=folder)
         fs.key, fs.body_hash = key, body_hash
         _save(fs, folder)
         fs = _load(folder) or fs
