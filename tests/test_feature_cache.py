@@ -176,3 +176,24 @@ def test_an_extraction_interrupted_half_way_leaves_no_cache(tmp_path, monkeypatc
     assert features._load(folder) is None  # a miss: computed again next time
     fs, _ = features.cached_features(cfg, items, 1, tmp_path, progress="none")
     assert features._load(folder) is not None and fs.valid.shape[1] == 40
+
+
+def test_a_small_memory_budget_extracts_in_smaller_batches_with_the_same_features(tmp_path, monkeypatch):
+    """FASTCLS_MEMORY_BUDGET caps the extraction's batch (16 px: 16 x 3 x 16² x 4 = 48 KiB per image, so 200K holds 4
+    images); the plain views come out the same, and the cache is another one (other batches, other augmentations). The
+    body's batch-norm statistics are kept: re-estimated ones would depend on the batches too."""
+    from fastcls.data import read_items
+    cfg = _digits_cfg(bn_stats="keep")
+    items = read_items(cfg.recipe)
+    sizes = []
+    real = features.pooled_features
+    monkeypatch.setattr(features, "pooled_features", lambda body, pool, dl, *a, **k: sizes.append(dl.bs) or real(
+        body, pool, dl, *a, **k))
+    full, _ = features.cached_features(cfg, items, 1, tmp_path, progress="none")
+    monkeypatch.setenv("FASTCLS_MEMORY_BUDGET", "200K")
+    small, _ = features.cached_features(cfg, items, 1, tmp_path, progress="none")
+    assert sizes == [features.FEATURE_BS] * 3 + [4] * 3
+    assert small.key != full.key and len(list(tmp_path.iterdir())) == 2
+    for k in ("valid", "test"):  # view 0: the plain one (view 1 is a random TTA view)
+        np.testing.assert_allclose(np.asarray(small.__dict__[k][0], np.float32),
+                                   np.asarray(full.__dict__[k][0], np.float32), rtol=2e-3, atol=1e-3, err_msg=k)

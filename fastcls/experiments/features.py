@@ -38,7 +38,7 @@ from .. import data as fdata
 from ..archs import build_body, get_arch, make_head, resolve_weights, split_head
 from ..errors import FastclsError
 from ..predict import encode_labels, pooled_features, view_count
-from ..budget import check_disk
+from ..budget import budget_batch_size, check_disk
 from ..files import read_json, write_atomic, write_json, write_npy
 from ..train import Predictions, RunResult, learner, store_run, train
 from ..config import RunConfig
@@ -47,7 +47,8 @@ FEATURE_FORMAT = 2  # 1: one float32 .npz per key (read once and converted)
 _KEY_VERSION = 1  # what the features are, not how they are stored: format 2 kept the keys of format 1
 FEATURE_DTYPE = np.float16  # cached features: half the disk and page cache of float32; heads read them as float32
 BN_IMAGES = 512  # training images (at most) that re-estimate the body's batch-norm statistics
-FEATURE_BS = 64  # extraction batch size: fixed, so the cache does not depend on the head's training batch size
+FEATURE_BS = 64  # extraction batch size: fixed, so the cache does not depend on the head's training batch size;
+# lowered by the memory budget for large images (`feature_bs`)
 # recipe settings that only affect the head's training or the report: sweeping them reuses the same features
 HEAD_ONLY = frozenset({"description", "metric", "archs", "epochs", "freeze_epochs", "lr", "ps", "ps_grid", "bs", "wd",
                        "layer_decay", "accum", "drw_start", "progressive_sizes",
@@ -108,6 +109,11 @@ def _weights_id(cfg: RunConfig) -> str:
     return "random" if src is None else f"{src}:{get_arch(cfg.arch).timm_name}"
 
 
+def feature_bs(recipe) -> int:
+    """The extraction's batch size: FEATURE_BS, capped by the memory budget (`fastcls.budget.budget_batch_size`)."""
+    return budget_batch_size(FEATURE_BS, recipe.size)
+
+
 def feature_key(cfg: RunConfig, items: fdata.Items, views: int, fingerprint: Optional[str] = None) -> str:
     """The cache key: recipe settings that shape the images, arch, weights, data fingerprint, seed, sample, views.
 
@@ -116,6 +122,8 @@ def feature_key(cfg: RunConfig, items: fdata.Items, views: int, fingerprint: Opt
     recipe = {k: v for k, v in cfg.recipe.to_dict().items() if k not in HEAD_ONLY}
     spec = {"format": _KEY_VERSION, "recipe": recipe, "arch": cfg.arch, "weights": _weights_id(cfg),
             "data": fingerprint or data_fingerprint(items), "seed": cfg.seed, "sample": cfg.sample, "views": views}
+    if feature_bs(cfg.recipe) != FEATURE_BS:  # other batches draw other augmentations: another cache
+        spec["bs"] = feature_bs(cfg.recipe)
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return f"{cfg.recipe.name}-{cfg.arch}-{cfg.recipe.size}px-{digest}"
 
@@ -147,7 +155,7 @@ def compute_features(cfg: RunConfig, items: fdata.Items, views: int, body: nn.Mo
     the items. The cache's `meta.json` is not written here, so until `_save` writes it the folder is a miss."""
     from fastai.torch_core import set_seed
     t0 = time.time()
-    recipe = cfg.recipe.override(bs=FEATURE_BS)
+    recipe = cfg.recipe.override(bs=feature_bs(cfg.recipe))
     d = fdata.dls(recipe, items, seed=cfg.seed, sample=cfg.sample, stats=cfg.norm_stats)
     if progress != "none":
         print(f"Computing {cfg.arch} features: {views} augmented view(s) of {len(d.train_ds)} training images, "
@@ -161,7 +169,7 @@ def compute_features(cfg: RunConfig, items: fdata.Items, views: int, body: nn.Mo
     set_seed(cfg.seed)
     if reestimate_bn(cfg):  # a random body has no statistics worth keeping; a pretrained one is used as loaded
         with torch.no_grad():
-            update_bn(itertools.islice(d.train, max(1, BN_IMAGES // FEATURE_BS)), body, device=device)
+            update_bn(itertools.islice(d.train, max(1, BN_IMAGES // recipe.bs)), body, device=device)
     set_seed(cfg.seed)
 
     def extract(name, dl, n_aug, names=()):
