@@ -343,6 +343,14 @@ def _time_reads(get, paths) -> float:
     return time.perf_counter() - t0
 
 
+def merge_rows(old: list, new: list) -> list:
+    """`new` rows replace the `old` ones of the same size (and method); the others are kept, ordered by size."""
+    key = lambda r: (r["size"], r.get("method") or r.get("format") or "")  # noqa: E731
+    rows = {key(r): r for r in old}
+    rows.update({key(r): r for r in new})
+    return sorted(rows.values(), key=key)
+
+
 def _fig(r: dict) -> dict:
     return {k: v for k, v in r.items() if k != "stdout"}
 
@@ -474,7 +482,7 @@ def main():
                     run = lambda s, t: part_train(s, t, args.plain_upto)  # noqa: E731
                 if part in STARTUP and not args.no_startup:
                     results.setdefault("startup", {})[part] = run([STARTUP[part]], tmp)
-                results[part] = run(sizes, tmp)
+                results[part] = merge_rows(results.get(part, []), run(sizes, tmp))
                 results.setdefault("meta", {})[part] = {"cpus": os.cpu_count(), "load": [load0, os.getloadavg()[0]],
                                                         "date": time.strftime("%Y-%m-%d %H:%M")}
                 out.write_text(json.dumps(results, indent=1))  # after each part: an interrupted run keeps them
