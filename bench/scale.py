@@ -19,6 +19,9 @@ time and peak resident memory):
   trials' own training seconds) / T.
 - cache_read: the image cache's raw `.npy` and lossless PNG formats on the simpsons photos at 3 sizes: bytes, fill
   and read time per image.
+Each part also measures its zero-work point (`STARTUP`: the same command on the smallest input it accepts: 10 files,
+100 images, 2 runs, 10 stored runs, 1 trial): interpreter start-up, imports and setup. The table reports CPU seconds
+above that point too, and the slopes are taken on them, so a slope means the work, not the start-up.
 Figures go to stdout, bench/results/scale.json and docs/scale.png (log-log).
 """
 
@@ -53,23 +56,27 @@ def _idx(path: Path) -> np.ndarray:
 
 
 def fmnist_folder(n: int, root: Path = Path("/tmp/fmnist")) -> Path:
-    """The first `n` Fashion-MNIST training images as PNGs in `<root>/n<n>/train/<class>/`, plus n // 6 test
-    images in `test/` (made once; the Debian package `dataset-fashion-mnist` provides the idx files)."""
+    """The first `n` Fashion-MNIST images as PNGs in `<root>/n<n>/train/<class>/` (the 60,000 training images, then
+    the 10,000 test images: up to 70,000), plus min(n // 6, 10,000) test images in `test/` (made once; the Debian
+    package `dataset-fashion-mnist` provides the idx files)."""
     out = root / f"n{n}"
     if (out / "done").is_file():
         return out
     if not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
         raise SystemExit("Fashion-MNIST is missing: apt-get install dataset-fashion-mnist")
     from PIL import Image
-    images, labels = _idx(FMNIST / "train-images-idx3-ubyte.gz"), _idx(FMNIST / "train-labels-idx1-ubyte.gz")
-    test = _idx(FMNIST / "t10k-images-idx3-ubyte.gz")
+    test, test_labels = _idx(FMNIST / "t10k-images-idx3-ubyte.gz"), _idx(FMNIST / "t10k-labels-idx1-ubyte.gz")
+    images = np.concatenate([_idx(FMNIST / "train-images-idx3-ubyte.gz"), test])
+    labels = np.concatenate([_idx(FMNIST / "train-labels-idx1-ubyte.gz"), test_labels])
+    if n > len(images):
+        raise SystemExit(f"Fashion-MNIST has {len(images):,} images, not {n:,}")
     shutil.rmtree(out, ignore_errors=True)
     for c in CLASSES:
         (out / "train" / c).mkdir(parents=True)
     (out / "test").mkdir()
     for i in range(n):
         Image.fromarray(images[i]).save(out / "train" / CLASSES[labels[i]] / f"{i:05d}.png")
-    for i in range(n // 6):
+    for i in range(min(n // 6, len(test))):
         Image.fromarray(test[i]).save(out / "test" / f"t{i:05d}.png")
     (out / "done").touch()
     return out
@@ -89,7 +96,7 @@ def measure(cmd: list, env=None) -> dict:
         out, err = fo.read(), fe.read()
     if p.returncode:
         raise SystemExit(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{err[-3000:]}")
-    return {"wall_s": round(wall, 3), "cpu_s": round(ru.ru_utime + ru.ru_stime, 3),
+    return {"wall_s": round(wall, 3), "cpu_s": round(ru.ru_utime + ru.ru_stime, 3), "sys_s": round(ru.ru_stime, 3),
             "peak_mib": round(ru.ru_maxrss / 1024, 1), "stdout": out}
 
 
@@ -129,14 +136,38 @@ def part_index(sizes, tmp: Path) -> list:
     return rows
 
 
-def part_train(sizes, tmp: Path) -> list:
+PLAIN_TRAIN = """
+import sys
+from pathlib import Path
+from fastai.vision.all import (DataBlock, ImageBlock, CategoryBlock, get_image_files, RandomSplitter, parent_label,
+                               Resize, aug_transforms, Normalize, imagenet_stats, vision_learner, resnet18, accuracy)
+path = Path(sys.argv[1])
+dls = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=get_image_files, splitter=RandomSplitter(0.2, seed=0),
+                get_y=parent_label, item_tfms=Resize(32),
+                batch_tfms=[*aug_transforms(), Normalize.from_stats(*imagenet_stats)]).dataloaders(
+                    path / "train", bs=64, num_workers=0)
+learn = vision_learner(dls, resnet18, pretrained=False, metrics=accuracy)
+learn.fit_one_cycle(1)
+learn.get_preds(dl=dls.test_dl(get_image_files(path / "test")))
+print(learn.validate()[1])
+"""
+
+
+def part_train(sizes, tmp: Path, plain_upto: int = 30000) -> list:
+    """fastcls train (one epoch from scratch, valid + test predictions) and, up to `plain_upto` images, the same in
+    plain fastai (`PLAIN_TRAIN`: DataBlock from the folder, Resize(32), aug_transforms, vision_learner(resnet18,
+    pretrained=False), fit_one_cycle(1), test predictions)."""
     rows = []
     for n in sizes:
         data = fmnist_folder(n)
         r = fastcls("train", "folder", "resnet18", "--data", data, "--size", 32, "--epochs", 1, "--freeze-epochs", 0,
                     "--bs", 64, "--tta", 0, "--no-pretrained", "--quiet", "--runs-dir", tmp / f"train-{n}",
                     env={"FASTCLS_CACHE": str(tmp / "cache")})
-        rows.append({"size": n, **_fig(r)})
+        row = {"size": n, **_fig(r)}
+        if n <= plain_upto:
+            plain = measure([sys.executable, "-c", PLAIN_TRAIN, str(data)])
+            row["plain"] = {**_fig(plain), "accuracy": float(plain["stdout"].split()[-1])}
+        rows.append(row)
         _say("train", rows[-1])
     return rows
 
@@ -312,6 +343,14 @@ def _time_reads(get, paths) -> float:
     return time.perf_counter() - t0
 
 
+def merge_rows(old: list, new: list) -> list:
+    """`new` rows replace the `old` ones of the same size (and method); the others are kept, ordered by size."""
+    key = lambda r: (r["size"], r.get("method") or r.get("format") or "")  # noqa: E731
+    rows = {key(r): r for r in old}
+    rows.update({key(r): r for r in new})
+    return sorted(rows.values(), key=key)
+
+
 def _fig(r: dict) -> dict:
     return {k: v for k, v in r.items() if k != "stdout"}
 
@@ -322,19 +361,30 @@ def _say(part: str, row: dict):
 
 # -- curves, slopes, the plot -------------------------------------------------------------------------------------
 
+STARTUP = {"index": 10, "train": 100, "features": 100, "ensemble": 2, "store": 10, "sweep": 1}
+
+
 def curves(results: dict) -> list:
-    """(part, label, sizes, wall seconds, CPU seconds, peak MiB) for every measured curve."""
+    """(part, label, sizes, wall seconds, CPU seconds, peak MiB, start-up CPU seconds or None) for every measured
+    curve; the start-up is the same curve's row in `results["startup"]`."""
     out = []
+    key = {"index (files)": "index", "train 1 epoch + predict (images)": "train",
+           "features + 5-value head sweep (images)": "features", "ensemble 100k x 100 (runs)": "ensemble",
+           "run store (runs)": "store", "sweep bookkeeping (trials)": "sweep"}
 
     def add(part, label, rows, get):
         rows = [r for r in rows if get(r) is not None]
         if rows:
+            base = [r for r in results.get("startup", {}).get(key[part], [])
+                    if r.get("method") == rows[0].get("method")]
             out.append((part, label, [r["size"] for r in rows], [get(r)["wall_s"] for r in rows],
-                        [get(r)["cpu_s"] for r in rows], [get(r)["peak_mib"] for r in rows]))
+                        [get(r)["cpu_s"] for r in rows], [get(r)["peak_mib"] for r in rows],
+                        get(base[0])["cpu_s"] if base and get(base[0]) else None))
     res = results.get
     add("index (files)", "fastcls check", res("index", []), lambda r: r)
     add("index (files)", "plain PIL verify loop", res("index", []), lambda r: r["plain"])
     add("train 1 epoch + predict (images)", "fastcls train resnet18 32px", res("train", []), lambda r: r)
+    add("train 1 epoch + predict (images)", "plain fastai resnet18 32px", res("train", []), lambda r: r.get("plain"))
     add("features + 5-value head sweep (images)", "fastcls sweep-dropout (fast path)", res("features", []),
         lambda r: r)
     for m in ("mean", "hill"):
@@ -347,12 +397,16 @@ def curves(results: dict) -> list:
     return out
 
 
-def slope(sizes, values) -> float:
-    """The log-log slope (1: linear) between the two largest sizes, where fixed costs (imports, start-up) matter
-    least."""
+def slope(sizes, values, startup=None) -> float:
+    """The log-log slope (1: linear) between the two largest sizes of `values` minus `startup` (the zero-work
+    point's), so fixed costs do not pull it down; nan when a difference is not positive (the work is lost in the
+    noise of the start-up)."""
     if len(sizes) < 2:
         return float("nan")
-    return float(np.log(values[-1] / values[-2]) / np.log(sizes[-1] / sizes[-2]))
+    a, b = (v - (startup or 0) for v in values[-2:])
+    if a <= 0 or b <= 0:
+        return float("nan")
+    return float(np.log(b / a) / np.log(sizes[-1] / sizes[-2]))
 
 
 def plot(results: dict, path: Path):
@@ -365,7 +419,7 @@ def plot(results: dict, path: Path):
         return
     fig, axes = plt.subplots(2, len(parts), figsize=(3.2 * len(parts), 6.2), squeeze=False)
     for j, part in enumerate(parts):
-        for _, label, sizes, wall, cpu, peak in [c for c in cs if c[0] == part]:
+        for _, label, sizes, wall, cpu, peak, _ in [c for c in cs if c[0] == part]:
             axes[0, j].loglog(sizes, cpu, "o-", label=label)
             axes[1, j].loglog(sizes, peak, "s--", label=label)
         for i, what in enumerate(("CPU s", "peak MiB")):
@@ -383,11 +437,14 @@ def plot(results: dict, path: Path):
 
 
 def table(results: dict) -> str:
-    lines = ["| part | curve | sizes | wall s | CPU s | peak MiB | slope (CPU) |", "|---|---|---|---|---|---|---|"]
-    for part, label, sizes, wall, cpu, peak in curves(results):
+    lines = ["| part | curve | sizes | wall s | CPU s | start-up CPU s | CPU s above start-up | peak MiB | slope (CPU) "
+             "| slope above start-up |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for part, label, sizes, wall, cpu, peak, base in curves(results):
+        above = ", ".join(f"{c - base:.1f}" for c in cpu) if base is not None else "-"
         lines.append(f"| {part} | {label} | {', '.join(f'{s:,}' for s in sizes)} | "
                      f"{', '.join(f'{w:.1f}' for w in wall)} | {', '.join(f'{c:.1f}' for c in cpu)} | "
-                     f"{', '.join(f'{p:.0f}' for p in peak)} | {slope(sizes, cpu):.2f} |")
+                     f"{'-' if base is None else f'{base:.1f}'} | {above} | {', '.join(f'{p:.0f}' for p in peak)} | "
+                     f"{slope(sizes, cpu):.2f} | {slope(sizes, cpu, base):.2f} |")
     return "\n".join(lines)
 
 
@@ -405,6 +462,8 @@ def main():
     ap.add_argument("--out", default=str(HERE / "results" / "scale.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "scale.png"))
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--plain-upto", type=int, default=30000, help="train: plain fastai up to this many images")
+    ap.add_argument("--no-startup", action="store_true", help="keep the stored zero-work points (STARTUP)")
     args = ap.parse_args()
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
@@ -413,18 +472,18 @@ def main():
         tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
         try:
             for part in args.parts:
-                if part in ("index", "train", "features"):
-                    rows = globals()[f"part_{part}"](args.image_sizes, tmp)
-                elif part == "ensemble":
-                    rows = part_ensemble(args.ensemble_sizes, tmp, args.items, args.classes)
-                elif part == "cache_read":
-                    rows = part_cache_read(args.read_sizes, tmp)
-                elif part == "store":
-                    rows = part_store(args.store_sizes, tmp)
-                else:
-                    rows = part_sweep(args.trials, tmp)
-                results[part] = rows
-                results.setdefault("meta", {})[part] = {"cpus": os.cpu_count(), "load": os.getloadavg()[0],
+                load0 = os.getloadavg()[0]
+                sizes = {"ensemble": args.ensemble_sizes, "cache_read": args.read_sizes, "store": args.store_sizes,
+                         "sweep": args.trials}.get(part, args.image_sizes)
+                run = globals()[f"part_{part}"]
+                if part == "ensemble":
+                    run = lambda s, t: part_ensemble(s, t, args.items, args.classes)  # noqa: E731
+                if part == "train":
+                    run = lambda s, t: part_train(s, t, args.plain_upto)  # noqa: E731
+                if part in STARTUP and not args.no_startup:
+                    results.setdefault("startup", {})[part] = run([STARTUP[part]], tmp)
+                results[part] = merge_rows(results.get(part, []), run(sizes, tmp))
+                results.setdefault("meta", {})[part] = {"cpus": os.cpu_count(), "load": [load0, os.getloadavg()[0]],
                                                         "date": time.strftime("%Y-%m-%d %H:%M")}
                 out.write_text(json.dumps(results, indent=1))  # after each part: an interrupted run keeps them
         finally:

@@ -5,12 +5,16 @@ in memory, the TTA means an ensemble keeps per member); `FASTCLS_MEMORY_BUDGET` 
 bytes), default 1 GiB. Over the budget the data streams instead (item by item from the disk cache, member blocks read
 from memory-mapped files), which is slower but bounded.
 
+Batch sizes: where fastcls picks a batch size itself (feature extraction's `FEATURE_BS`, `predict` without `--bs`),
+`budget_batch_size` caps it so that one batch's forward pass fits the budget, counting per image `ACTIVATION_FACTOR`
+times its float32 input (3 x size x size x 4 bytes). A batch size the user gives (`--bs`) is used as given.
+
 Disk: `check_disk(folder, need, ...)` refuses, before anything is written, a cache that will not fit in the free space
 of `folder`'s file system (with `DISK_MARGIN` left over), and says by how much and what to do.
 """
 
 __all__ = ["MEMORY_BUDGET_ENV", "DEFAULT_MEMORY_BUDGET", "DISK_MARGIN", "memory_budget", "parse_bytes", "human_bytes",
-           "free_bytes", "check_disk"]
+           "free_bytes", "check_disk", "ACTIVATION_FACTOR", "budget_batch_size"]
 
 import os
 import re
@@ -21,6 +25,8 @@ from .errors import FastclsError
 
 MEMORY_BUDGET_ENV = "FASTCLS_MEMORY_BUDGET"
 DEFAULT_MEMORY_BUDGET = 1 << 30
+ACTIVATION_FACTOR = 16  # a forward pass without gradients, per image, in multiples of its float32 input (a rough
+# bound: a CNN's stem keeps 64 channels at half the side, ~5x the 3-channel input, plus the next block's, at once)
 DISK_MARGIN = 256 << 20  # free space a cache must leave on its file system (logs, checkpoints, the index)
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -49,6 +55,16 @@ def memory_budget() -> int:
     if not text:
         return DEFAULT_MEMORY_BUDGET
     return parse_bytes(text, f"${MEMORY_BUDGET_ENV}")
+
+
+def budget_batch_size(bs: int, size: int, channels: int = 3) -> int:
+    """`bs`, lowered (to at least 1) so that a batch of `size` px images fits the memory budget: per image
+    `ACTIVATION_FACTOR` x `channels` x size² x 4 bytes. E.g. the default 1 GiB allows 111 images at 224 px, 21 at
+    512 px."""
+    if not size:  # not known yet (inferred from the images later): nothing to cap by
+        return int(bs)
+    per_image = ACTIVATION_FACTOR * channels * int(size) ** 2 * 4
+    return max(1, min(int(bs), memory_budget() // per_image))
 
 
 def free_bytes(folder: Path) -> int:

@@ -29,6 +29,7 @@ import pandas as pd
 
 from . import data as fdata
 from .archs import build_model
+from .budget import budget_batch_size
 from .config import RunConfig
 from .ensemble.combiners import Combiner, fit_combiner
 from .ensemble.members import _load_members
@@ -258,10 +259,15 @@ def _image_getter(items: fdata.Items):
     return len(xs), lambda i: row_image(xs[i], items.arrays, srcs[i], items.blank)
 
 
+def _batch_size(bs: Optional[int], recipe) -> int:
+    """The batch size given, else the run's capped by the memory budget (`fastcls.budget.budget_batch_size`)."""
+    return bs or budget_batch_size(recipe.bs, recipe.size)
+
+
 def _onnx_views(net: dict, items: fdata.Items, bs: Optional[int], tick) -> np.ndarray:
     """(1, N, C) probabilities of one model with onnxruntime (`fastcls.onnx_runtime`): the plain view only."""
     from .onnx_runtime import net_views
-    bs = bs or RunConfig.from_dict(net["config"], lenient=True).recipe.bs
+    bs = _batch_size(bs, RunConfig.from_dict(net["config"], lenient=True).recipe)
     return net_views(net, *_image_getter(items), bs, tick)
 
 
@@ -286,7 +292,7 @@ def _torch_plain(net: dict, cfg: RunConfig, model, items: fdata.Items, bs: Optio
                          enabled=bool(acc["amp"]))
     stats = tuple(net["stats"]) if net.get("stats") is not None else None
     tfms = Pipeline([IntToFloatTensor(), *fdata.batch_tfms(r, stats)], split_idx=1)
-    key = (r.size, r.crop, tuple(r.trim), bs or r.bs)
+    key = (r.size, r.crop, tuple(r.trim), _batch_size(bs, r))
     keep = decoded is not None and len(items.test) * 3 * r.size ** 2 <= DECODED_BYTES
     source = (decoded.get(key) if keep else None) or batches(*_image_getter(items), key[3], *key[:3])
     out, kept = [], []
@@ -327,7 +333,7 @@ def _net_views(net: dict, items: fdata.Items, vocab: list, bs: Optional[int], de
     block = DataBlock(blocks=(ImageBlock,), get_x=fdata.ImageGetter(items.arrays, items.blank),
                       splitter=lambda rows: ([0], list(range(n))), item_tfms=fdata.item_tfms(r),
                       batch_tfms=fdata.batch_tfms(r, stats))
-    dls = block.dataloaders(items.test.reset_index(drop=True), bs=bs or r.bs, num_workers=0, device=device)
+    dls = block.dataloaders(items.test.reset_index(drop=True), bs=_batch_size(bs, r), num_workers=0, device=device)
 
     class Tick(Callback):
         order = 99

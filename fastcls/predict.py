@@ -97,14 +97,19 @@ def predict_views(learn, dl, n_tta: int = 4, names: tuple = (), plain: bool = Tr
     return torch.stack(views).float().numpy(), targets
 
 
-def pooled_features(body: torch.nn.Module, pool: torch.nn.Module, dl, n_aug: int = 0, names: tuple = ()):
-    """The body's pooled activations `pool(body(x))` of every item of `dl`: ((1 + named + n_aug, N, F) float32,
-    targets), in `predict_views`' order.
+def pooled_features(body: torch.nn.Module, pool: torch.nn.Module, dl, n_aug: int = 0, names: tuple = (),
+                    out=None, dtype=np.float32):
+    """The body's pooled activations `pool(body(x))` of every item of `dl`: ((1 + named + n_aug, N, F) array of
+    `dtype`, targets), in `predict_views`' order.
 
     View 0 uses the loader's own transforms (plain on valid/test, augmented on train), then the named views of view
-    0 (`named_views`), then the training (augmenting) batch transforms. Each batch is decoded once and its views come from applying the batch transforms
-    again, which holds because the item transforms (crop, squish resize) are deterministic. The body runs in eval
-    mode (frozen batch-norm statistics), as fastai 0.7's `precompute=True` did.
+    0 (`named_views`), then the training (augmenting) batch transforms. Each batch is decoded once and its views come
+    from applying the batch transforms again, which holds because the item transforms (crop, squish resize) are
+    deterministic. The body runs in eval mode (frozen batch-norm statistics), as fastai 0.7's `precompute=True` did.
+
+    With `out` (a path), nothing is gathered in memory: each batch's features go straight into the `.npy` file `out`
+    (created by `np.lib.format.open_memmap` at the first batch, then one memory-mapped window per batch and view), so
+    memory does not grow with N; the array returned is then that file, memory-mapped read-only.
     """
     from fastcore.basics import noop
     device = next(body.parameters()).device
@@ -112,29 +117,62 @@ def pooled_features(body: torch.nn.Module, pool: torch.nn.Module, dl, n_aug: int
     tfms, dl.after_batch = dl.after_batch, noop  # the loader yields decoded, untransformed batches
     split, old = getattr(dl.dataset, "split_idx", None), getattr(tfms, "split_idx", None)
     n_named = sum(TTA_VIEW_NAMES[n] for n in names)
-    views, targs = [[] for _ in range(1 + n_named + n_aug)], []
+    sink = _FeatureSink(1 + n_named + n_aug, len(dl.dataset), dtype, out)
+    targs, lo = [], 0
     was_training = body.training
     body.eval()
     try:
         with torch.no_grad():
             for b in dl:
-                for v, out in enumerate(views):
+                for v in range(sink.views):
                     if 0 < v <= n_named:
                         continue
                     tfms.split_idx = split if v == 0 else 0
                     x = tfms(b)[0].as_subclass(torch.Tensor).to(device)  # fastai's tensor subclasses are dropped
-                    out.append(pool(body(x)).float().cpu())
+                    sink.put(v, lo, pool(body(x)))
                     if v == 0:
                         named = [y for n in names for y in named_views(n, x)]
                         for k, y in enumerate(named, 1):
-                            views[k].append(pool(body(y)).float().cpu())
+                            sink.put(k, lo, pool(body(y)))
+                lo += len(b[0])
                 if len(b) > 1:
                     targs.append(b[1].as_subclass(torch.Tensor).cpu())
     finally:
         tfms.split_idx = old
         body.train(was_training)
     targets = torch.cat(targs).numpy().astype(np.int64) if targs else None
-    return torch.stack([torch.cat(v) for v in views]).numpy(), targets
+    return sink.result(), targets
+
+
+class _FeatureSink:
+    """Where `pooled_features` puts each batch: a list of blocks (in memory), or windows of an `.npy` file."""
+
+    def __init__(self, views: int, n: int, dtype, path=None):
+        self.views, self.n, self.dtype, self.path = views, n, np.dtype(dtype), path
+        self.blocks = [[] for _ in range(views)]
+        self.offset = self.nf = None
+
+    def put(self, v: int, lo: int, feats: torch.Tensor):
+        block = feats.float().cpu().numpy()
+        if self.path is None:
+            self.blocks[v].append(block.astype(self.dtype, copy=False))
+            return
+        if self.offset is None:  # the first batch gives the feature width: create the file (header, full size)
+            self.nf = block.shape[1]
+            mm = np.lib.format.open_memmap(self.path, mode="w+", dtype=self.dtype, shape=(self.views, self.n, self.nf))
+            self.offset = mm.offset
+            del mm
+        at = self.offset + (v * self.n + lo) * self.nf * self.dtype.itemsize
+        window = np.memmap(self.path, dtype=self.dtype, mode="r+", offset=at, shape=block.shape)
+        window[:] = block
+        del window  # unmapped: the written pages belong to the page cache, not to this process
+
+    def result(self):
+        if self.path is None:
+            return np.stack([np.concatenate(b) for b in self.blocks])
+        if self.offset is None:
+            raise ValueError("pooled_features: the loader gave no batch, so there is no feature file to write")
+        return np.load(self.path, mmap_mode="r")
 
 
 def tta_blend(views, beta: float = 0.25) -> np.ndarray:

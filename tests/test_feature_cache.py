@@ -111,3 +111,89 @@ def test_a_feature_cache_that_would_not_fit_on_disk_is_refused_before_anything_i
     assert "Nothing was written" in res.stderr
     assert computed.calls == 0
     assert not _cache(tmp_path).exists() or not any(_cache(tmp_path).iterdir())
+
+
+def _digits_cfg(**kw):
+    from fastcls.config import RunConfig
+    return RunConfig.from_options("digits", "simple_cnn", ps=0.3, epochs=0, freeze_epochs=1, size=16, bs=32,
+                                  sample=200, tta=1, pretrained=False, **kw)
+
+
+def test_features_stream_into_the_cache_batch_by_batch_and_equal_the_in_memory_ones(tmp_path, monkeypatch):
+    """While the body runs, the train features already extracted are on disk in the (temporary) cache file: nothing
+    waits in memory for the end. The file holds exactly the in-memory extraction, in float16."""
+    from fastcls.data import read_items
+    cfg = _digits_cfg()
+    items = read_items(cfg.recipe)
+    rows_on_disk = []
+
+    def spy(module, inputs, output):  # at each forward: how many train rows (view 0) are already in the file
+        tmp = list(tmp_path.glob("*/.train.npy.tmp-*"))
+        if tmp:
+            a = np.load(tmp[0], mmap_mode="r")
+            rows_on_disk.append(int((np.abs(a[0]).sum(1) > 0).sum()))
+
+    body, _ = features.frozen_body(cfg)
+    real = features.frozen_body
+    monkeypatch.setattr(features, "frozen_body", lambda c: (body, real(c)[1]))
+    hook = body.register_forward_hook(spy)
+    fs, _ = features.cached_features(cfg, items, 2, tmp_path, progress="none")
+    hook.remove()
+    n = fs.train.shape[1]
+    assert isinstance(fs.train, np.memmap) and fs.train.dtype == np.float16 and n == 160
+    # batches of FEATURE_BS, 2 views each: at each forward pass the rows of view 0 of every earlier batch (and of this
+    # batch once its view 0 is done) are already in the file; the file appears at the first batch's first write
+    ends = list(range(features.FEATURE_BS, n, features.FEATURE_BS)) + [n]
+    want = [ends[0]] + [r for lo, hi in zip(ends, ends[1:]) for r in (lo, hi)]
+    assert rows_on_disk == want, rows_on_disk
+    assert not list(tmp_path.glob("*/.*.tmp-*")), "no temporary file is left"
+    body2, _ = features.frozen_body(cfg)
+    mem = features.compute_features(cfg, items, 2, body2, progress="none")
+    for k in ("train", "valid", "test"):
+        np.testing.assert_array_equal(np.asarray(getattr(fs, k)), getattr(mem, k).astype(np.float16), err_msg=k)
+    np.testing.assert_array_equal(fs.train_targets, mem.train_targets)
+
+
+def test_an_extraction_interrupted_half_way_leaves_no_cache(tmp_path, monkeypatch):
+    from fastcls.data import read_items
+    cfg = _digits_cfg()
+    items = read_items(cfg.recipe)
+    body, _ = features.frozen_body(cfg)
+    real = features.frozen_body
+    monkeypatch.setattr(features, "frozen_body", lambda c: (body, real(c)[1]))
+
+    def interrupt(module, inputs, output):  # once valid's first batch is in its temporary file
+        if list(tmp_path.glob("*/.valid.npy.tmp-*")):
+            raise KeyboardInterrupt
+    hook = body.register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        features.cached_features(cfg, items, 1, tmp_path, progress="none")
+    hook.remove()
+    folder = next(tmp_path.iterdir())
+    assert (folder / "train.npy").is_file()  # train was complete, valid was not
+    assert not (folder / "valid.npy").exists() and not (folder / "meta.json").exists()
+    assert not list(folder.glob(".*")), "no temporary file is left"
+    assert features._load(folder) is None  # a miss: computed again next time
+    fs, _ = features.cached_features(cfg, items, 1, tmp_path, progress="none")
+    assert features._load(folder) is not None and fs.valid.shape[1] == 40
+
+
+def test_a_small_memory_budget_extracts_in_smaller_batches_with_the_same_features(tmp_path, monkeypatch):
+    """FASTCLS_MEMORY_BUDGET caps the extraction's batch (16 px: 16 x 3 x 16² x 4 = 48 KiB per image, so 200K holds 4
+    images); the plain views come out the same, and the cache is another one (other batches, other augmentations). The
+    body's batch-norm statistics are kept: re-estimated ones would depend on the batches too."""
+    from fastcls.data import read_items
+    cfg = _digits_cfg(bn_stats="keep")
+    items = read_items(cfg.recipe)
+    sizes = []
+    real = features.pooled_features
+    monkeypatch.setattr(features, "pooled_features", lambda body, pool, dl, *a, **k: sizes.append(dl.bs) or real(
+        body, pool, dl, *a, **k))
+    full, _ = features.cached_features(cfg, items, 1, tmp_path, progress="none")
+    monkeypatch.setenv("FASTCLS_MEMORY_BUDGET", "200K")
+    small, _ = features.cached_features(cfg, items, 1, tmp_path, progress="none")
+    assert sizes == [features.FEATURE_BS] * 3 + [4] * 3
+    assert small.key != full.key and len(list(tmp_path.iterdir())) == 2
+    for k in ("valid", "test"):  # view 0: the plain one (view 1 is a random TTA view)
+        np.testing.assert_allclose(np.asarray(small.__dict__[k][0], np.float32),
+                                   np.asarray(full.__dict__[k][0], np.float32), rtol=2e-3, atol=1e-3, err_msg=k)

@@ -338,6 +338,23 @@ def test_export_with_wheel(store, tmp_path, cli, monkeypatch):
     assert not (tmp_path / "b2").exists() and not list(tmp_path.glob(".b2*"))
 
 
+def test_predict_batches_fit_the_memory_budget(store, monkeypatch):
+    """Without --bs, predict takes the run's batch size capped by FASTCLS_MEMORY_BUDGET (16 px: 16 x 3 x 16² x 4 =
+    48 KiB per image, so 200K holds 4); the probabilities are the same. A --bs given is used as given."""
+    import contextlib
+    import fastcls.inference as inf
+    batches = []
+    monkeypatch.setattr(inf, "_progress", lambda total, show: (contextlib.nullcontext(), batches.append))
+    full = predict(store, "a", tta=False)
+    monkeypatch.setenv("FASTCLS_MEMORY_BUDGET", "200K")
+    small = predict(store, "a", tta=False)
+    given = len(batches)
+    predict(store, "a", tta=False, bs=8)
+    assert max(batches[:297 // 32 + 1]) == 32 and max(batches[297 // 32 + 1:given]) == 4
+    assert max(batches[given:]) == 8
+    np.testing.assert_allclose(small.probs, full.probs, atol=1e-5)
+
+
 def test_progress_bar_on_a_terminal_only(store, tmp_path, cli, monkeypatch):
     """On a terminal predict shows a progress bar counting the images (TTA views too); not with progress=False (the
     CLI's --quiet) and not when stderr is not a terminal."""

@@ -38,7 +38,7 @@ from .. import data as fdata
 from ..archs import build_body, get_arch, make_head, resolve_weights, split_head
 from ..errors import FastclsError
 from ..predict import encode_labels, pooled_features, view_count
-from ..budget import check_disk
+from ..budget import budget_batch_size, check_disk
 from ..files import read_json, write_atomic, write_json, write_npy
 from ..train import Predictions, RunResult, learner, store_run, train
 from ..config import RunConfig
@@ -47,7 +47,8 @@ FEATURE_FORMAT = 2  # 1: one float32 .npz per key (read once and converted)
 _KEY_VERSION = 1  # what the features are, not how they are stored: format 2 kept the keys of format 1
 FEATURE_DTYPE = np.float16  # cached features: half the disk and page cache of float32; heads read them as float32
 BN_IMAGES = 512  # training images (at most) that re-estimate the body's batch-norm statistics
-FEATURE_BS = 64  # extraction batch size: fixed, so the cache does not depend on the head's training batch size
+FEATURE_BS = 64  # extraction batch size: fixed, so the cache does not depend on the head's training batch size;
+# lowered by the memory budget for large images (`feature_bs`)
 # recipe settings that only affect the head's training or the report: sweeping them reuses the same features
 HEAD_ONLY = frozenset({"description", "metric", "archs", "epochs", "freeze_epochs", "lr", "ps", "ps_grid", "bs", "wd",
                        "layer_decay", "accum", "drw_start", "progressive_sizes",
@@ -108,6 +109,11 @@ def _weights_id(cfg: RunConfig) -> str:
     return "random" if src is None else f"{src}:{get_arch(cfg.arch).timm_name}"
 
 
+def feature_bs(recipe) -> int:
+    """The extraction's batch size: FEATURE_BS, capped by the memory budget (`fastcls.budget.budget_batch_size`)."""
+    return budget_batch_size(FEATURE_BS, recipe.size)
+
+
 def feature_key(cfg: RunConfig, items: fdata.Items, views: int, fingerprint: Optional[str] = None) -> str:
     """The cache key: recipe settings that shape the images, arch, weights, data fingerprint, seed, sample, views.
 
@@ -116,6 +122,8 @@ def feature_key(cfg: RunConfig, items: fdata.Items, views: int, fingerprint: Opt
     recipe = {k: v for k, v in cfg.recipe.to_dict().items() if k not in HEAD_ONLY}
     spec = {"format": _KEY_VERSION, "recipe": recipe, "arch": cfg.arch, "weights": _weights_id(cfg),
             "data": fingerprint or data_fingerprint(items), "seed": cfg.seed, "sample": cfg.sample, "views": views}
+    if feature_bs(cfg.recipe) != FEATURE_BS:  # other batches draw other augmentations: another cache
+        spec["bs"] = feature_bs(cfg.recipe)
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return f"{cfg.recipe.name}-{cfg.arch}-{cfg.recipe.size}px-{digest}"
 
@@ -138,12 +146,16 @@ def reestimate_bn(cfg: RunConfig) -> bool:
 
 
 def compute_features(cfg: RunConfig, items: fdata.Items, views: int, body: nn.Module,
-                     progress: str = "auto") -> FeatureSet:
+                     progress: str = "auto", folder: Optional[Path] = None) -> FeatureSet:
     """Run the frozen `body` over `views` augmented passes of the training items and the plain + TTA views of valid
-    and test; returns the pooled activations (not cached: see `cached_features`)."""
+    and test; returns the pooled activations (float32 in memory; see `cached_features` for the cache).
+
+    With `folder`, the features are written batch by batch as FEATURE_DTYPE into `<folder>/{train,valid,test}.npy`
+    (each through a temporary name, renamed when complete) and come back memory-mapped: memory does not grow with
+    the items. The cache's `meta.json` is not written here, so until `_save` writes it the folder is a miss."""
     from fastai.torch_core import set_seed
     t0 = time.time()
-    recipe = cfg.recipe.override(bs=FEATURE_BS)
+    recipe = cfg.recipe.override(bs=feature_bs(cfg.recipe))
     d = fdata.dls(recipe, items, seed=cfg.seed, sample=cfg.sample, stats=cfg.norm_stats)
     if progress != "none":
         print(f"Computing {cfg.arch} features: {views} augmented view(s) of {len(d.train_ds)} training images, "
@@ -157,12 +169,20 @@ def compute_features(cfg: RunConfig, items: fdata.Items, views: int, body: nn.Mo
     set_seed(cfg.seed)
     if reestimate_bn(cfg):  # a random body has no statistics worth keeping; a pretrained one is used as loaded
         with torch.no_grad():
-            update_bn(itertools.islice(d.train, max(1, BN_IMAGES // FEATURE_BS)), body, device=device)
+            update_bn(itertools.islice(d.train, max(1, BN_IMAGES // recipe.bs)), body, device=device)
     set_seed(cfg.seed)
-    train_x, train_y = pooled_features(body, pool, d.train, views - 1)
-    valid_x, valid_y = pooled_features(body, pool, d.valid, recipe.tta, recipe.tta_views)
+
+    def extract(name, dl, n_aug, names=()):
+        if folder is None:
+            return pooled_features(body, pool, dl, n_aug, names)
+        got = []
+        write_atomic(folder / f"{name}.npy", lambda tmp: got.extend(
+            pooled_features(body, pool, dl, n_aug, names, out=tmp, dtype=FEATURE_DTYPE)))
+        return np.load(folder / f"{name}.npy", mmap_mode="r"), got[1]
+    train_x, train_y = extract("train", d.train, views - 1)
+    valid_x, valid_y = extract("valid", d.valid, recipe.tta, recipe.tta_views)
     tdl = fdata.test_dl(d, items)
-    test_x = pooled_features(body, pool, tdl, recipe.tta, recipe.tta_views)[0] if tdl is not None else None
+    test_x = extract("test", tdl, recipe.tta, recipe.tta_views)[0] if tdl is not None else None
     test = items.test if test_x is not None else None
     test_y = encode_labels(test["label"], d.vocab) if test is not None and "label" in test else None
     body.cpu()
@@ -200,9 +220,11 @@ def _save(fs: FeatureSet, folder: Path):
     arrays = {k: getattr(fs, k) for k in _ARRAYS if getattr(fs, k) is not None}
     shapes = {}
     for k, v in arrays.items():
+        shapes[k] = list(v.shape)
+        if _written(v, folder / f"{k}.npy"):  # streamed there by compute_features
+            continue
         v = np.asarray(v, dtype=FEATURE_DTYPE) if k in _FEATURES else np.asarray(v)
         write_npy(folder / f"{k}.npy", np.ascontiguousarray(v))
-        shapes[k] = list(v.shape)
     bn = fs.bn_stats or {}
     if bn:
         def write_bn(p):
@@ -213,6 +235,12 @@ def _save(fs: FeatureSet, folder: Path):
             "valid_ids": fs.valid_ids, "test_ids": fs.test_ids, "body_hash": fs.body_hash, "stats": fs.stats,
             "seconds": fs.seconds, "dtype": np.dtype(FEATURE_DTYPE).name, "shapes": shapes, "bn": bool(bn)}
     write_json(folder / "meta.json", meta)
+
+
+def _written(a, path: Path) -> bool:
+    """Whether `a` is the FEATURE_DTYPE file `path` itself, memory-mapped (nothing left to write)."""
+    return (isinstance(a, np.memmap) and a.dtype == FEATURE_DTYPE and a.filename is not None
+            and Path(a.filename).resolve() == path.resolve())
 
 
 def _load(folder: Path) -> Optional[FeatureSet]:
@@ -292,7 +320,9 @@ def cached_features(cfg: RunConfig, items: fdata.Items, views: int, cache_dir, p
         check_disk(cache_dir, _estimate_bytes(items, int(body.num_features), views, cfg.recipe.tta),
                    f"the cached features of {cfg.arch} ({views} view(s) of {len(items.train)} images)",
                    "use fewer views or a smaller --sample, or train the full path (--full)")
-        fs = compute_features(cfg, items, views, body, progress)
+        (folder / "meta.json").unlink(missing_ok=True)  # a stale cache is a miss while its arrays are replaced
+        folder.mkdir(parents=True, exist_ok=True)
+        fs = compute_features(cfg, items, views, body, progress, folder=folder)
         fs.key, fs.body_hash = key, body_hash
         _save(fs, folder)
         fs = _load(folder) or fs
