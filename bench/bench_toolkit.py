@@ -53,6 +53,12 @@ CONFIGS = {
     "--size 20,28": dict(progressive_sizes=(20,)),
     "--imbalance ldam,drw": dict(imbalance="ldam,drw"),
     "--imbalance soft-f1": dict(imbalance="soft-f1", label_smoothing=0.0),
+    "--cutmix 1.0": dict(cutmix=1.0),
+    "--opt sgd --momentum 0.9 --lr 0.03": dict(opt="sgd", momentum=0.9, lr=0.03),  # SGD at Adam's lr barely moves
+    "--opt lamb": dict(opt="lamb"),
+    "--opt ranger": dict(opt="ranger"),
+    "--sched cosine": dict(sched="cosine"),
+    "--sched flat-cos": dict(sched="flat-cos"),
 }
 # pretrained Lite0 on imagenette-mini: ~19 optimizer steps per epoch, so a shorter EMA horizon than quickdraw's
 IMAGENETTE = {

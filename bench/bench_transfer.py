@@ -63,7 +63,7 @@ def paired_gain(run, ids, vocab, fastai_tta, y, metric: str) -> list:
     from fastcls.predict import run_tta_beta, tta_blend
     assert list(vocab) == list(run.vocab), "the two tools' class orders differ"
     rows = {str(i): k for k, i in enumerate(run.test_ids)}
-    ours = tta_blend(np.asarray(run.test_probs), run_tta_beta(run.metrics))[[rows[i] for i in ids]]
+    ours = tta_blend(np.asarray(run.test_probs), run_tta_beta(run.meta))[[rows[i] for i in ids]]
     return [round(float(v), 4) for v in paired_bootstrap(y, ours, fastai_tta, metric)]
 
 

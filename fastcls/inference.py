@@ -106,7 +106,7 @@ def manifest(store: RunStore, ref: str) -> tuple[dict, dict]:
             arrays = {f"stack_{k}": v for k, v in _stack_arrays(store, run).items()}
         recipe_cfg = runs[0].config
     else:
-        members, combine, recipe_cfg = [_member(store, run, run_tta_beta(run.metrics))], None, run.config
+        members, combine, recipe_cfg = [_member(store, run, run_tta_beta(run.meta))], None, run.config
     return {"format": FORMAT_VERSION, "id": run.id, "name": run.name, "kind": run.kind, "vocab": list(run.vocab),
             "recipe": recipe_cfg, "members": members, "combine": combine}, arrays
 

@@ -5,8 +5,8 @@ flip, crop5, scale, in the recipe's `tta_views` order), then the random augmente
 on disk and trains heads on them (`fastcls.features`).
 """
 
-__all__ = ["predict_views", "tta_blend", "lerp_blend", "choose_tta_beta", "run_tta_beta", "BETA_GRID", "FASTAI_BETA", "pooled_features", "encode_labels", "named_views", "view_count",
-           "CROP_FRAC", "SCALE_ZOOMS"]
+__all__ = ["predict_views", "tta_blend", "lerp_blend", "choose_tta_beta", "run_tta_beta", "BETA_GRID", "FASTAI_BETA",
+           "pooled_features", "encode_labels", "named_views", "view_count", "CROP_FRAC", "SCALE_ZOOMS"]
 
 from typing import Optional
 
@@ -216,9 +216,10 @@ def choose_tta_beta(views, targets, metric: str, grid=BETA_GRID) -> float:
     return float(max(scored)[2])
 
 
-def run_tta_beta(metrics: Optional[dict]) -> float:
-    """A stored run's TTA blend: the one it chose on valid (`tta_beta` in its metrics), else fastai's default."""
-    beta = (metrics or {}).get("tta_beta")
+def run_tta_beta(meta: Optional[dict]) -> float:
+    """A stored run's TTA blend: the one it chose on valid (`tta_beta` in its meta.json, beside its post-hoc steps:
+    what predicting needs, so a damaged metrics.json does not stop a submission), else fastai's default."""
+    beta = (meta or {}).get("tta_beta")
     return FASTAI_BETA if beta is None else float(beta)
 
 

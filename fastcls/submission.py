@@ -198,7 +198,7 @@ def submission_for_run(run, path, beta: Union[float, str, None] = "run", data=No
     if probs is None or run.test_ids is None:
         raise FastclsError(f"Run {run.id} has no test probabilities (its data had no test set), so there is nothing to "
                            "submit. Train it on a data folder with the recipe's test images.")
-    beta = run_tta_beta(run.metrics) if beta == "run" else beta
+    beta = run_tta_beta(run.meta) if beta == "run" else beta
     if beta is not None and not 0 <= beta <= 1:
         raise FastclsError(f"--tta-beta must be in [0, 1], got {beta}.")
     # the recipe file may be gone or renamed: the run's config still has every submission setting

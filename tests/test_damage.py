@@ -38,7 +38,8 @@ NEEDS = {
     "show": {"config.json", "metrics.json", "history.csv"},
     "ensemble": {"config.json", "vocab.json", "valid_ids.json", "test_ids.json", "valid_probs.npy",
                  "valid_targets.npy", "test_probs.npy"},
-    "submit": {"config.json", "vocab.json", "test_ids.json", "test_probs.npy"},
+    # the stored test views and the TTA blend the run chose on valid (meta.json, beside its post-hoc steps)
+    "submit": {"config.json", "meta.json", "vocab.json", "test_ids.json", "test_probs.npy"},
     "report": {"config.json", "meta.json", "metrics.json", "vocab.json", "valid_ids.json", "valid_probs.npy",
                "valid_targets.npy", "history.csv"},
     # new images through the stored model: its config, statistics and checksum (meta.json), vocab and weights

@@ -117,7 +117,7 @@ def test_a_run_records_its_blend_scores_and_submits_with_it(digits_store, cli, t
     run = store.load("tiny-digits")
     beta, name = run.metrics["tta_beta"], run.metrics["metric_name"]
     vp, vt = np.asarray(run.valid_probs), np.asarray(run.valid_targets)
-    assert beta in BETA_GRID and vp.shape[0] > 1
+    assert beta in BETA_GRID and vp.shape[0] > 1 and run.meta["tta_beta"] == beta  # meta.json: what predicting reads
     assert run.metrics[f"{name}_tta"] == pytest.approx(get_metric(name)(vt, tta_blend(vp, beta)))
     # a stored run whose test views disagree: `submit` follows the run's beta unless --tta-beta is given
     views, _ = _two_views(plain_right=True, n=len(run.test_ids))
@@ -125,8 +125,8 @@ def test_a_run_records_its_blend_scores_and_submits_with_it(digits_store, cli, t
     ten[:, :, :2] = views
     for b, want in ((1.0, views[0].argmax(1)), (0.0, views[1].argmax(1))):
         store.save(RunData(config=run.config, vocab=run.vocab, valid_probs=vp, valid_targets=vt,
-                           valid_ids=run.valid_ids, metrics={**run.metrics, "tta_beta": b}, test_probs=ten,
-                           test_ids=run.test_ids, name=f"beta-{b}"))
+                           valid_ids=run.valid_ids, metrics=run.metrics, test_probs=ten, test_ids=run.test_ids,
+                           name=f"beta-{b}", extra={"tta_beta": b}))
         out = tmp_path / f"sub-{b}.csv"
         res = cli("submit", f"beta-{b}", "--out", out, "--runs-dir", digits_store)
         assert res.exit_code == 0, res.output
