@@ -175,7 +175,7 @@ class _FeatureSink:
         return np.load(self.path, mmap_mode="r")
 
 
-def tta_blend(views, beta: float = 0.25) -> np.ndarray:
+def tta_blend(views, beta: float = FASTAI_BETA) -> np.ndarray:
     """Blend one run's stacked prediction views the way fastai's `Learner.tta(beta=...)` does.
 
     fastai returns `torch.lerp(aug_preds, preds, beta)`, i.e. `beta * plain + (1 - beta) * mean(TTA views)`: beta is
@@ -212,7 +212,9 @@ def choose_tta_beta(views, targets, metric: str, grid=BETA_GRID) -> float:
         return 1.0
     m = get_metric(metric)
     sign = 1 if m.higher_is_better else -1
-    scored = [(sign * m(targets, tta_blend(views, b)), -abs(b - FASTAI_BETA), b) for b in grid]
+    aug = tta_blend(views, 0.0)  # the TTA mean, once
+    scores = [sign * m(targets, lerp_blend(views[0], aug, b)) for b in grid]
+    scored = [(-np.inf if np.isnan(v) else v, -abs(b - FASTAI_BETA), b) for v, b in zip(scores, grid)]  # NaN: last
     return float(max(scored)[2])
 
 

@@ -210,6 +210,12 @@ class Recipe:
             out[f.name] = f"{v.__module__}.{v.__qualname__}" if callable(v) else (list(v) if isinstance(v, tuple) else v)
         return out
 
+    def id_dict(self) -> dict:
+        """`to_dict()` for hashing into ids (cv folds, sweeps): less the settings added after ids were first made,
+        while they hold their default (which changes nothing), so a cv or sweep started before still finds its
+        runs."""
+        return {k: v for k, v in self.to_dict().items() if not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
+
 
 def _is_size(text) -> bool:
     try:
@@ -395,6 +401,8 @@ def crop_overrides(crop: Optional[str] = None, trim: Optional[str] = None) -> di
 
 
 # --aug presets: the augmentation settings each name sets (`default` keeps the recipe's own)
+_LATER_DEFAULTS = {"tta_blend": None}  # see Recipe.id_dict
+
 AUG_PRESETS = {
     "none": dict(aug=False),
     "light": dict(aug=True, max_rotate=5.0, max_zoom=1.05, max_lighting=0.1, color_jitter=0.0),

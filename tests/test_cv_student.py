@@ -157,8 +157,8 @@ def test_masks_folds_keep_each_person_in_one_fold(tmp_path):
 def test_pseudo_label_adds_exactly_the_items_above_the_threshold(cv_store):
     store = RunStore(cv_store)
     teacher = store.load("plain")
-    from fastcls.predict import tta_blend
-    conf = tta_blend(teacher.test_probs).max(1)
+    from fastcls.predict import run_tta_beta, tta_blend
+    conf = tta_blend(teacher.test_probs, run_tta_beta(teacher.meta)).max(1)
     thr = float(np.quantile(conf, 0.6))
     expected = int((conf >= thr).sum())
     assert 0 < expected < len(conf)
@@ -171,7 +171,7 @@ def test_pseudo_label_adds_exactly_the_items_above_the_threshold(cv_store):
     assert info["pseudo"] == expected and info["new"] == expected and info["teachers"] == [teacher.id]
     assert first.metrics["n_train"] == teacher.metrics["n_train"] + expected
     assert first.valid_ids == teacher.valid_ids  # the student validates on the teacher's split
-    conf2 = tta_blend(first.test_probs).max(1)
+    conf2 = tta_blend(first.test_probs, run_tta_beta(first.meta)).max(1)
     assert second.meta["pseudo"]["pseudo"] == int((conf2 >= thr).sum())  # round 2's teacher is round 1's student
     assert second.meta["pseudo"]["teachers"] == [first.id]
     assert "relabelled" in res.output and "round" in res.output

@@ -86,7 +86,7 @@ def test_a_fast_sweep_on_ray_trains_the_heads_on_the_drivers_features(cli, local
 
 
 def test_folds_and_pseudo_label_on_ray_are_stored_by_the_driver(cli, local_ray, tmp_path):
-    from fastcls.predict import tta_blend
+    from fastcls.predict import run_tta_beta, tta_blend
     folds = ["train", "digits", "simple_cnn", *TINY, "--sample", "60", "--folds", "2"]
     local, remote = tmp_path / "local", tmp_path / "ray"
     assert cli(*folds, "--runs-dir", local).exit_code == 0
@@ -99,7 +99,7 @@ def test_folds_and_pseudo_label_on_ray_are_stored_by_the_driver(cli, local_ray, 
     fold_runs = [b.load(r) for r in cv_b.config["fold_runs"]]
     assert all(r.meta["imported_from"] and r.row["parent"] == cv_b.id for r in fold_runs)
     # one noisy-student round of the cv run, trained on a Ray worker
-    conf = tta_blend(cv_b.test_probs).max(1)
+    conf = tta_blend(cv_b.test_probs, run_tta_beta(cv_b.meta)).max(1)
     thr = float(np.quantile(conf, 0.5))
     res = cli("pseudo-label", cv_b.id, "--threshold", thr, "--runs-dir", remote, "--quiet", "--executor", "ray")
     assert res.exit_code == 0, res.output

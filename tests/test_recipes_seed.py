@@ -392,12 +392,13 @@ def test_seed_arch_variants():
 
 
 def test_submit_blends_the_stored_tta_views(cli, digits_store, tmp_path):
-    from fastcls.predict import tta_blend
+    from fastcls.predict import run_tta_beta, tta_blend
     from fastcls.runs import RunStore
     run = RunStore(digits_store).load("tiny-digits")
     vocab = np.array(run.vocab)
     for args, probs in ((["--no-tta"], run.test_probs[0]), (["--tta-beta", "1"], run.test_probs[0]),
-                        ([], tta_blend(run.test_probs, 0.25)), (["--tta-beta", "0"], run.test_probs[1:].mean(0))):
+                        ([], tta_blend(run.test_probs, run_tta_beta(run.meta))),  # the blend the run chose
+                        (["--tta-beta", "0"], run.test_probs[1:].mean(0))):
         res = cli("submit", "tiny-digits", "--out", tmp_path / "s.csv", "--runs-dir", digits_store, *args)
         assert res.exit_code == 0, res.output
         sub = pd.read_csv(tmp_path / "s.csv", dtype=str)

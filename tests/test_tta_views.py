@@ -164,4 +164,16 @@ def test_an_ensemble_of_runs_that_chose_their_blends(digits_store, cli, tmp_path
               "--runs-dir", digits_store)
     assert res.exit_code == 0, res.output
     assert cli("show", "ens-of-two", "--runs-dir", digits_store).exit_code == 0
+    assert len(store.load("ens-of-two").config["tta_beta"]) == 2  # the members' blends, as the ensemble chose them
     assert len(pd.read_csv(tmp_path / "sub.csv")) == len(run.test_ids)
+
+
+def test_the_blend_setting_keeps_the_ids_made_before_it():
+    """cv ids, sweep ids and feature-cache keys hash the recipe: `tta_blend` at its default must leave them as they
+    were before the field existed (a cv started then finds its folds; a feature cache still hits)."""
+    from fastcls.experiments.cv import cv_id
+    from fastcls.experiments.features import HEAD_ONLY
+    cfg = RunConfig.from_options("digits", "simple_cnn", seed=3)
+    assert cv_id(cfg, 5) == "cv-2f6f4ff4a3"  # computed by the fastcls of commit 3e0b7d8, before the field
+    assert "tta_blend" not in cfg.recipe.id_dict() and "tta_blend" in HEAD_ONLY
+    assert cfg.recipe.override(tta_blend=0.5).id_dict()["tta_blend"] == 0.5  # a set value is part of the id

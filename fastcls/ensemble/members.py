@@ -17,7 +17,7 @@ import numpy as np
 from ..budget import memory_budget
 from ..errors import FastclsError
 from ..metrics import get_metric
-from ..predict import lerp_blend
+from ..predict import lerp_blend, run_tta_beta
 from ..runs import RunStore, StoredRun
 from .combiners import combine
 from .scoring import _CHUNK, _argmax, _release
@@ -203,9 +203,11 @@ def check_runs(runs: Sequence[StoredRun]) -> tuple[str, list, str]:
     return recipe, vocab, metric
 
 
-def aligned_probs(runs: Sequence[StoredRun], split: str = "test", beta: float = 0.25) -> tuple[list, np.ndarray]:
+def aligned_probs(runs: Sequence[StoredRun], split: str = "test",
+                  beta: Optional[float] = None) -> tuple[list, np.ndarray]:
     """The mean over `runs` of their TTA-blended stored probabilities on `split` ('test' or 'valid'), rows aligned
-    by item id to the first run: (item ids, (N, C) probabilities). For teachers (`fastcls.student`).
+    by item id to the first run: (item ids, (N, C) probabilities). For teachers (`fastcls.student`). `beta`: the
+    blend of every run; None: each run's own (`predict.run_tta_beta`: chosen on valid, 0.25 for older runs).
 
     Raises:
         FastclsError: the runs differ in recipe, vocab or metric (`check_runs`); a run has no probabilities on
@@ -223,7 +225,7 @@ def aligned_probs(runs: Sequence[StoredRun], split: str = "test", beta: float = 
         ids = [str(i) for i in getattr(run, f"{split}_ids")]
         order = _alignment(ref_ids, ids, run, runs[0], name)
         plain, aug = _checked_views(run, name, getattr(run, f"{split}_probs"), lambda: ids, order)
-        probs.append(lerp_blend(plain, aug, beta))
+        probs.append(lerp_blend(plain, aug, run_tta_beta(run.meta) if beta is None else beta))
     return ref_ids, combine(probs, "mean")
 
 

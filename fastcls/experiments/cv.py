@@ -50,7 +50,7 @@ class CVResult:
 
 def cv_id(cfg: RunConfig, k: int) -> str:
     """A deterministic id for the k-fold cv of `cfg`: the same command gives the same id (and finds its folds)."""
-    spec = {"recipe": cfg.recipe.to_dict(), "arch": cfg.arch, "seed": cfg.seed, "data": cfg.data,
+    spec = {"recipe": cfg.recipe.id_dict(), "arch": cfg.arch, "seed": cfg.seed, "data": cfg.data,
             "sample": cfg.sample, "weights": cfg.weights, "folds": k}
     return "cv-" + hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:10]
 

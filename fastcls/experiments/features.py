@@ -53,7 +53,7 @@ FEATURE_BS = 64  # extraction batch size: fixed, so the cache does not depend on
 HEAD_ONLY = frozenset({"description", "metric", "archs", "epochs", "freeze_epochs", "lr", "ps", "ps_grid", "bs", "wd",
                        "layer_decay", "accum", "drw_start", "progressive_sizes",
                        "label_smoothing", "imbalance", "patience", "sub_id_col", "sub_label_col", "sub_id",
-                       "sub_template", "cache_budget"})
+                       "sub_template", "cache_budget", "tta_blend"})
 
 
 @dataclass

@@ -152,7 +152,7 @@ def plan_sweep(base: RunConfig, archs: Optional[Iterable[str]] = None, grid: Opt
             points.append((arch, params, cfg))
     if len(points) < 2 and not grid:
         raise FastclsError("Nothing to sweep: give several values of --ps, --size, --lr or --crop, or several --arch.")
-    spec = {"recipe": recipe.to_dict(), "archs": list(archs), "grid": {k: list(v) for k, v in grid.items()},
+    spec = {"recipe": recipe.id_dict(), "archs": list(archs), "grid": {k: list(v) for k, v in grid.items()},
             "data": base.data, "seed": base.seed, "sample": base.sample, "weights": base.weights, "mode": mode,
             "views": views if fast else None}
     sid = "sw-" + hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:10]
