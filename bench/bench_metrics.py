@@ -30,7 +30,7 @@ from fastcls.data import read_items  # noqa: E402
 from fastcls.ensemble import ensemble  # noqa: E402
 from fastcls.metrics import score  # noqa: E402
 from fastcls.posthoc import apply_temperature, fit_temperature  # noqa: E402
-from fastcls.predict import tta_blend  # noqa: E402
+from fastcls.predict import run_tta_beta, tta_blend  # noqa: E402
 from fastcls.recipe import get_recipe  # noqa: E402
 from fastcls.runs import RunStore  # noqa: E402
 from fastcls.train import fit_run  # noqa: E402
@@ -72,7 +72,8 @@ def main():
         label_of = dict(zip(items.test["id"].astype(str), items.test["label"].astype(str)))
         y_test = np.array([vocab.index(label_of[str(i)]) for i in runs[0].test_ids])
         for i, run in enumerate(runs):  # the members alone, raw and temperature-scaled on valid
-            valid, test = tta_blend(np.asarray(run.valid_probs)), tta_blend(np.asarray(run.test_probs))
+            b = run_tta_beta(run.meta)  # the blend the run chose on valid
+            valid, test = tta_blend(np.asarray(run.valid_probs), b), tta_blend(np.asarray(run.test_probs), b)
             t = fit_temperature(valid, run.valid_targets)
             rows.append({"what": f"member {i}", "optimised": "-", "calibrated": "no", **test_scores(y_test, test)})
             rows.append({"what": f"member {i}", "optimised": "-", "calibrated": f"T={t:.2f}",

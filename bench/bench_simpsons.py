@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import f1_score
 
-from fastcls.predict import tta_blend
+from fastcls.predict import run_tta_beta, tta_blend
 from fastcls.recipe import get_recipe
 from fastcls.runs import RunStore
 from fastcls.submission import write_submission
@@ -49,7 +49,7 @@ def main():
                       progress="line")
         seconds = time.time() - t0
         run = RunStore(Path(tmp) / "runs").load(res.run_id)
-        sub = write_submission(recipe, run.test_ids, tta_blend(run.test_probs), run.vocab, Path(tmp) / "sub.csv",
+        sub = write_submission(recipe, run.test_ids, tta_blend(run.test_probs, run_tta_beta(run.meta)), run.vocab, Path(tmp) / "sub.csv",
                                data=data)
     truth = pd.read_csv(data / "test_solution.csv").set_index("Id")["Expected"]
     from_csv = f1_score(truth.loc[sub["Id"]].values, sub["Expected"].values, average="macro")
