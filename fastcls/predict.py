@@ -172,7 +172,7 @@ class _FeatureSink:
             return np.stack([np.concatenate(b) for b in self.blocks])
         if self.offset is None:
             raise ValueError("pooled_features: the loader gave no batch, so there is no feature file to write")
-        return np.load(self.path, mmap_mode="r")
+        return np.load(self.path, mmap_mode="r", allow_pickle=False)
 
 
 def tta_blend(views, beta: float = FASTAI_BETA) -> np.ndarray:
