@@ -29,7 +29,7 @@ class Evil:
 
 def test_library_source_loads_no_pickle():
     """A guard on the code itself: every torch.load is weights-only, every np.load refuses pickles, no pickle.load."""
-    for f in sorted((ROOT / "fastcls").glob("*.py")):
+    for f in sorted((ROOT / "fastcls").rglob("*.py")):  # subpackages too (data/, experiments/, ...)
         src = f.read_text()
         assert not re.search(r"pickle\.loads?\(|read_pickle\(|allow_pickle\s*=\s*True|dill|joblib\.load", src), f
         for call in re.findall(r"torch\.load\([^)]*\)", src):

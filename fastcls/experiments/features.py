@@ -175,10 +175,10 @@ def compute_features(cfg: RunConfig, items: fdata.Items, views: int, body: nn.Mo
     def extract(name, dl, n_aug, names=()):
         if folder is None:
             return pooled_features(body, pool, dl, n_aug, names)
-        got = []
-        write_atomic(folder / f"{name}.npy", lambda tmp: got.extend(
-            pooled_features(body, pool, dl, n_aug, names, out=tmp, dtype=FEATURE_DTYPE)))
-        return np.load(folder / f"{name}.npy", mmap_mode="r"), got[1]
+        targets = []  # only the targets: no map of the temporary file is held across its rename
+        write_atomic(folder / f"{name}.npy", lambda tmp: targets.append(
+            pooled_features(body, pool, dl, n_aug, names, out=tmp, dtype=FEATURE_DTYPE)[1]))
+        return np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False), targets[0]
     train_x, train_y = extract("train", d.train, views - 1)
     valid_x, valid_y = extract("valid", d.valid, recipe.tta, recipe.tta_views)
     tdl = fdata.test_dl(d, items)
