@@ -400,9 +400,9 @@ def crop_overrides(crop: Optional[str] = None, trim: Optional[str] = None) -> di
     return out
 
 
-# --aug presets: the augmentation settings each name sets (`default` keeps the recipe's own)
 _LATER_DEFAULTS = {"tta_blend": None}  # see Recipe.id_dict
 
+# --aug presets: the augmentation settings each name sets (`default` keeps the recipe's own)
 AUG_PRESETS = {
     "none": dict(aug=False),
     "light": dict(aug=True, max_rotate=5.0, max_zoom=1.05, max_lighting=0.1, color_jitter=0.0),

@@ -16,8 +16,7 @@ runs) see either nothing or a whole entry. The root is `images/` under `$FASTCLS
 """
 
 __all__ = ["cache_home", "cache_root", "cache_settings", "CachedImageGetter", "PresizedArrays", "PresizedDL",
-           "use_cache", "pre_resized", "fill_cache",
-           "fill_caches", "CacheStats", "FORMATS", "cache_format", "CachePlan"]
+           "use_cache", "pre_resized", "fill_cache", "fill_caches", "CacheStats", "FORMATS", "cache_format", "CachePlan"]
 
 import hashlib
 import json
@@ -434,4 +433,3 @@ def fill_caches(recipe: Recipe, items: Items, root: Optional[Path] = None, threa
     """`fill_cache` at each size a run of `recipe` trains at: a progressive recipe (`--size 128,224`) reads its
     images at every size in turn, so each is cached (in training order); one `CacheStats` per size."""
     return [fill_cache(r, items, root, threads) for r in each_size(recipe)]
-

@@ -23,7 +23,6 @@ from .scoring import _CHUNK, _LabelScorer, _argmax, _score
 from .search import _candidate_classes, _search_data, _search_many
 
 
-
 # -- TTA beta ------------------------------------------------------------------------------------------------------
 
 def _beta_labels(plain, aug, grid=BETA_GRID, probs: bool = False) -> np.ndarray:
