@@ -7,7 +7,6 @@ uses them directly, so both see the same pixels.
 
 __all__ = ["to_rgb", "load_image", "trim_box", "center_box", "row_image", "preprocess", "normalise", "batches"]
 
-import warnings
 from typing import Optional
 
 import numpy as np
@@ -42,13 +41,17 @@ def load_image(path, draft: Optional[tuple] = None) -> Image.Image:
     Images over PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`) are refused with an error.
     `draft=(w, h)` lets JPEGs decode at a reduced scale (fast checks).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            if draft is not None:
-                img.draft("RGB", draft)
-            img.load()
-            return to_rgb(ImageOps.exif_transpose(img))
+    with Image.open(path) as img:  # over twice the limit: PIL raises DecompressionBombError itself
+        # Between the limit and twice it PIL only warns. The check is ours, not a warnings filter: filters are global
+        # to the process, and `scan_images` decodes in threads, where one thread's catch_warnings undoes another's.
+        w, h = img.size
+        if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(f"Image size ({w * h} pixels) exceeds limit of "
+                                               f"{Image.MAX_IMAGE_PIXELS} pixels, could be decompression bomb DOS attack.")
+        if draft is not None:
+            img.draft("RGB", draft)
+        img.load()
+        return to_rgb(ImageOps.exif_transpose(img))
 
 
 def trim_box(margins, w: int, h: int) -> Optional[tuple]:

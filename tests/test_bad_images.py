@@ -100,6 +100,20 @@ def test_scan_lists_each_bad_file_with_its_reason(tmp_path):
     assert found[str(tmp_path / "gone.jpg")] == "missing file"
 
 
+def test_scan_in_threads_refuses_every_image_over_the_limit(tmp_path):
+    """Between PIL's limit and twice it PIL only warns; scanning decodes in threads, where warnings filters (global to
+    the process) race. Every such file must still be refused, whatever the other threads do."""
+    paths = []
+    for i in range(24):
+        paths.append(tmp_path / f"big{i}.png")
+        paths[-1].write_bytes(_png_with_size(10000, 9000 + i))
+        paths.append(tmp_path / f"ok{i}.png")
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(paths[-1])
+    found = dict(scan_images(paths, workers=8))
+    assert sorted(found) == sorted(str(p) for p in paths if p.name.startswith("big"))
+    assert all("too large" in why for why in found.values()), found
+
+
 def make_folder_data(root, n=6):
     """Two classes of good images, every unusual and bad kind mixed in; a test folder with one bad image."""
     for ci, c in enumerate(("a", "b")):

@@ -35,7 +35,7 @@ def _image_problem(path: str) -> Optional[str]:
         return "empty file (0 bytes)"
     try:
         load_image(path, draft=(64, 64))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         return f"too large to decode safely ({str(e).split('.')[0]})"
     except Image.UnidentifiedImageError:
         return "not an image (no image format recognised)"
