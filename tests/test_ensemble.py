@@ -88,6 +88,7 @@ def test_choose_beta_picks_the_better_view(rng, y):
     good, bad = dirichlet(rng, y, 4, lean=6)[0], dirichlet(rng, (y + 1) % 4, 4, lean=6)[0]
     assert choose_beta(good, bad, y, "accuracy") == 1.0  # beta weighs the plain view
     assert choose_beta(bad, good, y, "accuracy") == 0.0
+    assert choose_beta(good, good, y, "accuracy") == 0.25  # every blend ties: fastai's default, as a single run picks
 
 
 def test_paired_bootstrap(rng, y):

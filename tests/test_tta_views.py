@@ -165,6 +165,11 @@ def test_an_ensemble_of_runs_that_chose_their_blends(digits_store, cli, tmp_path
     assert res.exit_code == 0, res.output
     assert cli("show", "ens-of-two", "--runs-dir", digits_store).exit_code == 0
     assert len(store.load("ens-of-two").config["tta_beta"]) == 2  # the members' blends, as the ensemble chose them
+    store.save(RunData(config={**run.config, "tta_blend": 0.5}, vocab=run.vocab, valid_probs=np.asarray(run.valid_probs),
+                       valid_targets=np.asarray(run.valid_targets), valid_ids=run.valid_ids, metrics=run.metrics,
+                       name="fixed-blend"))
+    assert cli("ensemble", "twin", "fixed-blend", "--name", "ens-fixed", "--runs-dir", digits_store).exit_code == 0
+    assert store.load("ens-fixed").config["tta_beta"][1] == 0.5  # a member's fixed blend is kept, not chosen again
     assert len(pd.read_csv(tmp_path / "sub.csv")) == len(run.test_ids)
 
 

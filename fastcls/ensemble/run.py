@@ -131,12 +131,14 @@ def ensemble(store: RunStore, refs: list[str], method: str = "mean", tta_beta: O
     scorer = _LabelScorer(metric, y, C)
     s = scorer.sign
 
-    # TTA betas: fixed, absent (one view) or chosen per run (then per fold for the honest estimate)
-    choose = [m.aug is not None and tta_beta is None for m in members]
+    # TTA betas: fixed (--tta-beta, else a member's recipe `tta_blend`), absent (one view) or chosen per run (then per
+    # fold for the honest estimate)
+    fixed = [tta_beta if tta_beta is not None else run.config.get("tta_blend") for run in runs]
+    choose = [m.aug is not None and b is None for m, b in zip(members, fixed)]
     fits = _fits(method, weights) or any(choose)
     fold = kfold_indices(y, min(folds, N), seed) if fits else None
     K = 0 if fold is None else int(fold.max()) + 1
-    betas = [None if m.aug is None else tta_beta for m in members]
+    betas = [None if m.aug is None else b for m, b in zip(members, fixed)]
     fold_betas = np.array([[b] * K for b in betas], dtype=object).reshape(M, K)
     member_score, member_fit, member_labels = np.empty(M), np.empty(M), []
     for i, mem in enumerate(members):

@@ -17,7 +17,7 @@ from sklearn.model_selection import KFold, StratifiedKFold
 
 from ..errors import FastclsError
 from ..metrics import COUNT_METRICS, get_metric
-from ..predict import BETA_GRID
+from ..predict import BETA_GRID, FASTAI_BETA
 from .combiners import Combiner, _check_method, _fit, _needs_search
 from .scoring import _CHUNK, _LabelScorer, _argmax, _score
 from .search import _candidate_classes, _search_data, _search_many
@@ -38,19 +38,22 @@ def _beta_labels(plain, aug, grid=BETA_GRID, probs: bool = False) -> np.ndarray:
     return out
 
 
-def _pick_betas(labels, targets, metric: str, n_classes: int, rows_list) -> list[int]:
-    """Grid position of the best blend (the first best on ties) on each row subset of `rows_list` (None = all rows);
-    `labels` are `_beta_labels`."""
+def _pick_betas(labels, targets, metric: str, n_classes: int, rows_list, grid=BETA_GRID) -> list[int]:
+    """Grid position of the best blend on each row subset of `rows_list` (None = all rows); among equal scores the
+    one nearest fastai's default, as a single run chooses (`predict.choose_tta_beta`). `labels` are `_beta_labels`."""
     y, picks = np.asarray(targets), []
     for rows in rows_list:
         idx = slice(None) if rows is None else rows
         scorer = _LabelScorer(metric, y[idx], n_classes)
-        picks.append(int(np.argmax([scorer.sign * scorer(lab[idx]) for lab in labels])))
+        scores = [scorer.sign * scorer(lab[idx]) for lab in labels]
+        picks.append(max(range(len(scores)), key=lambda g: (-np.inf if np.isnan(scores[g]) else scores[g],
+                                                             -abs(grid[g] - FASTAI_BETA))))
     return picks
 
 
 def choose_beta(plain, aug, targets, metric: str, grid=BETA_GRID, rows=None) -> float:
-    """The TTA beta from `grid` whose blend scores best on `rows` (all rows by default); the first best on ties.
+    """The TTA beta from `grid` whose blend scores best on `rows` (all rows by default); on ties the one nearest
+    fastai's 0.25.
 
     Args:
         plain: (N, C) plain-view probabilities.
@@ -64,7 +67,7 @@ def choose_beta(plain, aug, targets, metric: str, grid=BETA_GRID, rows=None) -> 
         The chosen beta.
     """
     labels = _beta_labels(plain, aug, grid, get_metric(metric).needs_probs)
-    g, = _pick_betas(labels, targets, metric, plain.shape[1], [rows])
+    g, = _pick_betas(labels, targets, metric, plain.shape[1], [rows], grid)
     return float(grid[g])
 
 
@@ -73,7 +76,8 @@ def _cv_betas(plain, aug, targets, metric: str, fold, grid=BETA_GRID):
     chosen on all rows, its labels); the blends' labels are computed once for all fits."""
     labels = _beta_labels(plain, aug, grid, get_metric(metric).needs_probs)
     K = int(fold.max()) + 1
-    picks = _pick_betas(labels, targets, metric, plain.shape[1], [np.flatnonzero(fold != k) for k in range(K)] + [None])
+    picks = _pick_betas(labels, targets, metric, plain.shape[1], [np.flatnonzero(fold != k) for k in range(K)] + [None],
+                        grid)
     oof = np.empty(labels.shape[1:], dtype=labels.dtype)
     for k in range(K):
         oof[fold == k] = labels[picks[k]][fold == k]
