@@ -210,11 +210,25 @@ def submission_for_run(run, path, beta: Union[float, str, None] = "run", data=No
     if record and RunStore(run.path.parent).writable():  # a read-only store: the file is written, not recorded
         try:
             name = run.metrics.get("metric_name")
-            local = run.metrics.get(name)
+            local = _local_score(run, name, None if len(probs) == 1 else beta)
         except FastclsError:  # a damaged metrics.json: the submission stands, its record lacks the local score
             name = local = None
-        record_submission(run.path.parent, run.id, path, name, local)
+        record_submission(run.path.parent, run.id, path, name, local, beta)
     return df
+
+
+def _local_score(run, name: Optional[str], beta: Optional[float]) -> Optional[float]:
+    """The run's valid score of what the submission holds: the plain view's (beta None), the TTA blend's at the run's
+    own beta (its `_tta` metric), or another beta's, scored on the stored valid views."""
+    from .metrics import get_metric
+    from .predict import run_tta_beta, tta_blend
+    if name is None or beta is None:
+        return None if name is None else run.metrics.get(name)
+    if beta == run_tta_beta(run.meta) and f"{name}_tta" in run.metrics:
+        return run.metrics[f"{name}_tta"]
+    if run.valid_probs is None or run.valid_targets is None:
+        return None
+    return float(get_metric(name)(np.asarray(run.valid_targets), tta_blend(np.asarray(run.valid_probs), beta)))
 
 
 # -- leaderboard bookkeeping ---------------------------------------------------------------------------------------
@@ -231,10 +245,11 @@ def _update(store_root, change):
 
 
 def record_submission(store_root, run_id: str, path, metric_name: Optional[str] = None,
-                      local: Optional[float] = None) -> dict:
-    """Record a written submission file: its sha256, path, run, the run's local score; returns the record."""
+                      local: Optional[float] = None, tta_beta: Optional[float] = None) -> dict:
+    """Record a written submission file: its sha256, path, run, the run's local (valid) score of what the file holds
+    and its TTA blend (None: the plain view); returns the record."""
     rec = {"sha256": file_sha256(path), "file": str(Path(path).resolve()), "run": run_id, "metric_name": metric_name,
-           "local": None if local is None else float(local), "public": None, "private": None,
+           "local": None if local is None else float(local), "tta_beta": tta_beta, "public": None, "private": None,
            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     return _update(store_root, lambda records: records.append(rec) or rec)
 

@@ -136,6 +136,23 @@ def test_a_run_records_its_blend_scores_and_submits_with_it(digits_store, cli, t
     assert res.exit_code == 0, res.output
     assert pd.read_csv(tmp_path / "fixed.csv").iloc[:, 1].astype(str).tolist() == \
         [str(run.vocab[k]) for k in views[1].argmax(1)]
+    # each recorded submission's local score is the valid score of what its file holds, on a run whose valid views
+    # disagree (scored by log loss: every blend scores differently)
+    from fastcls.files import read_json
+    vv, vy = _two_views(plain_right=False, n=len(run.valid_ids))
+    wide = np.zeros((3, len(vy), len(run.vocab)), np.float32)
+    wide[:, :, :2] = vv
+    ll = get_metric("log_loss")
+    store.save(RunData(config=run.config, vocab=run.vocab, valid_probs=wide, valid_targets=vy, valid_ids=run.valid_ids,
+                       metrics={"metric_name": "log_loss", "log_loss": ll(vy, wide[0]), "tta_beta": 0.0,
+                                "log_loss_tta": ll(vy, tta_blend(wide, 0.0))},
+                       test_probs=ten, test_ids=run.test_ids, name="disagree", extra={"tta_beta": 0.0}))
+    for opts in ((), ("--no-tta",), ("--tta-beta", "0.75")):
+        assert cli("submit", "disagree", "--out", tmp_path / "s.csv", *opts, "--runs-dir", digits_store).exit_code == 0
+    recs = read_json(digits_store / "submissions.json")[-3:]
+    assert [r["tta_beta"] for r in recs] == [0.0, None, 0.75]
+    want = [ll(vy, tta_blend(wide, 0.0)), ll(vy, wide[0]), ll(vy, tta_blend(wide, 0.75))]
+    assert len(set(want)) == 3 and [r["local"] for r in recs] == pytest.approx(want)
 
 
 def test_a_fixed_blend_is_a_recipe_setting(digits_store):
