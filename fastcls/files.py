@@ -148,10 +148,26 @@ def writer_gone(tmp: Path) -> bool:
     return True
 
 
-def remove_stray_files(folder: Path):
-    """Remove half-written `.NAME.tmp-PID` files of a dead writer."""
-    for p in folder.glob(".*.tmp-*"):
+def remove_stray_files(folder: Path, live_writers: bool = True):
+    """Remove half-written `.NAME.tmp-PID` files of a dead writer; with `live_writers=False` only those whose process
+    (PID on this machine) is gone, for folders written without a lock (another process may be writing there now)."""
+    for p in Path(folder).glob(".*.tmp-*"):
+        if not live_writers:
+            pid = p.name.rsplit("-", 1)[1]
+            if pid.isdigit() and _alive(int(pid)):
+                continue
         p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        return True
+    return True
 
 
 @contextmanager

@@ -3,6 +3,7 @@ converted (or rebuilt when damaged), head sweeps unchanged within float16's prec
 on the disk refused before anything is computed or written."""
 
 import json
+import os
 from collections import namedtuple
 
 import numpy as np
@@ -174,8 +175,16 @@ def test_an_extraction_interrupted_half_way_leaves_no_cache(tmp_path, monkeypatc
     assert not (folder / "valid.npy").exists() and not (folder / "meta.json").exists()
     assert not list(folder.glob(".*")), "no temporary file is left"
     assert features._load(folder) is None  # a miss: computed again next time
+    # a killed extraction (SIGKILL: no clean-up) leaves its partial array; the next one removes it, not a live one's
+    import subprocess
+    import sys
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed, live = folder / f".valid.npy.tmp-{int(gone.stdout)}", folder / f".valid.npy.tmp-{os.getppid()}"
+    killed.write_bytes(b"\0" * 1000)
+    live.write_bytes(b"\0" * 10)
     fs, _ = features.cached_features(cfg, items, 1, tmp_path, progress="none")
     assert features._load(folder) is not None and fs.valid.shape[1] == 40
+    assert not killed.exists() and live.exists()
 
 
 def test_a_small_memory_budget_extracts_in_smaller_batches_with_the_same_features(tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ from ..archs import build_body, get_arch, make_head, resolve_weights, split_head
 from ..errors import FastclsError
 from ..predict import encode_labels, pooled_features, view_count
 from ..budget import budget_batch_size, check_disk
-from ..files import read_json, write_atomic, write_json, write_npy
+from ..files import read_json, remove_stray_files, write_atomic, write_json, write_npy
 from ..train import Predictions, RunResult, learner, store_run, train
 from ..config import RunConfig
 
@@ -317,6 +317,8 @@ def cached_features(cfg: RunConfig, items: fdata.Items, views: int, cache_dir, p
             fs = _load(folder)
         old.unlink(missing_ok=True)
     if fs is None or fs.body_hash != body_hash:  # a body that is not the cached one (e.g. changed init) recomputes
+        if folder.is_dir():
+            remove_stray_files(folder, live_writers=False)  # an extraction killed half-way: its partial arrays
         check_disk(cache_dir, _estimate_bytes(items, int(body.num_features), views, cfg.recipe.tta),
                    f"the cached features of {cfg.arch} ({views} view(s) of {len(items.train)} images)",
                    "use fewer views or a smaller --sample, or train the full path (--full)")
