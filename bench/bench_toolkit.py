@@ -5,7 +5,9 @@ Every configuration trains `simple_cnn` from scratch at the same size, epochs, l
 `../shared/data/quickdraw-longtail` (train: 1000 down to 10 images per class) and is scored on its balanced test set
 (`test_solution.npz`, 500 per class, never used to train or tune). The baseline is the quickdraw recipe as it is
 (its imbalance settings included); each other row changes one option. The baseline also stores the `flip` TTA view,
-so its "+ flip TTA" row (the fastai blend 0.25 plain + 0.75 flip) costs no training. Finished runs are cached
+so its "+ flip TTA" row (the run's TTA blend of plain and flip: fastai's 0.25 for runs cached before fastcls chose the
+blend on valid, the chosen one since) costs no training; the `--tta-views crop5|scale` rows train like the baseline and
+score their blend. Finished runs are cached
 (`--cache`) like bench_imbalance.py's, so an interrupted bench resumes.
 
 `--dataset imagenette` fine-tunes the real pretrained EfficientNet-Lite0 weights (the registry package
@@ -59,13 +61,26 @@ CONFIGS = {
     "--opt ranger": dict(opt="ranger"),
     "--sched cosine": dict(sched="cosine"),
     "--sched flat-cos": dict(sched="flat-cos"),
+    # the seeds' stepped schedules, scaled to 4 epochs (the defaults cut every 10 epochs / after 2 flat ones)
+    "--sched step --set lr_step=2": dict(sched="step", lr_step=2),
+    "--sched exp --set lr_gamma=0.7": dict(sched="exp", lr_gamma=0.7),
+    "--sched plateau --set lr_patience=1": dict(sched="plateau", lr_patience=1),
+    # deterministic TTA views instead of flip (the run trains as the baseline; the row scores its TTA blend)
+    "--tta-views crop5": dict(tta_views=("crop5",)),
+    "--tta-views scale": dict(tta_views=("scale",)),
 }
+# rows scored by the run's TTA blend (the run's own beta, chosen on valid) rather than its plain view
+VIEW_ROWS = {"--tta-views crop5", "--tta-views scale"}
 # pretrained Lite0 on imagenette-mini: ~19 optimizer steps per epoch, so a shorter EMA horizon than quickdraw's
 IMAGENETTE = {
     "baseline": {},
     "--mixup 0.4": dict(mixup=0.4),
     "--ema 0.9": dict(ema=0.9),
     "--size 48,64": dict(progressive_sizes=(48,)),
+    "--cutmix 1.0": dict(cutmix=1.0),
+    "--accum 2": dict(accum=2),
+    "--opt sgd --momentum 0.9 --lr 0.02": dict(opt="sgd", momentum=0.9, lr=0.02),
+    "--sched cosine": dict(sched="cosine"),
 }
 # --dataset -> recipe, data, arch, size, frozen + unfrozen epochs, the scored split and metric, weights package
 DATASETS = {
@@ -143,6 +158,8 @@ def main():
                     with args.cache.open("a") as f:
                         f.write(json.dumps({"key": key, "result": cache[key]}, default=float) + "\n")
                 r = cache[key]
+                if name in VIEW_ROWS:
+                    r = dict(r, **{k: r[f"{k}_tta"] for k in r if f"{k}_tta" in r})
                 rows.append(dict(r, config=name))
                 if name == "baseline":  # the same run's flip view, blended as `fastcls submit` does
                     flip = {k: r[f"{k}_tta"] for k in r if f"{k}_tta" in r}

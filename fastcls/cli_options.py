@@ -157,7 +157,8 @@ Warmup = Annotated[Optional[float], typer.Option("--warmup", help="Epochs of lin
                                                  "each stage (one-cycle: its rising part).")]
 TtaViews = Annotated[Optional[str], typer.Option("--tta-views", help="Deterministic TTA views stored beside the "
                                                  "plain prediction, comma-separated: flip (mirror), crop5 (4 corners "
-                                                 "+ centre), scale (zoomed in and out); before the --tta random ones.")]
+                                                 "+ centre), scale (zoomed in and out); before the --tta random ones; "
+                                                 "none: no deterministic view.")]
 Accum = Annotated[Optional[int], typer.Option("--accum", help="Gradient accumulation: one optimizer step per N "
                                               "micro-batches of --bs items (effective batch bs x N; default: the "
                                               "recipe's, 1).")]

@@ -450,6 +450,8 @@ def _parse_text(text: str, tp):
     if tp is str:
         return text
     if tp is tuple:
+        if text.strip().lower() in _NONE_WORDS:  # e.g. --tta-views none: a recipe's default list switched off
+            return ()
         parts = [p.strip() for p in text.split(",") if p.strip()]
         return tuple(_scalar(p) for p in parts)
     raise ValueError(text)  # functions (a custom items reader) come from a recipe file only

@@ -260,6 +260,9 @@ def test_quickdraw_recipe_declares_its_rules():
     assert r.imbalance != "none" and r.label_smoothing > 0 and r.wd
     assert (r.sub_id_col, r.sub_label_col) == ("Id", "Category")
     assert r.data is None or not r.data.startswith("/")
+    assert r.flip and r.tta_views == ("flip",)  # trained with mirror images, predicted with one too (measured)
+    from fastcls.recipe import parse_sets
+    assert parse_sets(r, ["tta_views=none"]) == {"tta_views": ()}  # --tta-views none switches it off
     with pytest.raises(FastclsError, match="from scratch only"):
         r.override(pretrained=True)
 
@@ -274,7 +277,7 @@ def test_balanced_accuracy_is_mean_recall():
 def test_quickdraw_trains_on_real_data_and_scores_both_metrics(cli, tmp_path):
     data = shared_data("quickdraw-longtail")
     runs = tmp_path / "runs"
-    res = cli("train", "quickdraw", "simple_cnn", "--data", data, *TINY_QD, "--tta", "0", "--sample", "300",
+    res = cli("train", "quickdraw", "simple_cnn", "--data", data, *TINY_QD, "--tta", "0", "--tta-views", "none", "--sample", "300",
               "--runs-dir", runs)
     assert res.exit_code == 0, res.output
     run = RunStore(runs).load(RunStore(runs).leaderboard()["id"][0])
@@ -296,7 +299,7 @@ def test_quickdraw_trains_on_real_data_and_scores_both_metrics(cli, tmp_path):
     assert res.exit_code == 0, res.output
     df = pd.read_csv(sub, dtype=str)
     assert list(df.columns) == ["Id", "Category"] and df["Id"].tolist() == [str(i) for i in range(3000)]
-    assert run.test_probs.shape[0] == 1, "--tta 0: the plain view only, which the submission uses"
+    assert run.test_probs.shape[0] == 1, "--tta 0, --tta-views none: the plain view only, which the submission uses"
     assert df["Category"].tolist() == [run.vocab[i] for i in np.asarray(run.test_probs[0]).argmax(1)]
 
 
