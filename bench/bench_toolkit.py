@@ -81,6 +81,14 @@ IMAGENETTE = {
     "--accum 2": dict(accum=2),
     "--opt sgd --momentum 0.9 --lr 0.02": dict(opt="sgd", momentum=0.9, lr=0.02),
     "--sched cosine": dict(sched="cosine"),
+    "--sched flat-cos": dict(sched="flat-cos"),
+    "--sched step --set lr_step=1": dict(sched="step", lr_step=1),  # 2 unfrozen epochs: the cut after the first
+    "--sched exp --set lr_gamma=0.7": dict(sched="exp", lr_gamma=0.7),
+    "--sched plateau --set lr_patience=1": dict(sched="plateau", lr_patience=1),
+    "--opt lamb": dict(opt="lamb"),
+    "--opt ranger": dict(opt="ranger"),
+    "--tta-views crop5": dict(tta_views=("crop5",)),
+    "--tta-views scale": dict(tta_views=("scale",)),
 }
 # --dataset -> recipe, data, arch, size, frozen + unfrozen epochs, the scored split and metric, weights package
 DATASETS = {
