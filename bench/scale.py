@@ -464,7 +464,10 @@ def main():
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--plain-upto", type=int, default=30000, help="train: plain fastai up to this many images")
     ap.add_argument("--no-startup", action="store_true", help="keep the stored zero-work points (STARTUP)")
+    ap.add_argument("--threads", type=int, default=2, help="OpenMP/BLAS threads of every measured process (1: CPU "
+                    "seconds that busy-waiting threads do not inflate on a loaded machine)")
     args = ap.parse_args()
+    _THREADS.update({k: str(args.threads) for k in _THREADS})
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     if not args.plot_only:
@@ -484,7 +487,8 @@ def main():
                     results.setdefault("startup", {})[part] = run([STARTUP[part]], tmp)
                 results[part] = merge_rows(results.get(part, []), run(sizes, tmp))
                 results.setdefault("meta", {})[part] = {"cpus": os.cpu_count(), "load": [load0, os.getloadavg()[0]],
-                                                        "date": time.strftime("%Y-%m-%d %H:%M")}
+                                                        "date": time.strftime("%Y-%m-%d %H:%M"),
+                                                        "threads": args.threads}
                 out.write_text(json.dumps(results, indent=1))  # after each part: an interrupted run keeps them
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
