@@ -157,11 +157,13 @@ def main():
     archs = a.archs.split(",")
     for arch in archs:
         fastcls("weights", "import", PACKAGES[arch], env=env)
+    from fastcls.metrics import get_metric
     from fastcls.runs import RunStore
     rows = []
     for name in a.datasets.split(","):
         runs = work / f"runs-{name}"
         recipe, data, metric = DATASETS[name]
+        test = None  # the labelled test set, from the fastai side: (ids, vocab, fastai's TTA probabilities, targets)
         for arch in archs:
             r = run_fastcls(name, arch, a, env, runs)
             rows.append(r)
@@ -169,7 +171,8 @@ def main():
             valid_ids = RunStore(runs).load(r["run"]).valid_ids
             f = run_fastai(name, arch, a, work / "weights" / f"{arch}.safetensors", valid_ids)
             if "_test" in f:
-                f["test_tta_gain_ci"] = paired_gain(RunStore(runs).load(r["run"]), *f.pop("_test"), metric)
+                test = f.pop("_test")
+                f["test_tta_gain_ci"] = paired_gain(RunStore(runs).load(r["run"]), *test, metric)
             rows.append(f)
             print(json.dumps(f), flush=True)
         # the fine-tuned runs' ensemble and its submission (fastcls), and the plain mean of fastai's members
@@ -179,8 +182,13 @@ def main():
         fastcls("ensemble", *[f"{name}-{arch}-ft" for arch in archs], "--method", "mean", "--name", f"{name}-ens",
                 "--runs-dir", runs, *(["--submission", sub] if has_test else []), env=env)
         e = RunStore(runs).load(f"{name}-ens")
+        e_test = e.metrics.get(f"test_{metric}")  # an ensemble stores test probabilities, not test scores
+        if e_test is None and has_test and test is not None:
+            rows_of = {str(i): k for k, i in enumerate(e.test_ids)}
+            e_test = get_metric(metric)(test[3], np.asarray(e.test_probs)[0][[rows_of[i] for i in test[0]]])
+            e_test = round(float(e_test), 4)
         row = {"tool": "fastcls", "data": name, "arch": "ensemble (mean)", "seconds": round(time.time() - t0, 1),
-               "valid": e.metrics.get(metric), "test": e.metrics.get(f"test_{metric}"),
+               "valid": e.metrics.get(metric), "test": e_test,
                "submission_rows": len(pd.read_csv(sub)) if sub.exists() else None}
         rows.append(row)
         print(json.dumps(row), flush=True)
