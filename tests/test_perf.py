@@ -181,6 +181,32 @@ def test_concurrent_fills_leave_whole_entries(tmp_path, cache_dir):
         assert np.array_equal(np.load(get.entry(row["x"])), np.asarray(get.make(row)))
 
 
+def test_cache_reads_parse_headers_one_thread_at_a_time_and_refuse_damaged_entries(tmp_path, cache_dir, monkeypatch):
+    """numpy parses an .npy header with ast.literal_eval, which CPython 3.11 cannot run in two threads at once
+    (SystemError "AST constructor recursion depth mismatch", seen once in CI); entries are read from threads, so
+    every header parse must hold the reader's lock. A damaged entry is a miss (rebuilt), never an error."""
+    import ast
+    import fastcls.data.cache as fcache
+    root = make_photos(tmp_path / "data", n=8, test=0)
+    r = Recipe(name="p", layout="folder", size=16, test_dir=None)
+    items = read_items(r, root)
+    fill_cache(r, items)
+    get = CachedImageGetter(ImageGetter(), item_tfms(r), cache_settings(r))
+    rows = items.train.to_dict("records")
+    unlocked, real = [], ast.literal_eval
+    monkeypatch.setattr(ast, "literal_eval", lambda *a: unlocked.append(not fcache._NPY_PARSE.locked()) or real(*a))
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda row: np.asarray(get(row)), rows * 5))
+    assert len(unlocked) == 5 * len(rows) and not any(unlocked), "a header parsed without the lock"
+    for row, arr in zip(rows * 5, got):
+        assert np.array_equal(arr, np.asarray(get.make(row)))
+    entry = get.entry(rows[0]["x"])
+    entry.write_bytes(entry.read_bytes()[:-7])  # truncated
+    assert np.array_equal(np.asarray(get(rows[0])), np.asarray(get.make(rows[0])))
+    assert np.array_equal(np.load(entry), np.asarray(get.make(rows[0]))), "the damaged entry was rewritten whole"
+
+
 def _recipe_file(folder, data, **kw):
     folder.mkdir(exist_ok=True)
     extra = "".join(f", {k}={v!r}" for k, v in kw.items())

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +111,7 @@ class CachedImageGetter:
     def read(self, path: Path) -> np.ndarray:
         """The (S, S, 3) uint8 array of a cache entry (raises OSError or ValueError when it is missing or damaged)."""
         if self.suffix == ".npy":
-            return np.load(path, allow_pickle=False)
+            return _read_npy(path)
         with Image.open(path) as im:
             if im.format != "PNG" or im.mode != "RGB":
                 raise ValueError(f"{path} is not an RGB PNG")
@@ -148,6 +149,30 @@ class CachedImageGetter:
                 json.dump(self.settings, f)
             os.replace(tmp, info)
         self._folder_ready = True
+
+
+# numpy parses an .npy header with ast.literal_eval, and CPython 3.11's AST construction is not thread-safe (it can
+# raise "SystemError: AST constructor recursion depth mismatch" when two threads parse at once: python/cpython#106905);
+# cache entries are read from several threads, so their headers are parsed one at a time.
+_NPY_PARSE = threading.Lock()
+
+
+def _read_npy(path) -> np.ndarray:
+    """A cache entry written by `_encode` (a C-ordered uint8 array), like `np.load(path, allow_pickle=False)`."""
+    with open(path, "rb") as f:
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
+        if read_header is None:
+            raise ValueError(f"{path}: not an .npy file fastcls wrote")
+        with _NPY_PARSE:
+            shape, fortran, dtype = read_header(f)
+        if fortran or dtype != np.uint8:
+            raise ValueError(f"{path} is not a C-ordered uint8 array")
+        arr = np.empty(shape, dtype=np.uint8)
+        got = f.readinto(memoryview(arr).cast("B")) if arr.size else 0
+    if got != arr.size:
+        raise ValueError(f"{path} is truncated ({got} of {arr.size} bytes)")
+    return arr
 
 
 def _encode(f, arr: np.ndarray, suffix: str):
