@@ -5,8 +5,8 @@ flip, crop5, scale, in the recipe's `tta_views` order), then the random augmente
 on disk and trains heads on them (`fastcls.features`).
 """
 
-__all__ = ["predict_views", "tta_blend", "lerp_blend", "choose_tta_beta", "run_tta_beta", "BETA_GRID", "FASTAI_BETA",
-           "pooled_features", "encode_labels", "named_views", "view_count", "CROP_FRAC", "SCALE_ZOOMS"]
+__all__ = ["predict_views", "tta_blend", "lerp_blend", "choose_tta_beta", "best_beta", "run_tta_beta", "BETA_GRID",
+           "FASTAI_BETA", "pooled_features", "encode_labels", "named_views", "view_count", "CROP_FRAC", "SCALE_ZOOMS"]
 
 from typing import Optional
 
@@ -213,9 +213,14 @@ def choose_tta_beta(views, targets, metric: str, grid=BETA_GRID) -> float:
     m = get_metric(metric)
     sign = 1 if m.higher_is_better else -1
     aug = tta_blend(views, 0.0)  # the TTA mean, once
-    scores = [sign * m(targets, lerp_blend(views[0], aug, b)) for b in grid]
-    scored = [(-np.inf if np.isnan(v) else v, -abs(b - FASTAI_BETA), b) for v, b in zip(scores, grid)]  # NaN: last
-    return float(max(scored)[2])
+    return float(grid[best_beta([sign * m(targets, lerp_blend(views[0], aug, b)) for b in grid], grid)])
+
+
+def best_beta(scores, grid=BETA_GRID) -> int:
+    """Position in `grid` of the best of `scores` (higher is better; NaN ranks last); among equal scores the blend
+    nearest fastai's default (`FASTAI_BETA`). The one tie rule of a run's choice and of an ensemble member's."""
+    return max(range(len(grid)), key=lambda g: (-np.inf if np.isnan(scores[g]) else scores[g],
+                                                -abs(grid[g] - FASTAI_BETA)))
 
 
 def run_tta_beta(meta: Optional[dict]) -> float:

@@ -17,7 +17,7 @@ from sklearn.model_selection import KFold, StratifiedKFold
 
 from ..errors import FastclsError
 from ..metrics import COUNT_METRICS, get_metric
-from ..predict import BETA_GRID, FASTAI_BETA
+from ..predict import BETA_GRID, best_beta
 from .combiners import Combiner, _check_method, _fit, _needs_search
 from .scoring import _CHUNK, _LabelScorer, _argmax, _score
 from .search import _candidate_classes, _search_data, _search_many
@@ -40,14 +40,12 @@ def _beta_labels(plain, aug, grid=BETA_GRID, probs: bool = False) -> np.ndarray:
 
 def _pick_betas(labels, targets, metric: str, n_classes: int, rows_list, grid=BETA_GRID) -> list[int]:
     """Grid position of the best blend on each row subset of `rows_list` (None = all rows); among equal scores the
-    one nearest fastai's default, as a single run chooses (`predict.choose_tta_beta`). `labels` are `_beta_labels`."""
+    one nearest fastai's default, as a single run chooses (`predict.best_beta`). `labels` are `_beta_labels`."""
     y, picks = np.asarray(targets), []
     for rows in rows_list:
         idx = slice(None) if rows is None else rows
         scorer = _LabelScorer(metric, y[idx], n_classes)
-        scores = [scorer.sign * scorer(lab[idx]) for lab in labels]
-        picks.append(max(range(len(scores)), key=lambda g: (-np.inf if np.isnan(scores[g]) else scores[g],
-                                                             -abs(grid[g] - FASTAI_BETA))))
+        picks.append(best_beta([scorer.sign * scorer(lab[idx]) for lab in labels], grid))
     return picks
 
 
