@@ -208,12 +208,13 @@ def submission_for_run(run, path, beta: Union[float, str, None] = "run", data=No
     blended = np.asarray(probs[0]) if beta is None else tta_blend(np.asarray(probs), beta)
     df = write_submission(recipe, run.test_ids, blended, run.vocab, path, data=data)
     if record and RunStore(run.path.parent).writable():  # a read-only store: the file is written, not recorded
+        held = None if len(probs) == 1 else beta  # the blend the file holds: a single view is the plain view
         try:
             name = run.metrics.get("metric_name")
-            local = _local_score(run, name, None if len(probs) == 1 else beta)
+            local = _local_score(run, name, held)
         except FastclsError:  # a damaged metrics.json: the submission stands, its record lacks the local score
             name = local = None
-        record_submission(run.path.parent, run.id, path, name, local, beta)
+        record_submission(run.path.parent, run.id, path, name, local, held)
     return df
 
 
