@@ -77,6 +77,15 @@ def _run(store, local=0.8, fmt="label", test=P):
                               test_probs=test[None], test_ids=IDS, name=f"run{local}"))
 
 
+def test_a_single_view_submission_records_the_plain_view(tmp_path):
+    """Submitting at the run's own blend when the run stored one view writes that plain view: its record says so."""
+    from fastcls.files import read_json
+    store = RunStore(tmp_path / "runs")
+    submission_for_run(store.load(_run(store, 0.8)), tmp_path / "a.csv")
+    rec, = read_json(store.root / "submissions.json")
+    assert rec["tta_beta"] is None and rec["local"] == 0.8
+
+
 def test_written_submissions_are_recorded_and_scored(tmp_path):
     store = RunStore(tmp_path / "runs")
     a, b = _run(store, 0.8), _run(store, 0.9, test=P[:, ::-1].copy())  # different files
