@@ -1,6 +1,7 @@
 """Shared fixtures: tiny settings so the suite trains on CPU in seconds, and paths to the shared real data."""
 
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -60,6 +61,15 @@ def digits_store(tmp_path_factory):
         res = CliRunner().invoke(app, ["train", "digits", "simple_cnn", *TINY, "--name", "tiny-digits",
                                        "--runs-dir", str(runs)])
     assert res.exit_code == 0, res.output
+    return runs
+
+
+@pytest.fixture
+def digits_copy(digits_store, tmp_path):
+    """A private copy of `digits_store` for a test that writes into it (new runs, submissions, a report): the shared
+    store stays as trained, holding the one run, whatever order the tests run in."""
+    runs = tmp_path / "digits-runs"
+    shutil.copytree(digits_store, runs)
     return runs
 
 

@@ -391,18 +391,18 @@ def test_seed_arch_variants():
     assert head(torch.randn(2, 1536, 10, 10)).shape == (2, 18)
 
 
-def test_submit_blends_the_stored_tta_views(cli, digits_store, tmp_path):
+def test_submit_blends_the_stored_tta_views(cli, digits_copy, tmp_path):
     from fastcls.predict import run_tta_beta, tta_blend
     from fastcls.runs import RunStore
-    run = RunStore(digits_store).load("tiny-digits")
+    run = RunStore(digits_copy).load("tiny-digits")
     vocab = np.array(run.vocab)
     for args, probs in ((["--no-tta"], run.test_probs[0]), (["--tta-beta", "1"], run.test_probs[0]),
                         ([], tta_blend(run.test_probs, run_tta_beta(run.meta))),  # the blend the run chose
                         (["--tta-beta", "0"], run.test_probs[1:].mean(0))):
-        res = cli("submit", "tiny-digits", "--out", tmp_path / "s.csv", "--runs-dir", digits_store, *args)
+        res = cli("submit", "tiny-digits", "--out", tmp_path / "s.csv", "--runs-dir", digits_copy, *args)
         assert res.exit_code == 0, res.output
         sub = pd.read_csv(tmp_path / "s.csv", dtype=str)
         assert list(sub.columns) == ["id", "label"] and sub["id"].tolist() == run.test_ids
         assert sub["label"].tolist() == vocab[probs.argmax(1)].tolist(), args
-    res = cli("submit", "tiny-digits", "--out", tmp_path / "s.csv", "--runs-dir", digits_store, "--tta-beta", "2")
+    res = cli("submit", "tiny-digits", "--out", tmp_path / "s.csv", "--runs-dir", digits_copy, "--tta-beta", "2")
     assert res.exit_code == 2 and "--tta-beta must be in [0, 1]" in res.stderr

@@ -171,11 +171,11 @@ def test_lr_find_bad_input(cli, tmp_path):
 
 
 # -- report ----------------------------------------------------------------------------------------------------------
-def test_report_of_a_trained_run(cli, digits_store):
-    rid = next(p.name for p in digits_store.iterdir() if p.is_dir() and (p / "config.json").exists())
-    res = cli("report", "tiny-digits", "--runs-dir", digits_store, "--top", "9")
+def test_report_of_a_trained_run(cli, digits_copy):
+    rid = next(p.name for p in digits_copy.iterdir() if p.is_dir() and (p / "config.json").exists())
+    res = cli("report", "tiny-digits", "--runs-dir", digits_copy, "--top", "9")
     assert res.exit_code == 0, res.output
-    folder = digits_store / rid / "report"
+    folder = digits_copy / rid / "report"
     assert f"{folder / 'index.html'}" in res.stdout.replace("\n", "")
     n = 10
     for name in ("confusion", "confusion_normalized"):
@@ -186,13 +186,13 @@ def test_report_of_a_trained_run(cli, digits_store):
     _png(folder / "history.png", (1100, 400))
 
     # the confusion counts are exactly the stored plain predictions
-    probs, targets = np.load(digits_store / rid / "valid_probs.npy"), np.load(digits_store / rid / "valid_targets.npy")
+    probs, targets = np.load(digits_copy / rid / "valid_probs.npy"), np.load(digits_copy / rid / "valid_targets.npy")
     cm = pd.read_csv(folder / "confusion.csv", index_col=0)
     pred = probs[0].argmax(1)
     expected = np.array([[np.sum((targets == i) & (pred == j)) for j in range(n)] for i in range(n)])
     np.testing.assert_array_equal(cm.to_numpy(), expected)
     assert cm.to_numpy().sum() == len(targets)
-    metrics = json.loads((digits_store / rid / "metrics.json").read_text())
+    metrics = json.loads((digits_copy / rid / "metrics.json").read_text())
     assert np.trace(cm.to_numpy()) / len(targets) == pytest.approx(metrics["accuracy"])
     pc = pd.read_csv(folder / "per_class.csv")
     assert pc["support"].tolist() == np.bincount(targets, minlength=n).tolist()

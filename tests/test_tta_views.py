@@ -109,11 +109,11 @@ def test_the_blend_is_the_best_on_valid_and_ties_keep_fastais():
     assert choose_tta_beta(views[:1], y, "accuracy") == 1.0  # no TTA views
 
 
-def test_a_run_records_its_blend_scores_and_submits_with_it(digits_store, cli, tmp_path):
+def test_a_run_records_its_blend_scores_and_submits_with_it(digits_copy, cli, tmp_path):
     from fastcls.metrics import get_metric
     from fastcls.predict import BETA_GRID, tta_blend
     from fastcls.runs import RunData, RunStore
-    store = RunStore(digits_store)
+    store = RunStore(digits_copy)
     run = store.load("tiny-digits")
     beta, name = run.metrics["tta_beta"], run.metrics["metric_name"]
     vp, vt = np.asarray(run.valid_probs), np.asarray(run.valid_targets)
@@ -128,11 +128,11 @@ def test_a_run_records_its_blend_scores_and_submits_with_it(digits_store, cli, t
                            valid_ids=run.valid_ids, metrics=run.metrics, test_probs=ten, test_ids=run.test_ids,
                            name=f"beta-{b}", extra={"tta_beta": b}))
         out = tmp_path / f"sub-{b}.csv"
-        res = cli("submit", f"beta-{b}", "--out", out, "--runs-dir", digits_store)
+        res = cli("submit", f"beta-{b}", "--out", out, "--runs-dir", digits_copy)
         assert res.exit_code == 0, res.output
         got = pd.read_csv(out).iloc[:, 1].astype(str).tolist()
         assert got == [str(run.vocab[k]) for k in want]
-    res = cli("submit", "beta-1.0", "--out", tmp_path / "fixed.csv", "--tta-beta", "0", "--runs-dir", digits_store)
+    res = cli("submit", "beta-1.0", "--out", tmp_path / "fixed.csv", "--tta-beta", "0", "--runs-dir", digits_copy)
     assert res.exit_code == 0, res.output
     assert pd.read_csv(tmp_path / "fixed.csv").iloc[:, 1].astype(str).tolist() == \
         [str(run.vocab[k]) for k in views[1].argmax(1)]
@@ -148,14 +148,14 @@ def test_a_run_records_its_blend_scores_and_submits_with_it(digits_store, cli, t
                                 "log_loss_tta": ll(vy, tta_blend(wide, 0.0))},
                        test_probs=ten, test_ids=run.test_ids, name="disagree", extra={"tta_beta": 0.0}))
     for opts in ((), ("--no-tta",), ("--tta-beta", "0.75")):
-        assert cli("submit", "disagree", "--out", tmp_path / "s.csv", *opts, "--runs-dir", digits_store).exit_code == 0
-    recs = read_json(digits_store / "submissions.json")[-3:]
+        assert cli("submit", "disagree", "--out", tmp_path / "s.csv", *opts, "--runs-dir", digits_copy).exit_code == 0
+    recs = read_json(digits_copy / "submissions.json")[-3:]
     assert [r["tta_beta"] for r in recs] == [0.0, None, 0.75]
     want = [ll(vy, tta_blend(wide, 0.0)), ll(vy, wide[0]), ll(vy, tta_blend(wide, 0.75))]
     assert len(set(want)) == 3 and [r["local"] for r in recs] == pytest.approx(want)
 
 
-def test_a_fixed_blend_is_a_recipe_setting(digits_store):
+def test_a_fixed_blend_is_a_recipe_setting():
     from fastcls.recipe import get_recipe
     from fastcls.train.run import Predictions, run_metrics
     views, y = _two_views(plain_right=True)
@@ -168,24 +168,24 @@ def test_a_fixed_blend_is_a_recipe_setting(digits_store):
         recipe.override(tta_blend=1.5)
 
 
-def test_an_ensemble_of_runs_that_chose_their_blends(digits_store, cli, tmp_path):
+def test_an_ensemble_of_runs_that_chose_their_blends(digits_copy, cli, tmp_path):
     """An ensemble's config lists its members' blends (`tta_beta`); that key is not a recipe setting, so reading the
     ensemble back (show, submit) works."""
     from fastcls.runs import RunData, RunStore
-    store = RunStore(digits_store)
+    store = RunStore(digits_copy)
     run = store.load("tiny-digits")
     store.save(RunData(config=run.config, vocab=run.vocab, valid_probs=np.asarray(run.valid_probs)[::-1].copy(),
                        valid_targets=np.asarray(run.valid_targets), valid_ids=run.valid_ids, metrics=run.metrics,
                        test_probs=np.asarray(run.test_probs), test_ids=run.test_ids, name="twin"))
     res = cli("ensemble", "tiny-digits", "twin", "--name", "ens-of-two", "--submission", tmp_path / "sub.csv",
-              "--runs-dir", digits_store)
+              "--runs-dir", digits_copy)
     assert res.exit_code == 0, res.output
-    assert cli("show", "ens-of-two", "--runs-dir", digits_store).exit_code == 0
+    assert cli("show", "ens-of-two", "--runs-dir", digits_copy).exit_code == 0
     assert len(store.load("ens-of-two").config["tta_beta"]) == 2  # the members' blends, as the ensemble chose them
     store.save(RunData(config={**run.config, "tta_blend": 0.5}, vocab=run.vocab, valid_probs=np.asarray(run.valid_probs),
                        valid_targets=np.asarray(run.valid_targets), valid_ids=run.valid_ids, metrics=run.metrics,
                        name="fixed-blend"))
-    assert cli("ensemble", "twin", "fixed-blend", "--name", "ens-fixed", "--runs-dir", digits_store).exit_code == 0
+    assert cli("ensemble", "twin", "fixed-blend", "--name", "ens-fixed", "--runs-dir", digits_copy).exit_code == 0
     assert store.load("ens-fixed").config["tta_beta"][1] == 0.5  # a member's fixed blend is kept, not chosen again
     assert len(pd.read_csv(tmp_path / "sub.csv")) == len(run.test_ids)
 
