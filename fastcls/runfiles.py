@@ -154,8 +154,10 @@ def check_run(run):
 
 
 def write_run_files(folder: Path, run) -> dict:
-    """Every file of a finished run except meta.json, each written atomically; returns facts for meta.json (the
-    weights file's SHA-256, which `fastcls predict` and `fastcls export` verify)."""
+    """Every file of a finished run except meta.json, each written atomically; returns facts for meta.json: the
+    weights file's SHA-256, which `fastcls predict` and `fastcls export` verify, and the run's TTA blend `tta_beta`
+    (from its metrics), which predicting reads there so that a damaged metrics.json does not stop a submission."""
+    facts = {"tta_beta": run.metrics["tta_beta"]} if "tta_beta" in (run.metrics or {}) else {}
     for fname, obj in (("config.json", run.config), ("metrics.json", run.metrics), ("vocab.json", list(run.vocab)),
                        ("valid_ids.json", [str(i) for i in run.valid_ids])):
         write_json(folder / fname, obj)
@@ -170,5 +172,5 @@ def write_run_files(folder: Path, run) -> dict:
         from safetensors.torch import save_file
         tensors = {k: v.detach().cpu().contiguous() for k, v in run.weights.items()}
         write_atomic(folder / "model.safetensors", lambda p: save_file(tensors, str(p)))
-        return {"weights_sha256": file_sha256(folder / "model.safetensors")}
-    return {}
+        facts["weights_sha256"] = file_sha256(folder / "model.safetensors")
+    return facts

@@ -214,7 +214,6 @@ def assemble_cv(store: RunStore, fold_runs: list, cfg: RunConfig, items: fdata.I
                                                                                for r in runs) + time.time() - t0,
                              extra={"cv": {"folds": len(runs), "fold_runs": list(fold_runs),
                                            "valid_probs": "out-of-fold", "test_probs": "mean over folds"},
-                                    "tta_beta": metrics["tta_beta"],
                                     **({"posthoc": post.to_dict()} if post.applied else {})}))
     for r in runs:
         store.set_status(r.id, "done", parent=rid)

@@ -391,8 +391,7 @@ def store_run(cfg: RunConfig, store: RunStore, preds: Predictions, history: pd.D
                   valid_targets=preds.valid_targets, valid_ids=preds.valid_ids, metrics=metrics,
                   test_probs=preds.test_probs, test_ids=preds.test_ids, history=history, weights=weights,
                   kind=kind, name=cfg.name, seconds=seconds, sweep=sweep,
-                  extra={**({"normalize_stats": stats} if stats is not None else {}), "tta_beta": metrics["tta_beta"],
-                         **(extra or {})})
+                  extra={**({"normalize_stats": stats} if stats is not None else {}), **(extra or {})})
     rid = store.finish(run_id, run) if run_id else store.save(run)
     return RunResult(rid, metrics, history, learn, seconds)
 
