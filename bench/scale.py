@@ -154,14 +154,14 @@ print(learn.validate()[1])
 """
 
 
-def part_train(sizes, tmp: Path, plain_upto: int = 30000) -> list:
-    """fastcls train (one epoch from scratch, valid + test predictions) and, up to `plain_upto` images, the same in
-    plain fastai (`PLAIN_TRAIN`: DataBlock from the folder, Resize(32), aug_transforms, vision_learner(resnet18,
-    pretrained=False), fit_one_cycle(1), test predictions)."""
+def part_train(sizes, tmp: Path, plain_upto: int = 30000, plain_only: bool = False) -> list:
+    """fastcls train (one epoch from scratch, valid + test predictions; not with `plain_only`) and, up to
+    `plain_upto` images, the same in plain fastai (`PLAIN_TRAIN`: DataBlock from the folder, Resize(32),
+    aug_transforms, vision_learner(resnet18, pretrained=False), fit_one_cycle(1), test predictions)."""
     rows = []
     for n in sizes:
         data = fmnist_folder(n)
-        r = fastcls("train", "folder", "resnet18", "--data", data, "--size", 32, "--epochs", 1, "--freeze-epochs", 0,
+        r = {} if plain_only else fastcls("train", "folder", "resnet18", "--data", data, "--size", 32, "--epochs", 1, "--freeze-epochs", 0,
                     "--bs", 64, "--tta", 0, "--no-pretrained", "--quiet", "--runs-dir", tmp / f"train-{n}",
                     env={"FASTCLS_CACHE": str(tmp / "cache")})
         row = {"size": n, **_fig(r)}
@@ -358,10 +358,11 @@ def _time_reads(get, paths) -> float:
 
 
 def merge_rows(old: list, new: list) -> list:
-    """`new` rows replace the `old` ones of the same size (and method); the others are kept, ordered by size."""
+    """`new` rows update the `old` ones of the same size (and method), field by field (a train row measured with
+    `--plain-only` adds its plain curve to the stored fastcls one); the others are kept, ordered by size."""
     key = lambda r: (r["size"], r.get("method") or r.get("format") or "")  # noqa: E731
     rows = {key(r): r for r in old}
-    rows.update({key(r): r for r in new})
+    rows.update({key(r): {**rows.get(key(r), {}), **r} for r in new})
     return sorted(rows.values(), key=key)
 
 
@@ -494,6 +495,8 @@ def main():
     ap.add_argument("--plot", default=str(ROOT / "docs" / "scale.png"))
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--plain-upto", type=int, default=30000, help="train: plain fastai up to this many images")
+    ap.add_argument("--plain-only", action="store_true", help="train: only the plain fastai curve, added to the "
+                    "stored rows")
     ap.add_argument("--no-startup", action="store_true", help="keep the stored zero-work points (STARTUP)")
     ap.add_argument("--startup-repeats", type=int, default=3, help="measure each zero-work point this many times "
                     "and keep the least CPU time (its noise only adds: cold caches, waits for the disk)")
@@ -515,7 +518,7 @@ def main():
                 if part == "ensemble":
                     run = lambda s, t: part_ensemble(s, t, args.items, args.classes)  # noqa: E731
                 if part == "train":
-                    run = lambda s, t: part_train(s, t, args.plain_upto)  # noqa: E731
+                    run = lambda s, t: part_train(s, t, args.plain_upto, args.plain_only)  # noqa: E731
                 if part in STARTUP and not args.no_startup:
                     results.setdefault("startup", {})[part] = least([run([STARTUP[part]], tmp)
                                                                      for _ in range(args.startup_repeats)])

@@ -125,8 +125,8 @@ def test_a_run_records_its_blend_scores_and_submits_with_it(digits_copy, cli, tm
     ten[:, :, :2] = views
     for b, want in ((1.0, views[0].argmax(1)), (0.0, views[1].argmax(1))):
         store.save(RunData(config=run.config, vocab=run.vocab, valid_probs=vp, valid_targets=vt,
-                           valid_ids=run.valid_ids, metrics=run.metrics, test_probs=ten, test_ids=run.test_ids,
-                           name=f"beta-{b}", extra={"tta_beta": b}))
+                           valid_ids=run.valid_ids, metrics={**run.metrics, "tta_beta": b}, test_probs=ten,
+                           test_ids=run.test_ids, name=f"beta-{b}"))
         out = tmp_path / f"sub-{b}.csv"
         res = cli("submit", f"beta-{b}", "--out", out, "--runs-dir", digits_copy)
         assert res.exit_code == 0, res.output
@@ -146,7 +146,7 @@ def test_a_run_records_its_blend_scores_and_submits_with_it(digits_copy, cli, tm
     store.save(RunData(config=run.config, vocab=run.vocab, valid_probs=wide, valid_targets=vy, valid_ids=run.valid_ids,
                        metrics={"metric_name": "log_loss", "log_loss": ll(vy, wide[0]), "tta_beta": 0.0,
                                 "log_loss_tta": ll(vy, tta_blend(wide, 0.0))},
-                       test_probs=ten, test_ids=run.test_ids, name="disagree", extra={"tta_beta": 0.0}))
+                       test_probs=ten, test_ids=run.test_ids, name="disagree"))
     for opts in ((), ("--no-tta",), ("--tta-beta", "0.75")):
         assert cli("submit", "disagree", "--out", tmp_path / "s.csv", *opts, "--runs-dir", digits_copy).exit_code == 0
     recs = read_json(digits_copy / "submissions.json")[-3:]
