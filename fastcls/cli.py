@@ -4,12 +4,10 @@ __all__ = ["app", "main"]
 
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -21,14 +19,12 @@ from .cli_options import (RunsDir, RecipeDirs, Quiet, Data, Size, Ps, Epochs, Fr
                           CalibrateEnsemble, MetricOpt)
 from .cli_cache import cache_cmd
 from .cli_scores import lb_cmd, report_cmd, runs_cmd
-from .cli_table import table as _table
+from .cli_table import err, out, table as _table
 from .errors import FastclsError, RunInterrupted
 
 app = typer.Typer(help="fastcls: rapid image-classification experiments - recipes, runs, sweeps, ensembles.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 # rich wraps at 80 columns when not on a terminal; logs and CliRunner get the full table instead
-out = Console(width=None if sys.stdout.isatty() else 200, markup=False)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200, markup=False)  # markup=True: escape user text
 
 
 def _cli(fn):

@@ -3,20 +3,16 @@
 
 __all__ = ["lb_cmd", "lb_columns", "runs_cmd", "report_cmd"]
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from .cli_options import RecipeDirs, RunsDir
-from .cli_table import table as _table
+from .cli_table import err, out, table as _table
 from .errors import FastclsError
 
-out = Console(width=None if sys.stdout.isatty() else 200, markup=False)  # markup=True: escape user text
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200, markup=False)
 
 
 def lb_columns(df) -> list:

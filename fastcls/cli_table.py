@@ -1,13 +1,21 @@
-"""The CLI's one table printer: a DataFrame as a rich Table (numbers right-aligned, the best row in bold green).
+"""The CLI's consoles and its one table printer: a DataFrame as a rich Table (numbers right-aligned, the best row in
+bold green).
 
-Cells and titles are plain text (the CLI's consoles print without markup), so a run named `[red]x` shows as is.
+Cells and titles are plain text (the consoles print without markup; a caller that passes markup=True escapes user
+text), so a run named `[red]x` shows as is. Off a terminal (a pipe, a log, a notebook's `!fastcls`) tables are laid
+out 200 columns wide and error messages are not wrapped at all, so a path or a suggested command stays on one line.
 """
 
-__all__ = ["table"]
+__all__ = ["table", "out", "err"]
 
+import sys
 from typing import Optional
 
+from rich.console import Console
 from rich.table import Table
+
+out = Console(width=None if sys.stdout.isatty() else 200, markup=False)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200, markup=False, soft_wrap=not sys.stderr.isatty())
 
 
 def table(df, title: str = "", best_col: Optional[str] = None) -> Table:

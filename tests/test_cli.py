@@ -1,6 +1,7 @@
 """The CLI as a user meets it: help everywhere, a stored digits run read back, clear errors for bad input."""
 
 import json
+import shutil
 import sqlite3
 
 import numpy as np
@@ -121,6 +122,16 @@ def test_missing_and_wrong_data_folder(cli, tmp_path):
 
 def test_unknown_run(cli, digits_store):
     _assert_clean_error(cli("show", "no-such-run", "--runs-dir", digits_store), "No run 'no-such-run'", "fastcls runs")
+
+
+def test_an_error_off_a_terminal_is_one_unbroken_line(cli, digits_store, tmp_path):
+    """Off a terminal (a pipe, a log, a notebook's `!fastcls`) an error is not wrapped: a long path and the command
+    it suggests stay whole on one line, to be copied or grepped."""
+    deep = tmp_path / ("store-with-a-long-name-" * 8)
+    shutil.copytree(digits_store, deep)
+    res = cli("show", "no-such-run", "--runs-dir", deep)
+    line = next(x for x in res.stderr.splitlines() if x.startswith("Error:"))
+    assert len(line) > 200 and f"No run 'no-such-run' in {deep}. List the runs with `fastcls runs`" in line, res.stderr
 
 
 def test_ensemble_cli_stores_a_run_and_writes_a_submission(cli, tmp_path):
