@@ -4,6 +4,7 @@ leaves the finished ones stored; the run store imports a worker's run atomically
 
 import _thread
 import json
+import signal
 import sys
 import threading
 import time
@@ -29,12 +30,17 @@ FAST = ["sweep-dropout", "digits", "simple_cnn", "--ps", "0,0.5", "--epochs", "0
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A Ray instance of this machine on 127.0.0.1 with 2 CPUs, for this module only."""
+    """A Ray instance of this machine on 127.0.0.1 with 2 CPUs, for this module only. SIGINT is handled by Python
+    meanwhile, as in a terminal, also where the tests were started with it ignored (a background job, a
+    pytest-xdist worker): else Ctrl-C (`_thread.interrupt_main`) does nothing here, and the Ray workers, which inherit
+    the ignored signal, fail to cancel a task."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install fastcls[ray])")
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
+    signal.signal(signal.SIGINT, before)
 
 
 def _tiny_run(name: str) -> RunData:
