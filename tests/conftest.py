@@ -15,6 +15,45 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may wait on the model hu
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+MAX_WORKERS = 4  # `-n auto` (setup.cfg): one test process per core, at most this many (each holds torch: ~1 GB)
+# the modules that use the session fixture `wave` (real child processes started together): one worker runs them all,
+# so the wave starts once
+WAVE_MODULES = ("tests/test_concurrency.py", "tests/test_interrupt.py", "tests/test_kill.py")
+# the longest modules (or groups), started first so that no worker is left with one of them at the end
+SLOW_FIRST = ("tests/test_notebooks.py", *WAVE_MODULES, "tests/test_ray.py", "tests/test_cv_student.py",
+              "tests/test_inference.py", "tests/test_damage.py", "tests/test_distributed.py")
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::")[0]
+
+
+def pytest_xdist_auto_num_workers(config):
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist: each test module runs whole on one worker, so its module fixtures are built once, and the
+    `WAVE_MODULES` share one worker. (xdist's own `--dist loadgroup` marks cannot group here: with pytest 9 they no
+    longer reach the node ids it schedules by.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "wave" if _module(nodeid) in WAVE_MODULES else _module(nodeid)
+    config.option.loadscopereorder = False  # in collection order: SLOW_FIRST first (below)
+    return ByModule(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    slow = {m: k for k, m in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda i: slow.get(_module(i.nodeid), len(slow)))  # stable: the rest keep their order
+    stray = sorted({_module(i.nodeid) for i in items if "wave" in getattr(i, "fixturenames", ())} - set(WAVE_MODULES))
+    if stray:
+        raise pytest.UsageError(f"{', '.join(stray)} use the session fixture `wave`: add them to WAVE_MODULES in "
+                                "tests/conftest.py, so that one worker runs them all and the wave starts once.")
+
+
 # the smallest useful digits run: from-scratch tiny CNN, 16 px, one epoch on a 200-image sample, one TTA view
 TINY = ["--size", "16", "--epochs", "1", "--freeze-epochs", "0", "--bs", "32", "--sample", "200", "--tta", "1",
         "--no-pretrained", "--quiet"]
