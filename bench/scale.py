@@ -12,7 +12,8 @@ time and peak resident memory):
 - train: `fastcls train folder resnet18` at 32 px, one epoch from scratch, valid + test prediction included.
 - features: `fastcls sweep-dropout folder resnet18 --ps 0,0.2,0.4,0.6,0.8` on the fast path (body features
   extracted once, one head epoch per value), with the extraction's own seconds from the sweep record.
-- ensemble: `fastcls.ensemble.ensemble` mean and hill over R stored runs of 100,000 items x 100 classes; each
+- ensemble: `fastcls.ensemble.ensemble` mean and hill over R stored runs of 100,000 items x 100 classes, against
+  the same mean in plain numpy (`PLAIN_MEAN_CHILD`: members memory-mapped and added, the mean saved); each
   measurement's member files are read once first, untimed (`_warm`), so every size runs from the page cache.
 - store: `fastcls runs`, `fastcls show <run>` and `fastcls sweeps` on a synthetic store of R runs (copies of a few
   saved runs, indexed by `rebuild_index`, one sweep record per 10 runs).
@@ -197,8 +198,26 @@ res = ensemble(store, refs, method=method, n_boot=200, hill_steps=50, seed=0)
 print(json.dumps({"score": res.score, "call_s": time.perf_counter() - t0}))
 """
 
+# the same mean in plain numpy: each member's valid probabilities memory-mapped and added, the mean written, scored
+PLAIN_MEAN_CHILD = """
+import json, sys, time
+from pathlib import Path
+import numpy as np
+root, refs, out = Path(sys.argv[1]), sys.argv[2].split(','), Path(sys.argv[3])
+t0 = time.perf_counter()
+total = None
+for ref in refs:
+    p = np.load(root / ref / "valid_probs.npy", mmap_mode="r")[0]
+    total = np.array(p) if total is None else np.add(total, p, out=total)
+mean = total / np.float32(len(refs))
+np.save(out, mean)
+y = np.load(root / refs[0] / "valid_targets.npy")
+print(json.dumps({"score": float((mean.argmax(1) == y).mean()), "call_s": time.perf_counter() - t0}))
+"""
+ENSEMBLE_METHODS = ("mean", "hill", "plain")
 
-def part_ensemble(sizes, tmp: Path, items: int, classes: int) -> list:
+
+def part_ensemble(sizes, tmp: Path, items: int, classes: int, methods=ENSEMBLE_METHODS) -> list:
     from bench_ensemble import make_store
     store = tmp / "ensemble-runs"
     t0 = time.perf_counter()
@@ -207,9 +226,11 @@ def part_ensemble(sizes, tmp: Path, items: int, classes: int) -> list:
           "(not timed)", flush=True)
     rows = []
     for n in sizes:
-        for method in ("mean", "hill"):
+        for method in methods:
             _warm(store / ref for ref in refs[:n])
-            r = measure([sys.executable, "-c", ENSEMBLE_CHILD, str(store), ",".join(refs[:n]), method])
+            child = [PLAIN_MEAN_CHILD, str(store), ",".join(refs[:n]), str(tmp / "plain-mean.npy")] \
+                if method == "plain" else [ENSEMBLE_CHILD, str(store), ",".join(refs[:n]), method]
+            r = measure([sys.executable, "-c", *child])
             extra = json.loads(r["stdout"].strip().splitlines()[-1])
             rows.append({"size": n, "method": method, **_fig(r), **extra})
             _say(f"ensemble {method}", rows[-1])
@@ -413,9 +434,9 @@ def curves(results: dict) -> list:
     add("train 1 epoch + predict (images)", "plain fastai resnet18 32px", res("train", []), lambda r: r.get("plain"))
     add("features + 5-value head sweep (images)", "fastcls sweep-dropout (fast path)", res("features", []),
         lambda r: r)
-    for m in ("mean", "hill"):
-        add("ensemble 100k x 100 (runs)", f"ensemble {m}", [r for r in res("ensemble", []) if r["method"] == m],
-            lambda r: r)
+    for m in ENSEMBLE_METHODS:
+        add("ensemble 100k x 100 (runs)", "plain numpy mean (memory-mapped)" if m == "plain" else f"ensemble {m}",
+            [r for r in res("ensemble", []) if r["method"] == m], lambda r: r)
     for cmd in ("index", "runs", "show", "sweeps"):
         add("run store (runs)", f"{'first open (index)' if cmd == 'index' else 'fastcls ' + cmd}", res("store", []),
             lambda r, c=cmd: r[c])
@@ -486,6 +507,8 @@ def main():
                                                    "cache_read"])
     ap.add_argument("--image-sizes", nargs="+", type=int, default=[2000, 6000, 20000])
     ap.add_argument("--ensemble-sizes", nargs="+", type=int, default=[10, 50, 200])
+    ap.add_argument("--ensemble-methods", nargs="+", default=list(ENSEMBLE_METHODS), choices=ENSEMBLE_METHODS,
+                    help="plain: the mean in plain numpy (memory-mapped members), for comparison")
     ap.add_argument("--items", type=int, default=100_000)
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--store-sizes", nargs="+", type=int, default=[100, 1000, 10000])
@@ -516,12 +539,13 @@ def main():
                          "sweep": args.trials}.get(part, args.image_sizes)
                 run = globals()[f"part_{part}"]
                 if part == "ensemble":
-                    run = lambda s, t: part_ensemble(s, t, args.items, args.classes)  # noqa: E731
+                    run = lambda s, t: part_ensemble(s, t, args.items, args.classes, args.ensemble_methods)  # noqa
                 if part == "train":
                     run = lambda s, t: part_train(s, t, args.plain_upto, args.plain_only)  # noqa: E731
                 if part in STARTUP and not args.no_startup:
-                    results.setdefault("startup", {})[part] = least([run([STARTUP[part]], tmp)
-                                                                     for _ in range(args.startup_repeats)])
+                    startup = results.setdefault("startup", {})
+                    startup[part] = merge_rows(startup.get(part, []), least([run([STARTUP[part]], tmp)
+                                                                             for _ in range(args.startup_repeats)]))
                 results[part] = merge_rows(results.get(part, []), run(sizes, tmp))
                 results.setdefault("meta", {})[part] = {"cpus": os.cpu_count(), "load": [load0, os.getloadavg()[0]],
                                                         "date": time.strftime("%Y-%m-%d %H:%M"),
