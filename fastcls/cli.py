@@ -24,7 +24,6 @@ from .errors import FastclsError, RunInterrupted
 
 app = typer.Typer(help="fastcls: rapid image-classification experiments - recipes, runs, sweeps, ensembles.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-# rich wraps at 80 columns when not on a terminal; logs and CliRunner get the full table instead
 
 
 def _cli(fn):

@@ -2,15 +2,12 @@
 
 __all__ = ["cache_cmd"]
 
-import sys
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from .cli_options import Data, RecipeDirs, Size
-
-out = Console(width=None if sys.stdout.isatty() else 200)
+from .cli_table import out
 
 
 def cache_cmd(recipe: Annotated[str, typer.Argument(help="Recipe name (see `fastcls recipes`).")],

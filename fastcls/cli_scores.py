@@ -14,7 +14,6 @@ from .cli_table import err, out, table as _table
 from .errors import FastclsError
 
 
-
 def lb_columns(df) -> list:
     """The leaderboard score columns a runs table has (`fastcls.submission.with_lb_scores`)."""
     return [c for c in ("public", "private") if c in df]

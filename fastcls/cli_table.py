@@ -14,8 +14,10 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
+# rich wraps at 80 columns when not on a terminal; logs and CliRunner get the full table instead
 out = Console(width=None if sys.stdout.isatty() else 200, markup=False)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200, markup=False, soft_wrap=not sys.stderr.isatty())
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200, markup=False,
+              soft_wrap=not sys.stderr.isatty())  # errors off a terminal: one line each, never wrapped
 
 
 def table(df, title: str = "", best_col: Optional[str] = None) -> Table:
