@@ -162,9 +162,10 @@ def part_train(sizes, tmp: Path, plain_upto: int = 30000, plain_only: bool = Fal
     rows = []
     for n in sizes:
         data = fmnist_folder(n)
-        r = {} if plain_only else fastcls("train", "folder", "resnet18", "--data", data, "--size", 32, "--epochs", 1, "--freeze-epochs", 0,
-                    "--bs", 64, "--tta", 0, "--no-pretrained", "--quiet", "--runs-dir", tmp / f"train-{n}",
-                    env={"FASTCLS_CACHE": str(tmp / "cache")})
+        r = {} if plain_only else fastcls(
+            "train", "folder", "resnet18", "--data", data, "--size", 32, "--epochs", 1, "--freeze-epochs", 0,
+            "--bs", 64, "--tta", 0, "--no-pretrained", "--quiet", "--runs-dir", tmp / f"train-{n}",
+            env={"FASTCLS_CACHE": str(tmp / "cache")})
         row = {"size": n, **_fig(r)}
         if n <= plain_upto:
             plain = measure([sys.executable, "-c", PLAIN_TRAIN, str(data)])
@@ -227,7 +228,7 @@ def part_ensemble(sizes, tmp: Path, items: int, classes: int, methods=ENSEMBLE_M
     rows = []
     for n in sizes:
         for method in methods:
-            _warm(store / ref for ref in refs[:n])
+            _warm(store / ref for ref in refs[:n])  # before each measurement: other jobs may have evicted them
             child = [PLAIN_MEAN_CHILD, str(store), ",".join(refs[:n]), str(tmp / "plain-mean.npy")] \
                 if method == "plain" else [ENSEMBLE_CHILD, str(store), ",".join(refs[:n]), method]
             r = measure([sys.executable, "-c", *child])
